@@ -1,0 +1,51 @@
+#pragma once
+// Argument checks that raise typed errors; the bindings map them to Python ValueError / TypeError /
+// RuntimeError, so bad input never crashes the process.
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "mrcnn/common/tensor.h"
+
+namespace mrcnn {
+
+struct ValueError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+struct TypeError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+
+namespace detail {
+inline void cat(std::ostringstream&) {}
+template <class T, class... R> void cat(std::ostringstream& o, const T& v, const R&... r) { o << v; cat(o, r...); }
+template <class... A> std::string str(const A&... a) { std::ostringstream o; cat(o, a...); return o.str(); }
+}  // namespace detail
+
+}  // namespace mrcnn
+
+#define MRCNN_CHECK_VALUE(cond, ...) \
+  do { if (!(cond)) throw ::mrcnn::ValueError(::mrcnn::detail::str(__VA_ARGS__)); } while (0)
+#define MRCNN_CHECK_TYPE(cond, ...) \
+  do { if (!(cond)) throw ::mrcnn::TypeError(::mrcnn::detail::str(__VA_ARGS__)); } while (0)
+#define MRCNN_FAIL(...) throw std::runtime_error(::mrcnn::detail::str(__VA_ARGS__))
+
+namespace mrcnn {
+// Common tensor checks used by every host entry point.
+inline void check_ndim(const TensorView& t, int ndim, const char* name) {
+  MRCNN_CHECK_VALUE(t.ndim == ndim, name, " must be a ", ndim, "-D tensor, got shape ", t.shape_str());
+}
+inline void check_dtype(const TensorView& t, DType d, const char* name) {
+  MRCNN_CHECK_TYPE(t.dtype == d, name, " must have dtype ", dtype_name(d), ", got ", dtype_name(t.dtype));
+}
+inline void check_float(const TensorView& t, const char* name) {
+  const bool ok = t.is_cuda() ? (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
+                                  t.dtype == DType::BFloat16 || t.dtype == DType::Float64)
+                              : (t.dtype == DType::Float32 || t.dtype == DType::Float64);
+  MRCNN_CHECK_TYPE(ok, name, " has unsupported dtype ", dtype_name(t.dtype), " on ",
+                   t.is_cuda() ? "CUDA (float16/bfloat16/float32/float64)" : "CPU (float32/float64)");
+}
+inline void check_same_device(const TensorView& a, const TensorView& b, const char* na, const char* nb) {
+  MRCNN_CHECK_VALUE(a.device == b.device && a.device_id == b.device_id, na, " and ", nb,
+                    " must be on the same device");
+}
+inline void check_contiguous(const TensorView& t, const char* name) {
+  MRCNN_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+}  // namespace mrcnn

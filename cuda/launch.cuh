@@ -1,0 +1,71 @@
+#pragma once
+// Shared CUDA plumbing: error checks, device guard, launch sizing, and float32 access to half types.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "mrcnn/common/check.h"
+#include "mrcnn/common/tensor.h"
+
+#define MRCNN_CUDA_CHECK(expr)                                                              \
+  do {                                                                                      \
+    cudaError_t err__ = (expr);                                                             \
+    if (err__ != cudaSuccess) MRCNN_FAIL("CUDA error ", cudaGetErrorString(err__), " at ", \
+                                         __FILE__, ":", __LINE__);                         \
+  } while (0)
+#define MRCNN_CUDA_CHECK_LAUNCH() MRCNN_CUDA_CHECK(cudaGetLastError())
+
+namespace mrcnn {
+namespace cuda {
+
+// Selects the tensor's device for the scope and restores the caller's afterwards.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int device) {
+    MRCNN_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != device) MRCNN_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+inline cudaStream_t as_stream(Stream s) { return reinterpret_cast<cudaStream_t>(s); }
+
+inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, cap)));
+}
+
+// Accumulation type: float for half types and float, double for double.
+template <class T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <class T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+}  // namespace cuda
+}  // namespace mrcnn
+
+// Runs the body with scalar_t bound to the CUDA type of `dtype` (half, bfloat16, float, double).
+#define MRCNN_DISPATCH_CUDA_FLOAT(dtype, name, ...)                                            \
+  [&] {                                                                                       \
+    switch (dtype) {                                                                          \
+      case ::mrcnn::DType::Float16: { using scalar_t = __half; return __VA_ARGS__(); }        \
+      case ::mrcnn::DType::BFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
+      case ::mrcnn::DType::Float32: { using scalar_t = float; return __VA_ARGS__(); }         \
+      case ::mrcnn::DType::Float64: { using scalar_t = double; return __VA_ARGS__(); }        \
+      default:                                                                                \
+        throw ::mrcnn::TypeError(::mrcnn::detail::str(name, ": unsupported CUDA dtype ",       \
+                                                      ::mrcnn::dtype_name(dtype)));          \
+    }                                                                                         \
+  }()

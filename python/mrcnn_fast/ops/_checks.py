@@ -1,0 +1,50 @@
+"""Argument validation shared by the ops: clear Python errors naming the argument."""
+from __future__ import annotations
+
+import torch
+
+_CPU_FLOATS = (torch.float32, torch.float64)
+_CUDA_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    check_tensor(t, name)
+    allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on unsupported device {t.device}")
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have a floating dtype ({names} on {t.device.type}), got {t.dtype}")
+
+
+def check_boxes(t: torch.Tensor, name: str, width: int = 4) -> None:
+    check_float(t, name)
+    if t.dim() != 2 or t.shape[1] != width:
+        raise ValueError(f"{name} must have shape [N, {width}], got {list(t.shape)}")
+
+
+def check_same_device(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{na} and {nb} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    try:
+        h, w = (int(x) for x in v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be positive, got {(h, w)}")
+    return h, w

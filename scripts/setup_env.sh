@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv (once) with torch, torchvision (the parity reference) and the test tools, then builds and
+# installs mrcnn_fast into it. Idempotent: re-running only rebuilds what changed.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+venv="${MRCNN_VENV:-$root/.venv}"
+stamp="$venv/.mrcnn_deps_v1"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing dependencies into $venv (torch 2.14.1 + torchvision 0.29.1, several GB; once)"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  "$py" -m pip install -q numpy pycocotools pillow safetensors pyyaml tqdm \
+    pytest pytest-benchmark pytest-timeout "scikit-build-core>=0.9" "pybind11>=2.12" ninja "cmake>=3.24"
+  touch "$stamp"
+fi
+echo "[setup] building mrcnn_fast (CUDA kernels compile when nvcc is found)"
+"$py" -m pip install -q --no-build-isolation --no-deps -Cbuild-dir="$root/build/pip" "$root"
+"$py" -c "import mrcnn_fast; from mrcnn_fast import _lib; print('[setup] mrcnn_fast', mrcnn_fast.__version__, '| CUDA kernels compiled:', _lib.cuda_compiled(), '| CUDA device:', mrcnn_fast.has_cuda())"
