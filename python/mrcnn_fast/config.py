@@ -1,0 +1,299 @@
+"""Configs as plain data: nested dataclasses, named presets, YAML/JSON files with overrides.
+
+    cfg = get_config("small_cpu")                  # a named preset
+    cfg = get_config("my.yaml")                    # a file: {"base": "r50_fpn", "model": {...}, ...}
+    cfg = merge(cfg, {"solver": {"base_lr": 0.01}})  # nested overrides; unknown keys raise
+
+Every field is documented where it is declared. Modules take explicit keyword arguments; their
+`from_config(cfg)` classmethods read these fields, so every module is usable without the config system.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"              # resnet18/34/50/101, resnext101_32x8d
+    freeze_at: int = 2                  # 0: train all; 1: freeze stem; k: stem + first k-1 res stages
+    norm: str = "FrozenBN"              # "FrozenBN" (paper) or "BN" (trainable, small batches beware)
+    width: int = 64                     # stem/stage-1 width (64 for the standard ResNets)
+    stride_in_1x1: bool = False         # torchvision/ResNet v1.5 puts stride in the 3x3 conv
+
+
+@dataclass
+class FPNConfig:
+    enabled: bool = True                # False: the C4 head (RoIs pooled from C4, res5 as box head)
+    out_channels: int = 256
+    in_features: tuple = ("res2", "res3", "res4", "res5")
+
+
+@dataclass
+class AnchorConfig:
+    sizes: tuple = ((32,), (64,), (128,), (256,), (512,))   # one tuple per level (FPN) or one level (C4)
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+
+
+@dataclass
+class RPNConfig:
+    pre_nms_topk_train: int = 2000      # per level
+    pre_nms_topk_test: int = 1000       # per level
+    post_nms_topk_train: int = 2000     # per image
+    post_nms_topk_test: int = 1000      # per image
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    min_size: float = 1e-3              # proposals smaller than this (either side) are removed
+    score_thresh: float = 0.0
+
+
+@dataclass
+class RoIHeadsConfig:
+    num_classes: int = 80               # foreground classes (background is extra, label 0)
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    pooler: str = "roi_align"           # roi_align | roi_align_max | roi_warp | roi_pool (Table 2c)
+    pooler_sampling_ratio: int = 2      # 0 or -1: adaptive (ceil(roi size / output size))
+    pooler_aligned: bool = True         # half-pixel offset (the paper's RoIAlign)
+    box_pooler_resolution: int = 7
+    box_head_fc_dim: int = 1024
+    box_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    score_thresh_test: float = 0.05
+    nms_thresh_test: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass
+class MaskHeadConfig:
+    enabled: bool = True
+    head: str = "fcn"                   # fcn (4 conv + deconv, paper) | mlp (Table 2e MLP variant)
+    conv_dim: int = 256
+    num_convs: int = 4
+    pooler_resolution: int = 14
+    resolution: int = 28                # predicted mask size (pooler_resolution * 2 for fcn)
+    loss: str = "sigmoid"               # sigmoid (per-class binary, paper) | softmax (multinomial, Table 2b)
+    class_agnostic: bool = False
+
+
+@dataclass
+class KeypointHeadConfig:
+    enabled: bool = False
+    num_keypoints: int = 17
+    conv_dim: int = 512
+    num_convs: int = 8
+    pooler_resolution: int = 14
+    heatmap_size: int = 56
+    loss_weight: float = 1.0
+    flip_pairs: tuple = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))  # COCO
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    mask: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
+    pixel_mean: tuple = (0.485, 0.456, 0.406)   # images are RGB floats in [0, 1] (torchvision's convention)
+    pixel_std: tuple = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class InputConfig:
+    min_size_train: tuple = (800,)      # shortest side, chosen at random per image in training
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    size_divisibility: int = 32         # batches are padded to a multiple of this
+    hflip_prob: float = 0.5
+
+
+@dataclass
+class SolverConfig:
+    ims_per_batch: int = 16
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0
+    max_iter: int = 90000
+    schedule: str = "step"              # step | cosine
+    steps: tuple = (60000, 80000)       # step schedule: multiply lr by gamma at these iterations
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 1e-3
+    clip_grad_norm: float = 0.0         # 0: off
+    amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    num_workers: int = 2
+    checkpoint_period: int = 5000
+    eval_period: int = 0                # 0: only at the end
+    log_period: int = 20
+    device: str = "auto"                # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _preset_r50_fpn() -> Config:
+    return Config()
+
+
+def _preset_r101_fpn() -> Config:
+    cfg = Config()
+    cfg.model.backbone.name = "resnet101"
+    return cfg
+
+
+def _preset_x101_fpn() -> Config:
+    cfg = Config()
+    cfg.model.backbone.name = "resnext101_32x8d"
+    return cfg
+
+
+def _preset_r50_c4() -> Config:
+    cfg = Config()
+    cfg.model.fpn.enabled = False
+    cfg.model.anchors.sizes = ((32, 64, 128, 256, 512),)
+    cfg.model.rpn.pre_nms_topk_test = 6000
+    cfg.model.rpn.pre_nms_topk_train = 12000
+    cfg.model.roi_heads.box_pooler_resolution = 14   # pooled 14x14 from C4, res5 strides it to 7x7
+    cfg.model.mask.pooler_resolution = 14
+    return cfg
+
+
+def _preset_small_cpu() -> Config:
+    """A small R18-FPN for CPU training on the synthetic shapes set (~minutes on 2 cores)."""
+    cfg = Config()
+    m = cfg.model
+    m.backbone.name = "resnet18"
+    m.backbone.freeze_at = 0
+    m.backbone.norm = "BN"
+    m.fpn.out_channels = 64
+    m.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
+    m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 600, 300
+    m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test = 300, 100
+    m.rpn.batch_size_per_image = 128
+    m.roi_heads.num_classes = 3
+    m.roi_heads.batch_size_per_image = 128
+    m.roi_heads.box_head_fc_dim = 256
+    m.roi_heads.detections_per_image = 30
+    m.mask.conv_dim = 64
+    m.keypoint.conv_dim = 64
+    m.keypoint.num_convs = 4
+    cfg.input.min_size_train = (192, 224, 256)
+    cfg.input.max_size_train = 320
+    cfg.input.min_size_test = 256
+    cfg.input.max_size_test = 320
+    s = cfg.solver
+    s.ims_per_batch, s.base_lr, s.max_iter = 4, 0.02, 1500
+    s.schedule, s.warmup_iters = "cosine", 100
+    s.amp = False
+    cfg.train.checkpoint_period, cfg.train.num_workers = 500, 2
+    return cfg
+
+
+PRESETS = {
+    "r50_fpn": _preset_r50_fpn,
+    "r101_fpn": _preset_r101_fpn,
+    "x101_fpn": _preset_x101_fpn,
+    "r50_c4": _preset_r50_c4,
+    "small_cpu": _preset_small_cpu,
+}
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def merge(cfg: Config, overrides: dict, _path: str = "") -> Config:
+    """Returns a copy of cfg with nested overrides applied; unknown keys and wrong types raise ValueError."""
+    cfg = copy.deepcopy(cfg)
+    _merge_into(cfg, overrides, _path)
+    return cfg
+
+
+def _merge_into(obj, overrides: dict, path: str) -> None:
+    if not isinstance(overrides, dict):
+        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {type(overrides).__name__}")
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        where = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ValueError(f"unknown config key {where!r} (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, key)
+        if dataclasses.is_dataclass(cur):
+            _merge_into(cur, value, where)
+            continue
+        if isinstance(cur, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"config key {where!r} expects a list, got {value!r}")
+            value = _to_tuple(value)
+        elif isinstance(cur, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"config key {where!r} expects true/false, got {value!r}")
+        elif isinstance(cur, (int, float)) and not isinstance(cur, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"config key {where!r} expects a number, got {value!r}")
+            value = type(cur)(value) if isinstance(cur, float) or float(value).is_integer() else value
+        elif isinstance(cur, str) and not isinstance(value, str):
+            raise ValueError(f"config key {where!r} expects a string, got {value!r}")
+        setattr(obj, key, value)
+
+
+def _to_tuple(v):
+    return tuple(_to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def load_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ValueError(f"malformed config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must contain a mapping at the top level")
+    return data
+
+
+def get_config(name_or_path: str = "r50_fpn", overrides: dict | None = None) -> Config:
+    """A preset by name (see PRESETS) or a YAML/JSON file whose optional `base` names a preset."""
+    if name_or_path in PRESETS:
+        cfg = PRESETS[name_or_path]()
+    elif Path(name_or_path).suffix.lower() in (".yaml", ".yml", ".json"):
+        data = load_file(name_or_path)
+        base = data.pop("base", "r50_fpn")
+        if base not in PRESETS:
+            raise ValueError(f"config file {name_or_path}: unknown base preset {base!r} (known: {', '.join(PRESETS)})")
+        cfg = merge(PRESETS[base](), data)
+    else:
+        raise ValueError(f"unknown config {name_or_path!r}: not a preset ({', '.join(PRESETS)}) nor a .yaml/.json file")
+    return merge(cfg, overrides) if overrides else cfg
