@@ -93,7 +93,8 @@ class KeypointHeadConfig:
     pooler_resolution: int = 14
     heatmap_size: int = 56
     loss_weight: float = 1.0
-    flip_pairs: tuple = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))  # COCO
+    # index pairs swapped by a horizontal flip (COCO person: left/right eyes, ears, shoulders, ...)
+    flip_pairs: tuple = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 
 
 @dataclass
@@ -198,6 +199,9 @@ def _preset_small_cpu() -> Config:
     m.roi_heads.box_head_fc_dim = 256
     m.roi_heads.detections_per_image = 30
     m.mask.conv_dim = 64
+    m.keypoint.enabled = True           # the synthetic shapes carry 4 keypoints: top, right, bottom, left
+    m.keypoint.num_keypoints = 4
+    m.keypoint.flip_pairs = ((1, 3),)
     m.keypoint.conv_dim = 64
     m.keypoint.num_convs = 4
     cfg.input.min_size_train = (192, 224, 256)
