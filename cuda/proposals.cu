@@ -270,6 +270,8 @@ void generate_proposals_cuda(const std::vector<ProposalLevel>& levels, const Ten
   const Shape sh = shape_of(sizes, nimg, p);
   MRCNN_CHECK_VALUE(nimg * sh.total < (int64_t(1) << 31), "generate_proposals on CUDA supports fewer than 2^31 "
                     "anchors over the batch, got ", nimg * sh.total);
+  MRCNN_CHECK_VALUE(sh.segments() <= 65535, "generate_proposals on CUDA supports at most 65535 images x levels, got ",
+                    sh.segments());
   MRCNN_CHECK_VALUE(sh.kmax <= cuda::kMaxSegmentBoxes, "pre_nms_top_n must be <= ", cuda::kMaxSegmentBoxes,
                     " on CUDA, got ", p.pre_nms_top_n);
   if (sh.total == 0 || sh.kmax == 0 || sh.cap == 0) {

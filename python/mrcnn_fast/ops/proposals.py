@@ -87,7 +87,7 @@ def _check(objectness, deltas, anchors, image_sizes):
     for lvl, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
         for t, name in ((o, "objectness"), (d, "deltas"), (a, "anchors")):
             if t.device != ref.device:
-                raise ValueError(f"{name}[{lvl}] must be on {ref.device}, got {t.device}")
+                raise ValueError(f"{name}[{lvl}] must be on the device of objectness[0] ({ref.device}), got {t.device}")
             if t.dtype != ref.dtype:
                 raise TypeError(f"{name}[{lvl}] must have dtype {ref.dtype}, got {t.dtype}")
         if o.dim() != 2 or o.shape[0] != n:
