@@ -62,6 +62,13 @@ def _non_finite_field(obj, path: str = "") -> str | None:
     return None
 
 
+def _flat_numbers(values) -> np.ndarray | None:
+    """float64 [n] from a flat list of numbers, or None when it is not one."""
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
 def load_coco_json(json_path: str | Path) -> dict:
     """Reads and validates a COCO JSON file; every problem raises with the file name in the message."""
     path = Path(json_path)
@@ -318,8 +325,8 @@ class CocoDetection(torch.utils.data.Dataset):
         kp = ann.get("keypoints")
         if kp is None:      # an instance of a category without keypoints: all unlabelled
             return np.zeros((K, 3), dtype=np.float32)
-        arr = np.asarray(kp, dtype=np.float64) if isinstance(kp, list) else None
-        if arr is None or arr.ndim != 1 or arr.size != 3 * K:
+        arr = _flat_numbers(kp)
+        if arr is None or arr.size != 3 * K:
             raise ValueError(f"{self.json_path}: annotation id {ann['id']} needs 'keypoints' as a flat list of "
                              f"{3 * K} numbers (x, y, v for {K} keypoints)")
         if not np.isfinite(arr).all():
@@ -334,8 +341,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if isinstance(segm, list):
             polys = []
             for part in segm:
-                arr = np.asarray(part, dtype=np.float64) if isinstance(part, list) else None
-                if arr is None or arr.ndim != 1:
+                arr = _flat_numbers(part)
+                if arr is None:
                     raise ValueError(f"{where}: polygon segmentation must be a list of flat [x1, y1, x2, y2, ...] "
                                      f"lists")
                 if not np.isfinite(arr).all():
@@ -379,7 +386,10 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"{where}: segmentation must be a list of polygons or an RLE dict, "
                              f"got {type(segm).__name__}")
         try:
-            m = mask_util.decode(rle)
+            with warnings.catch_warnings():
+                # pycocotools' decode trips numpy 2's __array__(copy=...) DeprecationWarning on every call.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = mask_util.decode(rle)
         except Exception as e:  # pycocotools raises assorted types on malformed strings
             raise ValueError(f"{where}: cannot decode RLE segmentation: {e}") from e
         if m.ndim == 3:
