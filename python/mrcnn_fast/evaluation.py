@@ -208,6 +208,9 @@ class COCOEvaluator:
         unknown = [i for i in img_ids if i not in self.coco_gt.imgs]
         if unknown:
             raise ValueError(f"image ids {unknown[:10]} are not in the ground truth")
+        foreign = {r.get("image_id") for r in results} - set(self.coco_gt.imgs)
+        if foreign:
+            raise ValueError(f"results refer to image ids {sorted(foreign, key=str)[:10]} that are not in the ground truth")
         metrics = {}
         for t in self.iou_types:
             metrics[t] = self._evaluate_type(t, results, img_ids)

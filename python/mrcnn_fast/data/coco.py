@@ -273,8 +273,11 @@ class CocoDetection(torch.utils.data.Dataset):
         if (h, w) != (info["height"], info["width"]):
             raise ValueError(f"image file {path} is {w}x{h} (WxH) but {self.json_path} says "
                              f"{info['width']}x{info['height']} for image id {info['id']}")
-        arr = np.array(rgb, dtype=np.uint8)
-        return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        arr = np.asarray(rgb, dtype=np.uint8)
+        # One numpy pass (HWC uint8 -> CHW float32): much cheaper than torch's permuted-float-div chain.
+        out = np.empty((3, h, w), dtype=np.float32)
+        np.divide(arr.transpose(2, 0, 1), np.float32(255.0), out=out, dtype=np.float32)
+        return torch.from_numpy(out)
 
     def load_target(self, img_id: int) -> dict:
         """The target dict of an image (before any flip)."""
