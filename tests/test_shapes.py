@@ -72,7 +72,7 @@ def test_annotations_consistent(shapes):
 
 
 def test_rle_instances_are_occluded(shapes):
-    """An RLE instance is an earlier shape partly hidden by a later one: its pixels show another colour."""
+    """RLE instances are earlier shapes partly hidden by later ones: the visible masks never overlap."""
     ds = CocoDetection(shapes["train_json"], shapes["train_images"])
     checked = 0
     for i in range(len(ds)):
@@ -83,6 +83,8 @@ def test_rle_instances_are_occluded(shapes):
         masks = t["masks"].bool()
         assert not (masks.sum(0) > 1).any()   # visible masks never overlap
         checked += 1
+        if checked == 6:
+            break
     assert checked > 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,10 @@ _EMPTY_EVERY = 16              # one image in 16 (counted from the last) has no 
 
 def _rasterize(poly: list[float], h: int, w: int) -> np.ndarray:
     rle = mask_util.frPyObjects([poly], h, w)
-    return mask_util.decode(rle)[..., 0].astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools' decode trips numpy 2's __array__(copy=...) DeprecationWarning on every call.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_util.decode(rle)[..., 0].astype(bool)
 
 
 def _shape_polygon(rng: np.random.Generator, cat: int, area: float) -> np.ndarray:
