@@ -165,6 +165,9 @@ class AnchorGenerator(nn.Module):
             if g[0] <= 0 or g[1] <= 0:
                 raise ValueError(f"feature maps must be non-empty, got grid sizes {list(grids)}")
         strides = tuple((ih // g[0], iw // g[1]) for g in grids)
+        if any(s[0] < 1 or s[1] < 1 for s in strides):
+            raise ValueError(f"feature maps {list(grids)} larger than the images ({ih}, {iw}) give strides {list(strides)}"
+                             " below 1")
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         key = (grids, strides, dtype, device)
         anchors = self._cache.get(key)
