@@ -323,7 +323,10 @@ def test_cuda_half_types(dtype, fmt):
     out.backward(g)
     ref.backward(g.float())
     assert x.grad.dtype == dtype
-    torch.testing.assert_close(x.grad.float(), x32.grad.to(dtype).float(), rtol=0, atol=0)
+    # float32 accumulation then one rounding: within the dtype's rounding of the float32 result (the CUDA
+    # atomics' order is free, so not bit-exact).
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=tol, atol=tol)
 
 
 @cuda_only
