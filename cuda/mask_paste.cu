@@ -1,7 +1,8 @@
 // Mask pasting on CUDA. One kernel serves the three outputs: float images, bool images, and the bool crops of
 // the RLE path (each mask's clipped box, column-major, packed; the host then run-length encodes them).
-// Blocks are (row band, mask); each thread computes whole pixels from the mask (L1-cached) with the shared
-// per-element math, so results equal the CPU kernels' bit for bit (fused multiply-adds on both sides).
+// Blocks are (band of window lines, mask); each thread computes whole pixels from the mask (L1-cached) with
+// detail::pasted_pixel, so results equal the CPU kernels' bit for bit (fused multiply-adds on both sides).
+// paste_masks_pixelwise (CPU) runs this kernel's loop sequentially, which lets the tests check it without a GPU.
 #include <type_traits>
 
 #include "launch.cuh"
@@ -12,7 +13,6 @@ namespace mrcnn {
 namespace {
 
 using detail::PastePlan;
-using detail::Taps;
 
 enum class Mode { Value, Binary };
 
@@ -46,35 +46,17 @@ __global__ void paste_kernel(const T* __restrict__ masks, const B* __restrict__ 
     __syncthreads();
     const PastePlan p = plan;
     const bool col_major = windows != nullptr;
-    const int64_t y0 = win[0], x0 = win[1], wh = win[2], ww = win[3], offset = win[4];
+    const int64_t wh = win[2], ww = win[3], offset = win[4];
     const int64_t outer = col_major ? ww : wh, inner = col_major ? wh : ww;
     const A sy = detail::interp_scale<A>(ph, p.h), sx = detail::interp_scale<A>(pw, p.w);
     const T* mask = masks + n * mh * mw;
-    auto at = [&](int64_t i, int64_t j) {
-      return detail::padded_at<A>(mask, mh, mw, pad, i, j, [](T v) { return cuda::to_acc(v); });
-    };
+    const auto load = [](T v) { return cuda::to_acc(v); };
     for (int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
       O* dst = out + offset + o * inner;
-      // The outer coordinate's taps are shared by the whole line.
-      const int64_t oc = col_major ? x0 + o : y0 + o;
-      const bool line_inside = col_major ? (oc >= p.cx0 && oc < p.cx1) : (oc >= p.cy0 && oc < p.cy1);
-      Taps<A> to{};
-      if (line_inside)
-        to = col_major ? detail::source_taps<true>(sx, oc - p.bx0, pw, p.w)
-                       : detail::source_taps<true>(sy, oc - p.by0, ph, p.h);
       for (int64_t i = threadIdx.x; i < inner; i += blockDim.x) {
-        const int64_t ic = col_major ? y0 + i : x0 + i;
-        A v = A(0);
-        const bool inside = line_inside && (col_major ? (ic >= p.cy0 && ic < p.cy1) : (ic >= p.cx0 && ic < p.cx1));
-        if (inside) {
-          const Taps<A> ti = col_major ? detail::source_taps<true>(sy, ic - p.by0, ph, p.h)
-                                       : detail::source_taps<true>(sx, ic - p.bx0, pw, p.w);
-          const Taps<A>& ty = col_major ? ti : to;
-          const Taps<A>& tx = col_major ? to : ti;
-          const A v00 = at(ty.i0, tx.i0), v01 = at(ty.i0, tx.i1), v10 = at(ty.i1, tx.i0), v11 = at(ty.i1, tx.i1);
-          v = p.small ? detail::blend_small<true>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1)
-                      : detail::blend_separable<true>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1);
-        }
+        int64_t y, x;
+        detail::window_pixel(win, col_major, o, i, y, x);
+        const A v = detail::pasted_pixel<true>(p, mask, mh, mw, pad, sy, sx, y, x, load);
         if constexpr (kMode == Mode::Value) {
           dst[i] = cuda::from_acc<T>(v);
         } else {

@@ -306,6 +306,30 @@ def test_rle_device_path_host_half():
         _lib._C.rle_from_crops(_lib.dl(crops), _lib.dl(bad), H, W, False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_loop_on_cpu(dtype):
+    """The CUDA kernel's loop (window indexing, per-pixel math) run sequentially on the CPU."""
+    g = torch.Generator().manual_seed(6)
+    masks, boxes = rand_masks(12, 28, g, dtype)[:, 0], rand_boxes(12, g)
+    boxes[2] = torch.tensor([W + 30.0, 10, W + 60, 40])
+    C, dl = _lib._C, _lib.dl
+    check = torch.equal if fma_cpu() else (lambda a, b: torch.allclose(a.double(), b.double(), atol=1e-6))
+    img = torch.empty(12, H, W, dtype=dtype)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(img), 1, 0.5, False, H, W)
+    assert check(img, ops.paste_masks_in_image(masks, boxes, (H, W))[:, 0])
+    binary = torch.empty(12, H, W, dtype=torch.bool)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(binary), 1, 0.5, True, H, W)
+    ref = ops.paste_masks_binary(masks, boxes, (H, W))
+    assert check(binary, ref) if fma_cpu() else (binary != ref).float().mean() < 1e-3
+    windows = torch.empty(12, 5, dtype=torch.int64)
+    total = C.paste_masks_windows(dl(boxes), 28, 1, H, W, dl(windows))
+    crops = torch.empty(total, dtype=torch.bool)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, 0.5, True, H, W)
+    expect = torch.cat([binary[n, y0:y0 + h, x0:x0 + w].t().reshape(-1)
+                        for n, (y0, x0, h, w, _) in enumerate(windows.tolist())])
+    assert torch.equal(crops, expect)
+
+
 # ---- custom ops ------------------------------------------------------------------------------------
 def test_opcheck():
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -57,6 +58,14 @@ void bind(py::module_& m) {
       strs = rle_from_crops(C, W, img_h, img_w, outside);
     }
     return to_bytes_list(strs);
+  });
+  m.def("paste_masks_pixelwise", [](py::capsule masks, py::capsule boxes, py::object windows, py::capsule out,
+                                    int64_t padding, double threshold, bool binary, int64_t img_h, int64_t img_w) {
+    Borrowed M(masks, "masks"), B(boxes, "boxes"), O(out, "out");
+    std::unique_ptr<Borrowed> Wn;
+    if (!windows.is_none()) Wn = std::make_unique<Borrowed>(windows, "windows");
+    py::gil_scoped_release nogil;
+    paste_masks_pixelwise(M, B, Wn ? &Wn->view() : nullptr, O, padding, threshold, binary, img_h, img_w);
   });
   m.def("rle_encode", [](py::capsule masks) {
     std::vector<std::string> strs;

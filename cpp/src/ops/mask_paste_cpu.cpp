@@ -544,6 +544,53 @@ void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const T
   MRCNN_IF_CUDA(paste_masks_crops_cuda(masks, boxes, windows, crops, padding, threshold, img_h, img_w, stream));
 }
 
+void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
+                           const TensorView& out, int64_t padding, double threshold, bool binary, int64_t img_h,
+                           int64_t img_w) {
+  check_masks_boxes(masks, boxes, padding);
+  MRCNN_CHECK_VALUE(!masks.is_cuda() && !out.is_cuda(), "paste_masks_pixelwise takes CPU tensors");
+  MRCNN_CHECK_VALUE(img_h > 0 && img_w > 0, "img_shape must be positive");
+  check_contiguous(out, "out");
+  const int64_t N = masks.size(0), mh = masks.size(1), mw = masks.size(2);
+  if (windows) {
+    check_dtype(*windows, DType::Int64, "windows");
+    check_contiguous(*windows, "windows");
+    MRCNN_CHECK_VALUE(windows->ndim == 2 && windows->size(0) == N && windows->size(1) == 5,
+                      "windows must have shape [N, 5]");
+    MRCNN_CHECK_VALUE(binary && out.dtype == DType::Bool && out.ndim == 1, "crops must be a 1-D bool tensor");
+  } else {
+    check_out(out, masks, binary ? DType::Bool : masks.dtype, "paste_masks_pixelwise");
+    MRCNN_CHECK_VALUE(out.size(1) == img_h && out.size(2) == img_w, "out must have shape [N, img_h, img_w]");
+  }
+  const std::vector<PastePlan> plans = cpu_plans(boxes, mw, padding, img_h, img_w);
+  MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_pixelwise", [&] {
+    using A = scalar_t;
+    const A thr = static_cast<A>(threshold);
+    for (int64_t n = 0; n < N; ++n) {
+      const PastePlan& p = plans[n];
+      int64_t win[5] = {0, 0, img_h, img_w, n * img_h * img_w};
+      if (windows)
+        for (int k = 0; k < 5; ++k) win[k] = windows->ptr<const int64_t>()[5 * n + k];
+      const bool col_major = windows != nullptr;
+      const int64_t outer = col_major ? win[3] : win[2], inner = col_major ? win[2] : win[3];
+      MRCNN_CHECK_VALUE(win[4] >= 0 && win[4] + outer * inner <= out.numel(), "windows row ", n, " is outside out");
+      const A sy = detail::interp_scale<A>(mh + 2 * padding, p.h), sx = detail::interp_scale<A>(mw + 2 * padding, p.w);
+      const A* mask = masks.ptr<const A>() + n * mh * mw;
+      for (int64_t o = 0; o < outer; ++o)
+        for (int64_t i = 0; i < inner; ++i) {
+          int64_t y, x;
+          detail::window_pixel(win, col_major, o, i, y, x);
+          const A v = detail::pasted_pixel<true>(p, mask, mh, mw, padding, sy, sx, y, x, [](A a) { return a; });
+          const int64_t at = win[4] + o * inner + i;
+          if (binary)
+            out.ptr<uint8_t>()[at] = v > thr;
+          else
+            out.ptr<A>()[at] = v;
+        }
+    }
+  });
+}
+
 std::vector<std::string> rle_from_crops(const TensorView& crops, const TensorView& windows, int64_t img_h,
                                         int64_t img_w, bool outside) {
   MRCNN_CHECK_VALUE(!crops.is_cuda() && !windows.is_cuda(), "rle_from_crops takes CPU tensors");

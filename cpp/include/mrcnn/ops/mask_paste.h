@@ -37,6 +37,13 @@ void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const T
 std::vector<std::string> rle_from_crops(const TensorView& crops, const TensorView& windows, int64_t img_h,
                                         int64_t img_w, bool outside);
 
+// The CUDA kernel's loop run sequentially on the CPU (slow; lets the tests check the kernel's indexing without
+// a GPU): CPU tensors; windows == nullptr: out [N, H, W] of the masks' dtype (binary = false) or bool (H = img_h,
+// W = img_w); else windows [N, 5] as from paste_masks_windows and out the bool crops [total].
+void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
+                           const TensorView& out, int64_t padding, double threshold, bool binary, int64_t img_h,
+                           int64_t img_w);
+
 // COCO compressed RLE counts strings of binary masks [N, H, W] (CPU, bool or uint8, non-zero = set).
 std::vector<std::string> rle_encode(const TensorView& masks);
 // The counts string of explicit run lengths (first run = zeros), as pycocotools' rleToString.

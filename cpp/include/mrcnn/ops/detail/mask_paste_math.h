@@ -197,6 +197,30 @@ MRCNN_HD A padded_at(const T* mask, int64_t mh, int64_t mw, int64_t pad, int64_t
   return (r >= 0 && r < mh && c >= 0 && c < mw) ? load(mask[r * mw + c]) : A(0);
 }
 
+// The pasted value at image pixel (y, x): 0 outside the plan's clip rectangle. sy, sx: interp_scale of the
+// padded mask size over the plan's h, w. One pixel of the CUDA kernel (the CPU kernels evaluate the same
+// expression from per-row and per-column tables).
+template <bool F, class A, class T, class Load>
+MRCNN_HD A pasted_pixel(const PastePlan& p, const T* mask, int64_t mh, int64_t mw, int64_t pad, A sy, A sx, int64_t y,
+                        int64_t x, Load load) {
+  if (y < p.cy0 || y >= p.cy1 || x < p.cx0 || x >= p.cx1) return A(0);
+  const Taps<A> ty = source_taps<F>(sy, y - p.by0, mh + 2 * pad, p.h);
+  const Taps<A> tx = source_taps<F>(sx, x - p.bx0, mw + 2 * pad, p.w);
+  const A v00 = padded_at<A>(mask, mh, mw, pad, ty.i0, tx.i0, load);
+  const A v01 = padded_at<A>(mask, mh, mw, pad, ty.i0, tx.i1, load);
+  const A v10 = padded_at<A>(mask, mh, mw, pad, ty.i1, tx.i0, load);
+  const A v11 = padded_at<A>(mask, mh, mw, pad, ty.i1, tx.i1, load);
+  return p.small ? blend_small<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1)
+                 : blend_separable<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1);
+}
+
+// A window of the image (y0, x0, h, w) written row-major (whole images) or column-major (RLE crops): the
+// image pixel of line `o` (a row, or a column), element `i`.
+MRCNN_HD void window_pixel(const int64_t* win, bool col_major, int64_t o, int64_t i, int64_t& y, int64_t& x) {
+  y = win[0] + (col_major ? i : o);
+  x = win[1] + (col_major ? o : i);
+}
+
 // ---- COCO compressed RLE (pycocotools' rleToString) -------------------------------------------
 // Run lengths, column-major, the first run counting zeros; from the 4th count on each is stored as the
 // difference to the count two before; each value is written as 5-bit groups, low first, + 48, with 0x20
