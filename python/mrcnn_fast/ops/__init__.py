@@ -2,6 +2,7 @@
 from .anchors import AnchorGenerator, anchors_for_level, grid_anchors
 from .box_coder import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
 from .boxes import box_iou
+from .mask_paste import paste_masks_binary, paste_masks_in_image, paste_masks_rle, rle_encode
 from .nms import batched_nms, batched_nms_fixed, nms, nms_fixed
 from .proposals import generate_proposals, generate_proposals_list
 from .roi_pool import RoIPool, roi_pool
@@ -12,4 +13,5 @@ __all__ = [
     "generate_proposals", "generate_proposals_list",
     "AnchorGenerator", "anchors_for_level", "grid_anchors",
     "roi_pool", "RoIPool",
+    "paste_masks_in_image", "paste_masks_binary", "paste_masks_rle", "rle_encode",
 ]
