@@ -461,11 +461,86 @@ void backward_roi(const Plans<T>& P, int64_t k, bool max_mode, const T* src, T* 
   }
 }
 
+// NCHW, average: kNC channel planes (at stride sc) per RoI visit, so the plan is read and the loops run
+// once for all of them. Per element the operations and their order are those of forward_roi /
+// backward_roi, so the result does not depend on kNC (nor on the layout).
+template <class T, int kNC>
+void forward_planes(const Plans<T>& P, int64_t k, const T* src, int64_t sc, int64_t sy, T* out, OutStrides os,
+                    Scratch<T>& s) {
+  const auto& R = P.rois[k];
+  const int64_t* yb = P.ybin(k);
+  const int64_t* xb = P.xbin(k);
+  const Cols cols = cols_of(P, R);
+  const int64_t n = cols.n;
+  T* __restrict__ rows = grow(s.row, size_t(n) * kNC);
+  const Lerp<T>* __restrict__ xs = P.xs.data();
+  for (int ph = 0; ph < P.oh; ++ph) {
+    T* o = out + ph * os.h;
+    if (yb[ph + 1] == yb[ph]) {
+      for (int c = 0; c < kNC; ++c)
+        for (int pw = 0; pw < P.ow; ++pw) o[c * os.c + pw * os.w] = T(0);
+      continue;
+    }
+    std::fill_n(rows, size_t(n) * kNC, T(0));
+    for (int64_t j = yb[ph]; j < yb[ph + 1]; ++j) {
+      const Lerp<T> y = P.ys[j];
+      for (int c = 0; c < kNC; ++c)
+        blend_rows<T, 1, true>(rows + c * n, src + c * sc + y.lo * sy, src + c * sc + y.hi * sy, y.wlo, y.whi, cols, 1, 1);
+    }
+    for (int pw = 0; pw < P.ow; ++pw) {
+      T acc[kNC];
+      for (int c = 0; c < kNC; ++c) acc[c] = T(0);
+      for (int64_t i = xb[pw]; i < xb[pw + 1]; ++i) {
+        const Lerp<T> x = xs[i];
+        for (int c = 0; c < kNC; ++c) acc[c] += detail::lerp2(x.wlo, x.whi, rows[c * n + x.lo], rows[c * n + x.hi]);
+      }
+      for (int c = 0; c < kNC; ++c) o[c * os.c + pw * os.w] = acc[c] / R.count;
+    }
+  }
+}
+
+template <class T, int kNC>
+void backward_planes(const Plans<T>& P, int64_t k, T* grad, int64_t sc, int64_t sy, const T* gout, OutStrides gs,
+                     Scratch<T>& s) {
+  const auto& R = P.rois[k];
+  const int64_t* yb = P.ybin(k);
+  const int64_t* xb = P.xbin(k);
+  const Cols cols = cols_of(P, R);
+  const int64_t n = cols.n;
+  T* __restrict__ rows = grow(s.row, size_t(n) * kNC);
+  const Lerp<T>* __restrict__ xs = P.xs.data();
+  for (int ph = 0; ph < P.oh; ++ph) {
+    if (yb[ph + 1] == yb[ph]) continue;
+    std::fill_n(rows, size_t(n) * kNC, T(0));
+    for (int pw = 0; pw < P.ow; ++pw) {
+      T gv[kNC];
+      for (int c = 0; c < kNC; ++c) gv[c] = gout[c * gs.c + ph * gs.h + pw * gs.w] / R.count;
+      for (int64_t i = xb[pw]; i < xb[pw + 1]; ++i) {
+        const Lerp<T> x = xs[i];
+        for (int c = 0; c < kNC; ++c) {
+          rows[c * n + x.lo] += gv[c] * x.wlo;
+          rows[c * n + x.hi] += gv[c] * x.whi;
+        }
+      }
+    }
+    for (int64_t j = yb[ph]; j < yb[ph + 1]; ++j) {
+      const Lerp<T> y = P.ys[j];
+      for (int c = 0; c < kNC; ++c) {
+        // Separate calls: lo and hi are the same row at the bottom edge.
+        scatter_row<T, 1>(grad + c * sc + y.lo * sy, y.wlo, rows + c * n, cols, 1, 1);
+        scatter_row<T, 1>(grad + c * sc + y.hi * sy, y.whi, rows + c * n, cols, 1, 1);
+      }
+    }
+  }
+}
+
 // ---- drivers ---------------------------------------------------------------------------------------
 
 // RoIs visit a plane in random places, and each first touch of a line would be a DRAM round trip.
 // Reading the plane in order first lets the hardware prefetcher stream it into L2 at full bandwidth.
 constexpr int64_t kWarmMinRois = 8;
+// Channels pooled per RoI visit on NCHW features (their planes should fit L2 together).
+constexpr int kPlanes = 4;
 template <class T> void warm(const T* p, int64_t n) {
   constexpr int64_t kLine = 64 / sizeof(T);
   T acc = T(0);
@@ -502,16 +577,28 @@ void forward_impl(const RoiLevels& lv, const TensorView& rois, const FpnLevelMap
         for (int pw = 0; pw < P.ow; ++pw) o[k * oK + c * os.c + ph * os.h + pw * os.w] = T(0);
 
   if (all_nchw(lv)) {
-    parallel_for(0, C * G, 1, [&](int64_t b, int64_t e) {
+    // Tasks: (block of kPlanes channels, level, image); the block's planes are warmed into L2 and every
+    // RoI of that image and level is pooled from them.
+    const int64_t nblk = (C + kPlanes - 1) / kPlanes;
+    parallel_for(0, nblk * G, 1, [&](int64_t b, int64_t e) {
       Scratch<T> s;
       for (int64_t t = b; t < e; ++t) {
-        const int64_t c = t / G, g = t % G, l = g / N, n = g % N;
+        const int64_t c0 = (t / G) * kPlanes, g = t % G, l = g / N, n = g % N;
+        const int64_t nc = std::min<int64_t>(kPlanes, C - c0);
+        if (P.group_begin[g + 1] == P.group_begin[g]) continue;
         const TensorView& f = lv.feat[l];
-        const T* src = f.ptr<T>() + n * f.stride(0) + c * f.stride(1);
-        if (P.group_begin[g + 1] - P.group_begin[g] >= kWarmMinRois) warm(src, f.size(2) * f.size(3));
+        const T* src = f.ptr<T>() + n * f.stride(0) + c0 * f.stride(1);
+        if (P.group_begin[g + 1] - P.group_begin[g] >= kWarmMinRois)
+          for (int64_t c = 0; c < nc; ++c) warm(src + c * f.stride(1), f.size(2) * f.size(3));
         for (int64_t q = P.group_begin[g]; q < P.group_begin[g + 1]; ++q) {
           const int64_t k = P.order[q];
-          forward_roi<T, 1>(P, k, max_mode, src, f.stride(2), 1, 1, o + k * oK + c * os.c, os, s);
+          T* ok = o + k * oK + c0 * os.c;
+          if (!max_mode && nc == kPlanes) {
+            forward_planes<T, kPlanes>(P, k, src, f.stride(1), f.stride(2), ok, os, s);
+            continue;
+          }
+          for (int64_t c = 0; c < nc; ++c)
+            forward_roi<T, 1>(P, k, max_mode, src + c * f.stride(1), f.stride(2), 1, 1, ok + c * os.c, os, s);
         }
       }
     });
@@ -540,17 +627,31 @@ void backward_impl(const TensorView& grad_out, const RoiLevels& lv, const Tensor
   const int64_t gK = grad_out.stride(0);
 
   if (all_nchw(lv)) {
-    parallel_for(0, C * G, 1, [&](int64_t b, int64_t e) {
+    // Tasks own the gradient planes of (block of kPlanes channels, level, image): zero-fill them, then
+    // add the group's RoIs in plan order. No two tasks write the same element, and each element's sum
+    // is formed in the same order whatever the thread count.
+    const int64_t nblk = (C + kPlanes - 1) / kPlanes;
+    parallel_for(0, nblk * G, 1, [&](int64_t b, int64_t e) {
       Scratch<T> s;
       for (int64_t t = b; t < e; ++t) {
-        const int64_t c = t / G, g = t % G, l = g / N, n = g % N;
+        const int64_t c0 = (t / G) * kPlanes, g = t % G, l = g / N, n = g % N;
+        const int64_t nc = std::min<int64_t>(kPlanes, C - c0);
         const TensorView& f = lv.feat[l];
-        const int64_t off = n * f.stride(0) + c * f.stride(1);
+        const int64_t off = n * f.stride(0) + c0 * f.stride(1), sc = f.stride(1);
         T* grad = lv.grad[l].ptr<T>() + off;
-        std::fill_n(grad, f.size(2) * f.size(3), T(0));
+        const T* src = f.ptr<T>() + off;
+        for (int64_t c = 0; c < nc; ++c) std::fill_n(grad + c * sc, f.size(2) * f.size(3), T(0));
+        if (max_mode && P.group_begin[g + 1] - P.group_begin[g] >= kWarmMinRois)
+          for (int64_t c = 0; c < nc; ++c) warm(src + c * sc, f.size(2) * f.size(3));
         for (int64_t q = P.group_begin[g]; q < P.group_begin[g + 1]; ++q) {
           const int64_t k = P.order[q];
-          backward_roi<T, 1>(P, k, max_mode, f.ptr<T>() + off, grad, f.stride(2), 1, 1, go + k * gK + c * gs.c, gs, s);
+          const T* gk = go + k * gK + c0 * gs.c;
+          if (!max_mode && nc == kPlanes) {
+            backward_planes<T, kPlanes>(P, k, grad, sc, f.stride(2), gk, gs, s);
+            continue;
+          }
+          for (int64_t c = 0; c < nc; ++c)
+            backward_roi<T, 1>(P, k, max_mode, src + c * sc, grad + c * sc, f.stride(2), 1, 1, gk + c * gs.c, gs, s);
         }
       }
     });
