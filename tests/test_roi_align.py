@@ -189,6 +189,12 @@ def test_empty_rois(device):
             x.grad = None
     out = ops.multilevel_roi_align([x, x[:, :, :3, :3]], torch.zeros(0, 5, device=device), 2, [1.0, 0.5])
     assert out.shape == (0, 3, 2, 2)
+    # A 0-pixel map: every sample is off the map (torchvision would read out of bounds here).
+    z = torch.zeros(1, 2, 0, 4, device=device, requires_grad=True)
+    out = ops.roi_align(z, torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]], device=device), 2, mode="max")
+    assert torch.equal(out, torch.zeros(1, 2, 2, 2, device=device))
+    out.sum().backward()
+    assert z.grad.shape == z.shape
 
 
 # ---- layouts, determinism -------------------------------------------------------------------------------

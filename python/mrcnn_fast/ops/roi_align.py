@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_tensor, pair
+from ._checks import check_float, check_int, check_tensor, pair, positive_float
 
 MAX_LEVELS = 8
 _MODES = ("avg", "max")
@@ -197,26 +197,10 @@ def _check_mode(mode) -> str:
     return mode
 
 
-def _check_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    return v
-
-
 def _check_sampling_ratio(v) -> int:
-    v = _check_int(v, "sampling_ratio")
+    v = check_int(v, "sampling_ratio")
     if v > 1 << 20:
         raise ValueError(f"sampling_ratio must be <= {1 << 20}, got {v}")
-    return v
-
-
-def _check_scale(v, name: str) -> float:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a float, got {type(v).__name__}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {v}")
     return v
 
 
@@ -291,7 +275,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     oh, ow = pair(output_size, "output_size")
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
-    scale = _check_scale(spatial_scale, "spatial_scale")
+    scale = positive_float(spatial_scale, "spatial_scale")
     rois = _as_rois(boxes, input)
     return _roi_align(input, rois, scale, oh, ow, sr, bool(aligned), mode == "max", False)
 
@@ -305,7 +289,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
     _check_features(input, "input")
     oh, ow = pair(output_size, "output_size")
     sr = _check_sampling_ratio(sampling_ratio)
-    scale = _check_scale(spatial_scale, "spatial_scale")
+    scale = positive_float(spatial_scale, "spatial_scale")
     rois = _as_rois(boxes, input)
     return _roi_align(input, rois, scale, oh, ow, sr, False, False, True)
 
@@ -330,7 +314,7 @@ def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[floa
         raise TypeError(f"spatial_scales must be a list of floats, got {type(spatial_scales).__name__}")
     if len(spatial_scales) != len(features):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature levels")
-    scales = [_check_scale(s, f"spatial_scales[{i}]") for i, s in enumerate(spatial_scales)]
+    scales = [positive_float(s, f"spatial_scales[{i}]") for i, s in enumerate(spatial_scales)]
     return list(features), scales
 
 
@@ -355,8 +339,8 @@ def multilevel_roi_align(features: list[Tensor], boxes, output_size, spatial_sca
     oh, ow = pair(output_size, "output_size")
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
-    canonical_level = _check_int(canonical_level, "canonical_level")
-    canonical_scale = _check_scale(canonical_scale, "canonical_scale")
+    canonical_level = check_int(canonical_level, "canonical_level")
+    canonical_scale = positive_float(canonical_scale, "canonical_scale")
     rois = _as_rois(boxes, features[0])
     k_min, k_max = _level_of_scale(scales[0]), _level_of_scale(scales[-1])
     return _multilevel_roi_align(features, rois, scales, k_min, k_max, canonical_level, canonical_scale, oh, ow, sr,
@@ -375,11 +359,11 @@ def fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int
     check_float(boxes, "boxes")
     if boxes.dim() != 2 or boxes.shape[1] not in (4, 5):
         raise ValueError(f"boxes must have shape [K, 4] or [K, 5], got {list(boxes.shape)}")
-    k_min, k_max = _check_int(k_min, "k_min"), _check_int(k_max, "k_max")
+    k_min, k_max = check_int(k_min, "k_min"), check_int(k_max, "k_max")
     if k_max < k_min:
         raise ValueError(f"k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
-    canonical_level = _check_int(canonical_level, "canonical_level")
-    canonical_scale = _check_scale(canonical_scale, "canonical_scale")
+    canonical_level = check_int(canonical_level, "canonical_level")
+    canonical_scale = positive_float(canonical_scale, "canonical_scale")
     if _eager() and boxes.numel() and not bool(torch.isfinite(boxes).all()):
         raise ValueError("boxes contains NaN or infinite values")
     return _fpn_level_assign(boxes, k_min, k_max, canonical_level, canonical_scale)
