@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
+from ._rois import check_batch_indices, convert_boxes_to_rois
 from ._checks import check_float, check_int, check_tensor, pair, positive_float
 
 MAX_LEVELS = 8
@@ -204,46 +205,13 @@ def _check_sampling_ratio(v) -> int:
     return v
 
 
-def _check_roi_values(rois: Tensor, n_images: int, name: str) -> None:
-    if rois.numel() == 0:
-        return
-    if not bool(torch.isfinite(rois).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    idx = rois[:, 0]
-    if not bool(((idx == idx.floor()) & (idx >= 0) & (idx < n_images)).all()):
-        raise ValueError(f"{name}: batch indices (column 0) must be integers in [0, {n_images}) for a batch "
-                         f"of {n_images} images")
-
-
 def _as_rois(boxes, like: Tensor, name: str = "boxes") -> Tensor:
     """Tensor[K, 5] (batch_index, x1, y1, x2, y2) in the kernels' coordinate dtype, validated."""
-    dtype = _roi_dtype(like.dtype)
-    if isinstance(boxes, (list, tuple)):
-        parts = []
-        for i, b in enumerate(boxes):
-            check_tensor(b, f"{name}[{i}]")
-            if not b.is_floating_point():
-                raise TypeError(f"{name}[{i}] must have a floating dtype, got {b.dtype}")
-            if b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"{name}[{i}] must have shape [L, 4], got {list(b.shape)}")
-            if b.device != like.device:
-                raise ValueError(f"{name}[{i}] must be on {like.device}, got {b.device}")
-            b = b.to(dtype)
-            parts.append(torch.cat([torch.full_like(b[:, :1], i), b], 1))
-        rois = torch.cat(parts, 0) if parts else torch.zeros((0, 5), dtype=dtype, device=like.device)
-    elif isinstance(boxes, Tensor):
-        if not boxes.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {boxes.dtype}")
-        if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"{name} must have shape [K, 5] (batch_index, x1, y1, x2, y2), got {list(boxes.shape)}")
-        if boxes.device != like.device:
-            raise ValueError(f"{name} must be on {like.device} like the features, got {boxes.device}")
-        rois = boxes.to(dtype)
-    else:
-        raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
-    if _eager():
-        _check_roi_values(rois, like.shape[0], name)
-    return rois
+    rois = convert_boxes_to_rois(boxes, name, like)
+    if rois.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like the features, got {rois.device}")
+    check_batch_indices(rois, like.shape[0], name)
+    return rois.to(_roi_dtype(like.dtype))
 
 
 def _level_of_scale(scale: float) -> int:
