@@ -66,3 +66,15 @@ def positive_float(v, name: str) -> float:
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number, got {v}")
     return v
+
+
+def real_number(v, name: str) -> float:
+    """A real, non-NaN Python number (bools and tensors rejected) as float."""
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    return v
