@@ -1,0 +1,162 @@
+"""Geometric transforms on (image, target) pairs and batching.
+
+A target is the dict CocoDetection returns: "boxes" Tensor[N, 4] xyxy pixels, "masks" uint8 Tensor[N, H, W],
+"keypoints" Tensor[N, K, 3] (x, y, visibility), "area" Tensor[N]; other keys pass through untouched. Every
+key is optional, and the input target is never modified (a new dict is returned).
+
+Coordinates are continuous pixel coordinates: pixel (row r, col c) covers [c, c+1) x [r, r+1), so a
+horizontal flip maps x to W - x and a resize by s maps x to x * s.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["resize_shortest_edge", "hflip", "batch_images", "flip_permutation"]
+
+
+def _check_image(image, name: str = "image") -> None:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
+    if image.dim() != 3:
+        raise ValueError(f"{name} must be Tensor[C, H, W], got shape {tuple(image.shape)}")
+
+
+def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int, max_size: int):
+    """Resizes so the shorter side is ``min_size`` unless that makes the longer side exceed ``max_size``.
+
+    Args:
+        image (Tensor[C, H, W]): float image (bilinear interpolation, no antialiasing, like the paper's setup).
+        target (dict | None): boxes/keypoints are scaled by the actual per-axis ratios, masks use nearest.
+        min_size (int): target length of the shorter side.
+        max_size (int): cap on the longer side.
+    Returns:
+        (Tensor[C, h, w], dict | None)
+    """
+    _check_image(image)
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size <= 0:
+        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+    h, w = image.shape[-2:]
+    if h == 0 or w == 0:
+        raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
+    scale = min_size / min(h, w)
+    if max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    if (nh, nw) == (h, w):
+        return image, (dict(target) if target is not None else None)
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a floating point tensor, got {image.dtype}")
+    out = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    if target is None:
+        return out, None
+    sx, sy = nw / w, nh / h
+    t = dict(target)
+    if "boxes" in t:
+        boxes = t["boxes"]
+        t["boxes"] = boxes * boxes.new_tensor([sx, sy, sx, sy])
+    if "keypoints" in t:
+        kp = t["keypoints"].clone()
+        kp[..., 0] *= sx
+        kp[..., 1] *= sy
+        t["keypoints"] = kp
+    if "masks" in t:
+        m = t["masks"]
+        if m.shape[0] == 0:
+            t["masks"] = m.new_zeros((0, nh, nw))
+        elif m.dtype == torch.uint8:
+            # uint8 nearest (CPU and CUDA) keeps masks binary without a 4x larger float copy.
+            t["masks"] = F.interpolate(m[None], size=(nh, nw), mode="nearest")[0]
+        else:
+            t["masks"] = F.interpolate(m[None].to(torch.uint8), size=(nh, nw), mode="nearest")[0].to(m.dtype)
+    if "area" in t:
+        t["area"] = t["area"] * (sx * sy)
+    return out, t
+
+
+def flip_permutation(num_keypoints: int, flip_pairs: Sequence[Sequence[int]]) -> list[int]:
+    """The keypoint index permutation a horizontal flip applies (0-based pairs, e.g. left/right eye)."""
+    perm = list(range(num_keypoints))
+    seen = set()
+    for pair in flip_pairs:
+        if len(pair) != 2:
+            raise ValueError(f"flip_pairs entries must be (i, j) pairs, got {pair!r}")
+        i, j = int(pair[0]), int(pair[1])
+        for k in (i, j):
+            if not 0 <= k < num_keypoints:
+                raise ValueError(
+                    f"flip_pairs index {k} out of range for {num_keypoints} keypoints (pairs are 0-based)")
+            if k in seen:
+                raise ValueError(f"flip_pairs uses keypoint {k} twice")
+            seen.add(k)
+        perm[i], perm[j] = j, i
+    return perm
+
+
+def hflip(image: torch.Tensor, target: dict | None, flip_pairs: Sequence[Sequence[int]] = ()):
+    """Mirrors the image left-right; boxes, masks and keypoints follow.
+
+    Keypoint x becomes W - x for labelled keypoints (visibility > 0; unlabelled ones keep their zeros) and
+    the indices in each of ``flip_pairs`` (0-based) are swapped, so a left eye stays a left eye.
+    Flipping twice gives back the input.
+    """
+    _check_image(image)
+    w = image.shape[-1]
+    out = image.flip(-1)
+    if target is None:
+        return out, None
+    t = dict(target)
+    if "boxes" in t:
+        b = t["boxes"]
+        t["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+    if "masks" in t:
+        t["masks"] = t["masks"].flip(-1)
+    if "keypoints" in t:
+        kp = t["keypoints"]
+        perm = flip_permutation(kp.shape[1], flip_pairs)
+        kp = kp[:, perm].clone()
+        labelled = kp[..., 2] > 0
+        kp[..., 0] = torch.where(labelled, w - kp[..., 0], kp[..., 0])
+        t["keypoints"] = kp
+    return out, t
+
+
+def batch_images(images: Sequence[torch.Tensor], size_divisible: int = 32):
+    """Zero-pads images at the bottom/right into one batch whose H and W are multiples of ``size_divisible``.
+
+    Args:
+        images (list[Tensor[C, H_i, W_i]]): same C, dtype and device.
+        size_divisible (int): 0 or 1 disables the rounding (FPN needs 32: the coarsest stride).
+    Returns:
+        (Tensor[B, C, Hp, Wp], list[(H_i, W_i)])
+    """
+    if isinstance(images, torch.Tensor):
+        images = list(images.unbind(0)) if images.dim() == 4 else [images]
+    if len(images) == 0:
+        raise ValueError("images must not be empty")
+    if isinstance(size_divisible, bool) or not isinstance(size_divisible, int) or size_divisible < 0:
+        raise ValueError(f"size_divisible must be an int >= 0, got {size_divisible!r}")
+    first = images[0]
+    for i, img in enumerate(images):
+        _check_image(img, f"images[{i}]")
+        if img.shape[0] != first.shape[0] or img.dtype != first.dtype or img.device != first.device:
+            raise ValueError(
+                f"images[{i}] has (channels, dtype, device) = ({img.shape[0]}, {img.dtype}, {img.device}), "
+                f"images[0] has ({first.shape[0]}, {first.dtype}, {first.device})")
+    hp = max(int(img.shape[1]) for img in images)
+    wp = max(int(img.shape[2]) for img in images)
+    if size_divisible > 1:
+        hp = int(math.ceil(hp / size_divisible) * size_divisible)
+        wp = int(math.ceil(wp / size_divisible) * size_divisible)
+    batch = first.new_zeros((len(images), first.shape[0], hp, wp))
+    sizes = []
+    for i, img in enumerate(images):
+        h, w = int(img.shape[1]), int(img.shape[2])
+        batch[i, :, :h, :w].copy_(img)
+        sizes.append((h, w))
+    return batch, sizes
