@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops as ops
-from ._transforms import batch_images, resize_shortest_edge
+from ..data.transforms import batch_images, resize_shortest_edge
 from .backbone import Backbone, build_res5_head
 from .roi_heads import RoIHeads
 from .rpn import RPN
