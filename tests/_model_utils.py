@@ -10,7 +10,8 @@ COLORS = np.array([[0.9, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.2, 0.9]], dtype=np.
 
 
 def tiny_cfg(overrides: dict | None = None, size: int = 128):
-    """small_cpu shrunk further: R18 at width 16, 32-channel FPN/heads, size x size inputs."""
+    """small_cpu shrunk further: R18 at width 16, 32-channel FPN/heads, size x size inputs.
+    overrides apply to cfg.model."""
     cfg = get_config("small_cpu", {
         "model": {"backbone": {"width": 16}, "fpn": {"out_channels": 32},
                   "anchors": {"sizes": [[8], [16], [32], [64], [128]]},
@@ -19,7 +20,7 @@ def tiny_cfg(overrides: dict | None = None, size: int = 128):
                   "roi_heads": {"batch_size_per_image": 64, "box_head_fc_dim": 128, "detections_per_image": 10},
                   "mask": {"conv_dim": 32, "num_convs": 2}, "keypoint": {"conv_dim": 32, "num_convs": 2}},
         "input": {"min_size_train": [size], "max_size_train": size, "min_size_test": size, "max_size_test": size}})
-    return merge(cfg, overrides) if overrides else cfg
+    return merge(cfg, {"model": overrides}) if overrides else cfg
 
 
 def shape_mask(cls: int, x0: int, y0: int, w: int, h: int, size_hw) -> np.ndarray:

@@ -20,8 +20,8 @@ def build_torchvision_model(cfg) -> TVMaskRCNN:
     import torchvision
 
     m = cfg.model
-    if not m.fpn.enabled:
-        raise ValueError("the torchvision reference covers FPN configs only")
+    if not m.fpn.enabled or m.backbone.width != 64:
+        raise ValueError("the torchvision reference covers FPN configs with the standard ResNet width only")
     norm = nn.BatchNorm2d if m.backbone.norm == "BN" else misc_nn_ops.FrozenBatchNorm2d
     trunk = getattr(torchvision.models, m.backbone.name)(weights=None, norm_layer=norm)
     width = 64 * (4 if m.backbone.name not in ("resnet18", "resnet34") else 1)

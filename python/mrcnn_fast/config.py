@@ -79,7 +79,8 @@ class MaskHeadConfig:
     conv_dim: int = 256
     num_convs: int = 4
     pooler_resolution: int = 14
-    resolution: int = 28                # predicted mask size (pooler_resolution * 2 for fcn)
+    resolution: int = 28                # predicted mask size of the mlp head (fcn: 2 x pooler_resolution; C4: 14)
+    mlp_dim: int = 1024                 # hidden fc width of the mlp head
     loss: str = "sigmoid"               # sigmoid (per-class binary, paper) | softmax (multinomial, Table 2b)
     class_agnostic: bool = False
 
