@@ -92,7 +92,9 @@ class Pool {
   std::exception_ptr error_;
 };
 thread_local bool Pool::in_worker_ = false;
-bool inside_worker() { return Pool::in_worker_; }
+// True on pool threads and on a caller thread while it runs chunks of a job: nested calls run inline.
+thread_local bool t_in_job = false;
+bool inside_worker() { return Pool::in_worker_ || t_in_job; }
 
 // Heap-allocated so a forked child (DataLoader workers) can drop the parent's state: the parent's
 // threads do not exist there and its mutexes may be held.
@@ -162,6 +164,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
     return;
   }
   const int64_t step = (n + nchunks - 1) / nchunks;
+  struct JobScope {
+    JobScope() { t_in_job = true; }
+    ~JobScope() { t_in_job = false; }
+  } scope;
   pool->run(nchunks, [&](int c) {
     const int64_t b = begin + c * step;
     const int64_t e = std::min(end, b + step);

@@ -1,4 +1,17 @@
 """Kernels as torch.library custom ops (mrcnn_fast::*), drop-in compatible with torchvision.ops."""
+from .anchors import AnchorGenerator, anchors_for_level, grid_anchors
+from .box_coder import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
 from .boxes import box_iou
+from .mask_paste import paste_masks_binary, paste_masks_in_image, paste_masks_rle, rle_encode
+from .nms import batched_nms, batched_nms_fixed, nms, nms_fixed
+from .proposals import generate_proposals, generate_proposals_list
+from .roi_pool import RoIPool, roi_pool
 
-__all__ = ["box_iou"]
+__all__ = [
+    "box_iou", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed",
+    "BoxCoder", "encode_boxes", "decode_boxes", "clip_boxes", "remove_small_boxes",
+    "generate_proposals", "generate_proposals_list",
+    "AnchorGenerator", "anchors_for_level", "grid_anchors",
+    "roi_pool", "RoIPool",
+    "paste_masks_in_image", "paste_masks_binary", "paste_masks_rle", "rle_encode",
+]

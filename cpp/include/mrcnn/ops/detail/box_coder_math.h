@@ -1,0 +1,102 @@
+#pragma once
+// Box encoding/decoding (torchvision BoxCoder conventions), clipping and the min-size test, written once
+// for the CPU and CUDA kernels. Every step is rounded in the same order as torchvision's tensor ops
+// (mul_rn keeps nvcc from fusing into FMAs), so float32 results match it up to exp/log rounding.
+#include <cmath>
+
+#include "mrcnn/common/hd.h"
+#include "mrcnn/ops/detail/box_math.h"
+
+namespace mrcnn {
+namespace detail {
+
+MRCNN_HD float exp_t(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+MRCNN_HD double exp_t(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+MRCNN_HD float log_t(float x) {
+#ifdef __CUDA_ARCH__
+  return ::logf(x);
+#else
+  return std::log(x);
+#endif
+}
+MRCNN_HD double log_t(double x) {
+#ifdef __CUDA_ARCH__
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+
+// torch.sigmoid: 1 / (1 + exp(-x)).
+template <class T> MRCNN_HD T sigmoid(T x) { return T(1) / (T(1) + exp_t(-x)); }
+
+// (wx, wy, ww, wh) and the dw/dh clamp, already converted to the compute type (torch converts Python
+// scalars to the tensor dtype before the op, so do we).
+template <class T> struct CoderParams {
+  T wx, wy, ww, wh, clip;
+};
+
+// deltas d = (dx, dy, dw, dh) applied to reference box b; out may alias neither.
+template <class T> MRCNN_HD void decode_box(const T* d, const T* b, const CoderParams<T>& p, T* out) {
+  const T w = b[2] - b[0], h = b[3] - b[1];
+  const T cx = b[0] + mul_rn(T(0.5), w), cy = b[1] + mul_rn(T(0.5), h);
+  const T dx = d[0] / p.wx, dy = d[1] / p.wy;
+  T dw = d[2] / p.ww, dh = d[3] / p.wh;
+  // log(1000/16) by default: keeps exp() of a wild delta from overflowing. NaN passes through like
+  // torch.clamp.
+  dw = dw > p.clip ? p.clip : dw;
+  dh = dh > p.clip ? p.clip : dh;
+  const T pcx = mul_rn(dx, w) + cx, pcy = mul_rn(dy, h) + cy;
+  const T hw = mul_rn(T(0.5), mul_rn(exp_t(dw), w)), hh = mul_rn(T(0.5), mul_rn(exp_t(dh), h));
+  out[0] = pcx - hw;
+  out[1] = pcy - hh;
+  out[2] = pcx + hw;
+  out[3] = pcy + hh;
+}
+
+// The deltas that decode `ref` (e.g. a matched ground-truth box) from proposal/anchor `p`:
+// torchvision.models.detection._utils.encode_boxes.
+template <class T> MRCNN_HD void encode_box(const T* ref, const T* prop, const CoderParams<T>& p, T* out) {
+  const T ew = prop[2] - prop[0], eh = prop[3] - prop[1];
+  const T ecx = prop[0] + mul_rn(T(0.5), ew), ecy = prop[1] + mul_rn(T(0.5), eh);
+  const T gw = ref[2] - ref[0], gh = ref[3] - ref[1];
+  const T gcx = ref[0] + mul_rn(T(0.5), gw), gcy = ref[1] + mul_rn(T(0.5), gh);
+  out[0] = mul_rn(p.wx, gcx - ecx) / ew;
+  out[1] = mul_rn(p.wy, gcy - ecy) / eh;
+  out[2] = mul_rn(p.ww, log_t(gw / ew));
+  out[3] = mul_rn(p.wh, log_t(gh / eh));
+}
+
+// torch.clamp(v, lo, hi): NaN stays NaN.
+template <class T> MRCNN_HD T clamp_nan(T v, T lo, T hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+// torchvision.ops.clip_boxes_to_image on one box, in place: x in [0, width], y in [0, height].
+template <class T> MRCNN_HD void clip_box(T* b, T height, T width) {
+  b[0] = clamp_nan(b[0], T(0), width);
+  b[1] = clamp_nan(b[1], T(0), height);
+  b[2] = clamp_nan(b[2], T(0), width);
+  b[3] = clamp_nan(b[3], T(0), height);
+}
+
+// torchvision.ops.remove_small_boxes keeps a box when both sides are >= min_size (NaN sides fail).
+template <class T> MRCNN_HD bool box_big_enough(const T* b, T min_size) {
+  return (b[2] - b[0]) >= min_size && (b[3] - b[1]) >= min_size;
+}
+
+}  // namespace detail
+}  // namespace mrcnn

@@ -1,0 +1,240 @@
+#pragma once
+// Mask pasting as torchvision.models.detection.roi_heads.paste_masks_in_image does it, one element at a
+// time, shared by the CPU and CUDA kernels:
+//   1. expand_masks: the Mh x Mw mask gets a zero border of `padding`, and the box is scaled about its
+//      centre by (Mw + 2 * padding) / Mw (Mw = the mask's last dimension, for both axes, as torchvision);
+//   2. the expanded float box is truncated to int64 (x0, y0, x1, y1), the resized mask is
+//      h = max(y1 - y0 + 1, 1) by w = max(x1 - x0 + 1, 1) (F.interpolate, bilinear, align_corners=False);
+//   3. it is written into the image rows [max(y0, 0), min(y1 + 1, H)) and columns [max(x0, 0), min(x1 + 1, W)).
+// The resized mask is never materialised: every image pixel computes its source coordinates itself.
+//
+// Rounding follows torch's CPU kernels bit for bit on CPUs with FMA (the template flag F = true; their kernels
+// are compiled with floating-point contraction): the source index is fma(scale, dst + 0.5, -0.5), and the
+// blend is one of two fixed fma chains, chosen like upsample_bilinear2d chooses its kernel (outputs with
+// h + w <= 128 take the 4-weight kernel, larger ones the separable one). F = false is the same arithmetic
+// without fusion (torch's kernels on CPUs without FMA).
+#include <cmath>
+#include <cstdint>
+
+#include "mrcnn/common/hd.h"
+
+namespace mrcnn {
+namespace detail {
+
+// Coordinates are clamped to +-2^40 before the integer conversion: no image is that large, and it keeps the
+// int64 arithmetic below free of overflow (NaN goes to -2^40, which pastes nothing).
+constexpr double kPasteCoordLimit = 1099511627776.0;
+
+// Rounded float ops that the compiler must not contract into an fma (torchvision runs each as a separate
+// tensor op): intrinsics on the device; on the host an empty asm hides the product from the optimiser
+// (g++ contracts by default where the target has FMA, e.g. aarch64 or -march=native).
+#if !defined(__CUDA_ARCH__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__))
+#if defined(__x86_64__)
+#define MRCNN_FP_BARRIER(v) __asm__("" : "+x"(v))
+#else
+#define MRCNN_FP_BARRIER(v) __asm__("" : "+w"(v))
+#endif
+#else
+#define MRCNN_FP_BARRIER(v) (void)0
+#endif
+MRCNN_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  float r = a * b;
+  MRCNN_FP_BARRIER(r);
+  return r;
+#endif
+}
+MRCNN_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  double r = a * b;
+  MRCNN_FP_BARRIER(r);
+  return r;
+#endif
+}
+MRCNN_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+MRCNN_HD double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+MRCNN_HD float sub_rn(float a, float b) { return add_rn(a, -b); }
+MRCNN_HD double sub_rn(double a, double b) { return add_rn(a, -b); }
+
+MRCNN_HD float fused_mul_add(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+MRCNN_HD double fused_mul_add(double a, double b, double c) {
+#ifdef __CUDA_ARCH__
+  return fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// a * b + c, fused (one rounding) when F.
+template <bool F, class A> MRCNN_HD A mul_add(A a, A b, A c) {
+  if (F) return fused_mul_add(a, b, c);
+  return a * b + c;
+}
+
+// Truncation toward zero like Tensor.to(torch.int64), saturating (see kPasteCoordLimit).
+template <class B> MRCNN_HD int64_t paste_coord_to_int(B v) {
+  const B lim = B(kPasteCoordLimit);
+  v = (v >= -lim) ? (v <= lim ? v : lim) : -lim;
+  return static_cast<int64_t>(v);
+}
+
+// torchvision's float(M + 2 * padding) / M, as the box dtype sees it (a Python float multiplied into the
+// box tensor is first rounded to the tensor's dtype).
+template <class B> MRCNN_HD B paste_box_scale(int64_t mask_w, int64_t padding) {
+  return static_cast<B>(static_cast<double>(mask_w + 2 * padding) / static_cast<double>(mask_w));
+}
+
+// Where one mask lands in the image.
+struct PastePlan {
+  int64_t bx0, by0;        // integer top-left corner of the resized mask (may be outside the image)
+  int64_t h, w;            // size of the resized mask, >= 1
+  int64_t cx0, cx1;        // image columns [cx0, cx1) that receive it (empty when cx0 >= cx1)
+  int64_t cy0, cy1;        // image rows [cy0, cy1)
+  bool small;              // h + w <= 128: torch's 4-weight kernel, else the separable one
+  MRCNN_HD bool empty() const { return cx0 >= cx1 || cy0 >= cy1; }
+};
+
+// box: (x1, y1, x2, y2) in the box dtype B; scale from paste_box_scale.
+template <class B> MRCNN_HD PastePlan paste_plan(const B* box, B scale, int64_t img_h, int64_t img_w) {
+  const B half = B(0.5);
+  // expand_boxes, op by op in the box dtype.
+  const B w_half = mul_rn(mul_rn(sub_rn(box[2], box[0]), half), scale);
+  const B h_half = mul_rn(mul_rn(sub_rn(box[3], box[1]), half), scale);
+  const B x_c = mul_rn(add_rn(box[2], box[0]), half);
+  const B y_c = mul_rn(add_rn(box[3], box[1]), half);
+  const int64_t x0 = paste_coord_to_int(sub_rn(x_c, w_half));
+  const int64_t x1 = paste_coord_to_int(add_rn(x_c, w_half));
+  const int64_t y0 = paste_coord_to_int(sub_rn(y_c, h_half));
+  const int64_t y1 = paste_coord_to_int(add_rn(y_c, h_half));
+  PastePlan p;
+  p.bx0 = x0;
+  p.by0 = y0;
+  p.w = x1 - x0 + 1 > 1 ? x1 - x0 + 1 : 1;
+  p.h = y1 - y0 + 1 > 1 ? y1 - y0 + 1 : 1;
+  p.cx0 = x0 > 0 ? x0 : 0;
+  p.cx1 = x1 + 1 < img_w ? x1 + 1 : img_w;
+  p.cy0 = y0 > 0 ? y0 : 0;
+  p.cy1 = y1 + 1 < img_h ? y1 + 1 : img_h;
+  p.small = p.h + p.w <= 128;
+  return p;
+}
+
+// F.interpolate(align_corners=False) along one axis: scale = in / out in the accumulation type A.
+template <class A> MRCNN_HD A interp_scale(int64_t in_size, int64_t out_size) {
+  return static_cast<A>(in_size) / static_cast<A>(out_size);
+}
+
+// The two source taps of output index `dst` and their weights (l0 for i0, l1 for i1).
+template <class A> struct Taps {
+  int64_t i0, i1;
+  A l0, l1;
+};
+
+template <bool F, class A>
+MRCNN_HD Taps<A> source_taps(A scale, int64_t dst, int64_t in_size, int64_t out_size) {
+  Taps<A> t;
+  if (in_size == out_size) {  // torch copies: both taps on the same element
+    t.i0 = t.i1 = dst;
+    t.l0 = A(1);
+    t.l1 = A(0);
+    return t;
+  }
+  A src = mul_add<F>(scale, static_cast<A>(dst) + A(0.5), A(-0.5));
+  src = src < A(0) ? A(0) : src;
+  // torch floors in float32 (floorf) even for float64: a double just below an integer rounds up to it, and
+  // the clamped weight below then puts all of it on that tap.
+  int64_t i0 = static_cast<int64_t>(floorf(static_cast<float>(src)));
+  i0 = i0 < in_size - 1 ? i0 : in_size - 1;
+  A l1 = src - static_cast<A>(i0);
+  l1 = l1 < A(0) ? A(0) : (l1 > A(1) ? A(1) : l1);
+  t.i0 = i0;
+  t.i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  t.l1 = l1;
+  t.l0 = A(1) - l1;
+  return t;
+}
+
+// One linear step u * w0 + v * w1 (torch's separable kernel: fma(u, w0, v * w1)).
+template <bool F, class A> MRCNN_HD A lerp(A u, A v, A w0, A w1) { return mul_add<F>(u, w0, v * w1); }
+
+// v_yx: the four taps (row y0/y1, column x0/x1).
+template <bool F, class A>
+MRCNN_HD A blend_separable(A v00, A v01, A v10, A v11, A wx0, A wx1, A wy0, A wy1) {
+  return lerp<F>(lerp<F>(v00, v01, wx0, wx1), lerp<F>(v10, v11, wx0, wx1), wy0, wy1);
+}
+template <bool F, class A>
+MRCNN_HD A blend_small(A v00, A v01, A v10, A v11, A wx0, A wx1, A wy0, A wy1) {
+  const A w00 = wy0 * wx0, w01 = wy0 * wx1, w10 = wy1 * wx0, w11 = wy1 * wx1;
+  return mul_add<F>(v11, w11, mul_add<F>(v10, w10, mul_add<F>(v00, w00, v01 * w01)));
+}
+
+// Element (i, j) of the mask with its zero border: mask is mh x mw, row-major.
+template <class A, class T, class Load>
+MRCNN_HD A padded_at(const T* mask, int64_t mh, int64_t mw, int64_t pad, int64_t i, int64_t j, Load load) {
+  const int64_t r = i - pad, c = j - pad;
+  return (r >= 0 && r < mh && c >= 0 && c < mw) ? load(mask[r * mw + c]) : A(0);
+}
+
+// The pasted value at image pixel (y, x): 0 outside the plan's clip rectangle. sy, sx: interp_scale of the
+// padded mask size over the plan's h, w. One pixel of the CUDA kernel (the CPU kernels evaluate the same
+// expression from per-row and per-column tables).
+template <bool F, class A, class T, class Load>
+MRCNN_HD A pasted_pixel(const PastePlan& p, const T* mask, int64_t mh, int64_t mw, int64_t pad, A sy, A sx, int64_t y,
+                        int64_t x, Load load) {
+  if (y < p.cy0 || y >= p.cy1 || x < p.cx0 || x >= p.cx1) return A(0);
+  const Taps<A> ty = source_taps<F>(sy, y - p.by0, mh + 2 * pad, p.h);
+  const Taps<A> tx = source_taps<F>(sx, x - p.bx0, mw + 2 * pad, p.w);
+  const A v00 = padded_at<A>(mask, mh, mw, pad, ty.i0, tx.i0, load);
+  const A v01 = padded_at<A>(mask, mh, mw, pad, ty.i0, tx.i1, load);
+  const A v10 = padded_at<A>(mask, mh, mw, pad, ty.i1, tx.i0, load);
+  const A v11 = padded_at<A>(mask, mh, mw, pad, ty.i1, tx.i1, load);
+  return p.small ? blend_small<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1)
+                 : blend_separable<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1);
+}
+
+// A window of the image (y0, x0, h, w) written row-major (whole images) or column-major (RLE crops): the
+// image pixel of line `o` (a row, or a column), element `i`.
+MRCNN_HD void window_pixel(const int64_t* win, bool col_major, int64_t o, int64_t i, int64_t& y, int64_t& x) {
+  y = win[0] + (col_major ? i : o);
+  x = win[1] + (col_major ? o : i);
+}
+
+// ---- COCO compressed RLE (pycocotools' rleToString) -------------------------------------------
+// Run lengths, column-major, the first run counting zeros; from the 4th count on each is stored as the
+// difference to the count two before; each value is written as 5-bit groups, low first, + 48, with 0x20
+// set on every group but the last (the last group's bit 0x10 is the sign).
+template <class Put> inline void rle_put_count(long long x, Put put) {
+  bool more = true;
+  while (more) {
+    long long c = x & 0x1f;
+    x >>= 5;  // arithmetic shift: negative deltas end at -1
+    more = (c & 0x10) ? x != -1 : x != 0;
+    if (more) c |= 0x20;
+    put(static_cast<char>(c + 48));
+  }
+}
+
+}  // namespace detail
+}  // namespace mrcnn

@@ -1,0 +1,185 @@
+"""Anchor grids, bit-identical to torchvision.models.detection.anchor_utils.AnchorGenerator."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._lib import _C, dl, stream
+from ._checks import _CPU_FLOATS, _CUDA_FLOATS
+
+MAX_ANCHORS_PER_LOCATION = 128  # detail::kMaxCellAnchors in the core
+
+
+@torch.library.custom_op("mrcnn_fast::grid_anchors", mutates_args=())
+def _grid_anchors(sizes: list[float], aspect_ratios: list[float], stride_h: int, stride_w: int, height: int,
+                  width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    a = len(sizes) * len(aspect_ratios)
+    out = torch.empty((height * width * a, 4), dtype=dtype, device=device)
+    _C.grid_anchors(list(sizes), list(aspect_ratios), stride_h, stride_w, dl(out.view(height, width, a, 4)),
+                    stream(out))
+    return out
+
+
+@_grid_anchors.register_fake
+def _(sizes, aspect_ratios, stride_h, stride_w, height, width, dtype, device):
+    return torch.empty((height * width * len(sizes) * len(aspect_ratios), 4), dtype=dtype, device=device)
+
+
+def _positive_floats(v, name: str) -> list[float]:
+    if isinstance(v, (int, float)) or not isinstance(v, (Sequence, Tensor)):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(v).__name__}")
+    try:
+        out = [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of numbers, got {v!r}") from None
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    if not all(math.isfinite(x) and x > 0 for x in out):
+        raise ValueError(f"{name} must be positive and finite, got {out}")
+    return out
+
+
+def _int_pair(v, name: str, minimum: int) -> tuple[int, int]:
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of ints (h, w), got {v!r}") from None
+    out = []
+    for x in (a, b):
+        if isinstance(x, Tensor) and x.numel() == 1 and not x.is_floating_point():
+            x = int(x)
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name} must be a pair of ints (h, w), got {v!r}")
+        if x < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
+        out.append(x)
+    return out[0], out[1]
+
+
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    if dtype not in allowed:
+        raise TypeError(f"dtype must be one of {[str(d) for d in allowed]} on {device.type}, got {dtype}")
+
+
+def anchors_for_level(sizes: Sequence[float], aspect_ratios: Sequence[float], stride_hw, feature_hw, *,
+                      dtype: torch.dtype = torch.float32, device="cpu") -> Tensor:
+    """Anchors of one feature level, as torchvision's AnchorGenerator.
+
+    A = len(sizes) * len(aspect_ratios) cell anchors (ratio-major; aspect ratio = h / w), each
+    round(-w/2, -h/2, w/2, h/2), placed at every (x * stride_w, y * stride_h).
+
+    Args:
+        sizes: anchor sizes (sqrt of the area), positive.
+        aspect_ratios: h / w ratios, positive.
+        stride_hw ((int, int)): pixels between grid cells, positive.
+        feature_hw ((int, int)): grid size (Hf, Wf), >= 0.
+        dtype, device: of the result (CPU: float32/float64; CUDA: also float16/bfloat16).
+    Returns:
+        Tensor[Hf * Wf * A, 4]: (x1, y1, x2, y2), location-major (row by row), anchor-minor.
+    """
+    s = _positive_floats(sizes, "sizes")
+    r = _positive_floats(aspect_ratios, "aspect_ratios")
+    if len(s) * len(r) > MAX_ANCHORS_PER_LOCATION:
+        raise ValueError(f"at most {MAX_ANCHORS_PER_LOCATION} anchors per location (sizes x aspect_ratios), "
+                         f"got {len(s) * len(r)}")
+    sh, sw = _int_pair(stride_hw, "stride_hw", 1)
+    fh, fw = _int_pair(feature_hw, "feature_hw", 0)
+    device = torch.device(device)
+    _check_dtype(dtype, device)
+    return _grid_anchors(s, r, sh, sw, fh, fw, dtype, device)
+
+
+def grid_anchors(sizes_per_level, aspect_ratios_per_level, strides, feature_shapes, *,
+                 dtype: torch.dtype = torch.float32, device="cpu") -> list[Tensor]:
+    """:func:`anchors_for_level` for every level.
+
+    Args:
+        sizes_per_level, aspect_ratios_per_level: one sequence per level.
+        strides: one (stride_h, stride_w) per level.
+        feature_shapes: one (Hf, Wf) per level.
+    Returns:
+        list of Tensor[Hf_l * Wf_l * A_l, 4], one per level.
+    """
+    n = len(sizes_per_level)
+    for name, v in (("aspect_ratios_per_level", aspect_ratios_per_level), ("strides", strides),
+                    ("feature_shapes", feature_shapes)):
+        if len(v) != n:
+            raise ValueError(f"{name} has {len(v)} levels, sizes_per_level has {n}")
+    return [anchors_for_level(s, r, st, f, dtype=dtype, device=device)
+            for s, r, st, f in zip(sizes_per_level, aspect_ratios_per_level, strides, feature_shapes)]
+
+
+class AnchorGenerator(nn.Module):
+    """Drop-in for torchvision's AnchorGenerator (same arguments, forward and results, bit for bit).
+
+    Args:
+        sizes: one tuple of sizes per feature level (a flat tuple means one size per level).
+        aspect_ratios: one tuple of h / w ratios per level (a flat tuple is used for every level).
+        cache_size: grids kept per (feature shapes, strides, dtype, device); 0 disables the cache.
+
+    forward(image_list, feature_maps) takes an ImageList-like object (``.tensors``: the padded batch
+    Tensor[B, 3, H, W], ``.image_sizes``: B sizes) and the feature maps (list of Tensor[B, C, Hf, Wf]);
+    strides are H // Hf and W // Wf. Returns a list of B Tensor[sum_l Hf_l * Wf_l * A_l, 4]. All images share
+    one (cached) tensor: do not modify it in place. Feature dtypes the core lacks on a device (float16 and
+    bfloat16 on the CPU) are computed in float32 and cast.
+    """
+
+    def __init__(self, sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5,
+                 cache_size: int = 8):
+        super().__init__()
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        if len(sizes) != len(aspect_ratios):
+            raise ValueError(f"sizes has {len(sizes)} levels but aspect_ratios has {len(aspect_ratios)}")
+        for i, (s, r) in enumerate(zip(sizes, aspect_ratios)):
+            n = len(_positive_floats(s, f"sizes[{i}]")) * len(_positive_floats(r, f"aspect_ratios[{i}]"))
+            if n > MAX_ANCHORS_PER_LOCATION:
+                raise ValueError(f"level {i}: at most {MAX_ANCHORS_PER_LOCATION} anchors per location, got {n}")
+        self.sizes = tuple(tuple(s) for s in sizes)
+        self.aspect_ratios = tuple(tuple(r) for r in aspect_ratios)
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict = OrderedDict()
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        try:
+            batch, image_sizes = image_list.tensors, image_list.image_sizes
+        except AttributeError:
+            raise TypeError("image_list must have .tensors and .image_sizes (an ImageList)") from None
+        if len(feature_maps) != len(self.sizes):
+            raise ValueError(f"got {len(feature_maps)} feature maps for {len(self.sizes)} anchor levels")
+        ih, iw = int(batch.shape[-2]), int(batch.shape[-1])
+        grids = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps)
+        for g in grids:
+            if g[0] <= 0 or g[1] <= 0:
+                raise ValueError(f"feature maps must be non-empty, got grid sizes {list(grids)}")
+        strides = tuple((ih // g[0], iw // g[1]) for g in grids)
+        if any(s[0] < 1 or s[1] < 1 for s in strides):
+            raise ValueError(f"feature maps {list(grids)} larger than the images ({ih}, {iw}) give strides {list(strides)}"
+                             " below 1")
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        key = (grids, strides, dtype, device)
+        anchors = self._cache.get(key)
+        if anchors is None:
+            allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
+            work = dtype if dtype in allowed else torch.float32
+            levels = grid_anchors(self.sizes, self.aspect_ratios, strides, grids, dtype=work, device=device)
+            anchors = torch.cat(levels).to(dtype)
+            if self.cache_size > 0:
+                self._cache[key] = anchors
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return [anchors for _ in range(len(image_sizes))]
