@@ -1,4 +1,5 @@
 """A tiny Mask R-CNN (masks + keypoints) overfits four synthetic images within a bounded number of SGD steps."""
+import math
 import time
 
 import torch
@@ -7,7 +8,7 @@ from _model_utils import mask_iou, shapes_batch, tiny_cfg
 from mrcnn_fast.modeling import build_model
 from mrcnn_fast.ops import box_iou
 
-ITERS = 200
+ITERS = 250
 
 
 def test_overfit_shapes():
@@ -26,7 +27,8 @@ def test_overfit_shapes():
         first = None
         for it in range(ITERS):
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (it + 1) / 50)
+                # linear warm-up, cosine decay: the final iterations settle the boxes
+                g["lr"] = lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / ITERS))
             losses = model(images, targets)
             loss = sum(losses.values())
             assert torch.isfinite(loss), losses
@@ -50,7 +52,7 @@ def test_overfit_shapes():
                 ious = box_iou(tgt["boxes"][j:j + 1], out["boxes"][same])[0]
                 k = same[ious.argmax()]
                 assert float(ious.max()) > 0.8
-                assert mask_iou(out["masks"][k, 0] >= 0.5, tgt["masks"][j]) > 0.7
+                assert mask_iou(out["masks"][k, 0] >= 0.5, tgt["masks"][j]) > 0.8
                 kp_err.append((out["keypoints"][k, :, :2] - tgt["keypoints"][j, :, :2]).norm(dim=1))
         # extreme points of triangles are ambiguous (two bottom corners), hence the median
         assert float(torch.cat(kp_err).median()) < 6.0

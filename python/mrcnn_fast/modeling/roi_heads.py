@@ -229,7 +229,7 @@ class RoIHeads(nn.Module):
         c1 = class_logits.shape[1]
         results = []
         for b, s, hw in zip(boxes.split(counts), scores.split(counts), image_sizes):
-            b = ops.clip_boxes(b.reshape(-1, 4), hw).reshape(-1, c1, 4)[:, 1:].reshape(-1, 4)
+            b = ops.clip_boxes(b.reshape(-1, c1, 4)[:, 1:], hw).reshape(-1, 4)
             lab = torch.arange(1, c1, device=b.device).repeat(s.shape[0])
             s = s[:, 1:].reshape(-1)
             keep = torch.where(s > self.score_thresh)[0]

@@ -42,10 +42,9 @@ class AnchorGenerator(nn.Module):
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        out = []
-        for (fh, fw), s, a in zip(feature_hws, self.sizes, self.aspect_ratios):
-            cell = ops.cell_anchors(s, a, dtype, device)
-            out.append(ops.grid_anchors(cell, (fh, fw), (image_hw[0] // fh, image_hw[1] // fw)))
+        out = [ops.anchors_for_level(s, a, (int(image_hw[0]) // int(fh), int(image_hw[1]) // int(fw)),
+                                     (int(fh), int(fw)), dtype=dtype, device=device)
+               for (fh, fw), s, a in zip(feature_hws, self.sizes, self.aspect_ratios)]
         if len(self._cache) > 32:
             self._cache.clear()
         self._cache[key] = out
