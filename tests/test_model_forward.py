@@ -199,3 +199,17 @@ def test_bad_input_raises(batch):
     with pytest.raises(ValueError, match="heatmap_size"):
         build_model(tiny_cfg({"keypoint": {"heatmap_size": 28}}))
     assert isinstance(model, MaskRCNN)
+
+
+def test_channels_last_same_outputs_and_contiguous_state_dict(batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg({"channels_last": True, "roi_heads": {"score_thresh_test": 0.0}})).eval()
+    assert model.roi_heads.mask_head.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    sd = model.state_dict()
+    assert all(v.is_contiguous() for v in sd.values())
+    ref = build_model(tiny_cfg({"channels_last": False, "roi_heads": {"score_thresh_test": 0.0}})).eval()
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        a, b = model(batch[0][:1])[0], ref(batch[0][:1])[0]
+    torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(a["masks"], b["masks"], rtol=1e-4, atol=1e-3)

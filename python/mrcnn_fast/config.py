@@ -109,6 +109,7 @@ class ModelConfig:
     keypoint: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
     pixel_mean: tuple = (0.485, 0.456, 0.406)   # images are RGB floats in [0, 1] (torchvision's convention)
     pixel_std: tuple = (0.229, 0.224, 0.225)
+    channels_last: bool = True          # NHWC convolutions (faster oneDNN/cuDNN kernels; checkpoints stay NCHW)
 
 
 @dataclass

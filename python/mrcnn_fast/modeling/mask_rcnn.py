@@ -32,7 +32,8 @@ class MaskRCNN(nn.Module):
         max_size_train, min_size_test, max_size_test: see resize_shortest_edge.
         size_divisibility: the batch is zero-padded to a multiple of this.
         mask_format: "prob" or "rle" (inference output of the masks, also settable as an attribute).
-        channels_last: run the convolutions in NHWC memory format (faster with oneDNN on CPU).
+        channels_last: NHWC activations and conv weights (oneDNN / cuDNN run NHWC convolutions, pooling and
+            batch norm without layout reorders). state_dict() still returns contiguous (NCHW) tensors.
     """
 
     def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, *, pixel_mean=(0.485, 0.456, 0.406),
@@ -53,7 +54,10 @@ class MaskRCNN(nn.Module):
         self.max_size_test = int(max_size_test)
         self.size_divisibility = int(size_divisibility)
         self.mask_format = mask_format
+        self._channels_last = False
         self.channels_last = channels_last
+        # checkpoints (safetensors) need contiguous tensors whatever the layout used for speed
+        self.register_state_dict_post_hook(_contiguous_state_dict)
 
     @classmethod
     def from_config(cls, cfg) -> "MaskRCNN":
@@ -70,6 +74,18 @@ class MaskRCNN(nn.Module):
                    min_size_train=i.min_size_train, max_size_train=i.max_size_train, min_size_test=i.min_size_test,
                    max_size_test=i.max_size_test, size_divisibility=i.size_divisibility,
                    channels_last=getattr(m, "channels_last", False))
+
+    @property
+    def channels_last(self) -> bool:
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        fmt = torch.channels_last if value else torch.contiguous_format
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self._channels_last = bool(value)
 
     @property
     def mask_format(self) -> str:
@@ -193,6 +209,12 @@ class MaskRCNN(nn.Module):
                 o["keypoints_scores"] = r["keypoints_scores"]
             out.append(o)
         return out
+
+
+def _contiguous_state_dict(module, state_dict, prefix, local_metadata):
+    for k, v in state_dict.items():
+        if isinstance(v, Tensor) and not v.is_contiguous():
+            state_dict[k] = v.contiguous()
 
 
 def build_model(cfg) -> MaskRCNN:
