@@ -1,6 +1,8 @@
 """Argument validation shared by the ops: clear Python errors naming the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 _CPU_FLOATS = (torch.float32, torch.float64)
@@ -48,3 +50,31 @@ def pair(v, name: str) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive, got {(h, w)}")
     return h, w
+
+
+def check_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    return v
+
+
+def positive_float(v, name: str) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {v}")
+    return v
+
+
+def real_number(v, name: str) -> float:
+    """A real, non-NaN Python number (bools and tensors rejected) as float."""
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    return v

@@ -25,7 +25,7 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def convert_boxes_to_rois(boxes: Boxes, name: str = "boxes") -> Tensor:
+def convert_boxes_to_rois(boxes: Boxes, name: str = "boxes", like: Tensor | None = None) -> Tensor:
     """Validates ``boxes`` and returns them as RoIs.
 
     Args:
@@ -33,6 +33,7 @@ def convert_boxes_to_rois(boxes: Boxes, name: str = "boxes") -> Tensor:
             (x1, y1, x2, y2) tensor per image (entry i gets batch index i). Floating dtype, one device,
             finite values.
         name: the argument name used in error messages.
+        like: features the RoIs are for; an empty list then gives Tensor[0, 5] of like's dtype and device.
     Returns:
         Tensor[K, 5]: the same tensor for the Tensor[K, 5] form (no copy), a new one for the list form.
     Raises:
@@ -45,6 +46,8 @@ def convert_boxes_to_rois(boxes: Boxes, name: str = "boxes") -> Tensor:
             raise ValueError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {list(boxes.shape)}")
         rois = boxes
     elif isinstance(boxes, (list, tuple)):
+        if len(boxes) == 0 and like is not None:
+            return torch.zeros((0, 5), dtype=like.dtype, device=like.device)
         if len(boxes) == 0:
             raise ValueError(f"{name} must not be an empty list (give one Tensor[L, 4] per image)")
         for i, b in enumerate(boxes):

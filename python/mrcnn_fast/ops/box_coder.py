@@ -5,14 +5,13 @@ encode_boxes / decode_boxes / clip_boxes are differentiable (backward formulas i
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_boxes, check_float, check_same_device
+from ._checks import check_boxes, check_float, check_same_device, real_number
 
 # log(1000/16): keeps exp() of a wild dw/dh from overflowing (torchvision's bbox_xform_clip).
 DEFAULT_CLAMP = math.log(1000.0 / 16)
@@ -145,13 +144,6 @@ def _(boxes, min_size):
 
 
 # ---- public API ---------------------------------------------------------------------------------
-def _real(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
 
 
 def _weights(weights) -> list[float]:
@@ -210,7 +202,7 @@ def decode_boxes(deltas: Tensor, boxes: Tensor, weights: Sequence[float] = (1.0,
         raise ValueError(f"deltas must have as many rows as boxes ({boxes.shape[0]}), got {deltas.shape[0]}")
     if deltas.dtype != boxes.dtype:
         raise TypeError(f"boxes must have the dtype of deltas ({deltas.dtype}), got {boxes.dtype}")
-    return _decode_boxes(deltas, boxes, _weights(weights), _real(clamp, "clamp"))
+    return _decode_boxes(deltas, boxes, _weights(weights), real_number(clamp, "clamp"))
 
 
 def clip_boxes(boxes: Tensor, image_hw) -> Tensor:
@@ -229,7 +221,7 @@ def clip_boxes(boxes: Tensor, image_hw) -> Tensor:
         h, w = image_hw
     except (TypeError, ValueError):
         raise TypeError(f"image_hw must be a (height, width) pair, got {image_hw!r}") from None
-    h, w = _real(h, "image_hw[0]"), _real(w, "image_hw[1]")
+    h, w = real_number(h, "image_hw[0]"), real_number(w, "image_hw[1]")
     if not (math.isfinite(h) and math.isfinite(w) and h >= 0 and w >= 0):
         raise ValueError(f"image_hw must be finite and non-negative, got {(h, w)}")
     return _clip_boxes(boxes, h, w)
@@ -245,7 +237,7 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
         Tensor[K] int64, ascending.
     """
     check_boxes(boxes, "boxes")
-    return _remove_small_boxes(boxes, _real(min_size, "min_size"))
+    return _remove_small_boxes(boxes, real_number(min_size, "min_size"))
 
 
 class BoxCoder:
@@ -253,7 +245,7 @@ class BoxCoder:
 
     def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), bbox_xform_clip: float = DEFAULT_CLAMP):
         self.weights = tuple(_weights(weights))
-        self.bbox_xform_clip = _real(bbox_xform_clip, "bbox_xform_clip")
+        self.bbox_xform_clip = real_number(bbox_xform_clip, "bbox_xform_clip")
 
     def encode(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
         """Tensor[N, 4] deltas; see encode_boxes."""

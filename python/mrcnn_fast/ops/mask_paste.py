@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_same_device, check_tensor, pair
+from ._checks import check_float, check_same_device, check_tensor, pair, real_number
 
 
 @torch.library.custom_op("mrcnn_fast::paste_masks", mutates_args=())
@@ -74,10 +74,6 @@ def _prepare(masks, boxes, img_shape, padding):
     return masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]), boxes, (h, w), padding
 
 
-def _threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
-    return float(threshold)
 
 
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int = 1) -> Tensor:
@@ -106,7 +102,7 @@ def paste_masks_binary(masks: Tensor, boxes: Tensor, img_shape, threshold: float
         Tensor[N, H, W] bool, on the masks' device.
     """
     m, b, (h, w), padding = _prepare(masks, boxes, img_shape, padding)
-    return _paste_masks_binary(m, b, h, w, _threshold(threshold), padding)
+    return _paste_masks_binary(m, b, h, w, real_number(threshold, "threshold"), padding)
 
 
 def _rle_dicts(counts, h: int, w: int) -> list[dict]:
@@ -127,7 +123,7 @@ def paste_masks_rle(masks: Tensor, boxes: Tensor, img_shape, threshold: float = 
         decodable with pycocotools.mask.decode.
     """
     m, b, (h, w), padding = _prepare(masks, boxes, img_shape, padding)
-    thr = _threshold(threshold)
+    thr = real_number(threshold, "threshold")
     if m.device.type == "cuda":
         m, b = m.contiguous(), b.contiguous()
         boxes_cpu = b.cpu()

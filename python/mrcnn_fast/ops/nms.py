@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_boxes, check_finite, check_same_device, check_tensor
+from ._checks import check_boxes, check_finite, check_same_device, check_tensor, real_number
 
 
 def _workspace(boxes: Tensor, batched: bool) -> Tensor:
@@ -84,13 +84,6 @@ def _(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
-def _threshold(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
 
 
 def _max_out(v) -> int:
@@ -117,7 +110,7 @@ def _check(boxes, scores, idxs, iou_threshold, *, values: bool) -> tuple[Tensor 
         if idxs.dtype.is_floating_point or idxs.dtype.is_complex or idxs.dtype == torch.bool:
             raise TypeError(f"idxs must have an integer dtype, got {idxs.dtype}")
         idxs = idxs.to(torch.int64)
-    thr = _threshold(iou_threshold, "iou_threshold")
+    thr = real_number(iou_threshold, "iou_threshold")
     # The CPU kernel rejects NaN/inf itself (for free, while it reads the boxes); on CUDA this check
     # costs a device sync, which nms() pays anyway and nms_fixed() must not.
     if values and boxes.device.type == "cuda":

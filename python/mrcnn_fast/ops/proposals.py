@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_tensor
-from .box_coder import DEFAULT_CLAMP, _real, _weights
+from ._checks import check_float, check_tensor, real_number
+from .box_coder import DEFAULT_CLAMP, _weights
 
 
 @torch.library.custom_op("mrcnn_fast::generate_proposals", mutates_args=())
@@ -143,9 +143,9 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
     objectness, deltas, anchors, sizes = _check(objectness, deltas, anchors, image_sizes)
     return _generate_proposals([o.detach() for o in objectness], [d.detach() for d in deltas],
                                [a.detach() for a in anchors], sizes, _count(pre_nms_top_n, "pre_nms_top_n"),
-                               _count(post_nms_top_n, "post_nms_top_n"), _real(nms_thresh, "nms_thresh"),
-                               _real(score_thresh, "score_thresh"), _real(min_size, "min_size"), _weights(weights),
-                               _real(bbox_xform_clip, "bbox_xform_clip"))
+                               _count(post_nms_top_n, "post_nms_top_n"), real_number(nms_thresh, "nms_thresh"),
+                               real_number(score_thresh, "score_thresh"), real_number(min_size, "min_size"), _weights(weights),
+                               real_number(bbox_xform_clip, "bbox_xform_clip"))
 
 
 def generate_proposals_list(*args, **kwargs) -> tuple[list[Tensor], list[Tensor]]:
