@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-import mrcnn_fast
 from _model_utils import shapes_batch, tiny_cfg
 from mrcnn_fast.config import get_config
 from mrcnn_fast.modeling import MaskRCNN, build_model
@@ -144,8 +143,7 @@ ABLATIONS = [
     {"mask": {"class_agnostic": True, "loss": "softmax"}},
     {"roi_heads": {"pooler": "roi_warp"}},
     {"roi_heads": {"pooler": "roi_pool"}},
-    pytest.param({"roi_heads": {"pooler": "roi_align_max"}}, marks=pytest.mark.skipif(
-        not hasattr(mrcnn_fast.ops, "roi_align"), reason="max-mode RoIAlign comes with mrcnn_fast.ops.roi_align")),
+    {"roi_heads": {"pooler": "roi_align_max"}},
     {"keypoint": {"enabled": False}, "mask": {"enabled": False}},
 ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _ops as ops
+from .. import ops
 from ..data.transforms import batch_images, resize_shortest_edge
 from .backbone import Backbone, build_res5_head
 from .roi_heads import RoIHeads

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import _ops as ops
+from .. import ops
 
 POOLER_TYPES = ("roi_align", "roi_align_max", "roi_warp", "roi_pool")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops as ops
+from .. import ops
 from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, Res5Head, TwoMLPHead,
                     fast_rcnn_loss, heatmaps_to_keypoints, keypoint_loss, keypoint_targets, mask_loss, mask_probs,
                     mask_targets)

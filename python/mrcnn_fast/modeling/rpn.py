@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops as ops
+from .. import ops
 from .sampling import BalancedSampler, Matcher
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
