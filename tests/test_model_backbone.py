@@ -121,3 +121,20 @@ def test_c4_state_dict_split():
     r.load_state_dict(trunk)
     layer4 = ResNet("resnet18", norm="BN", freeze_at=0).layer4
     layer4.load_state_dict(res5)
+
+
+@pytest.mark.parametrize("fpn", [True, False])
+def test_model_loads_imagenet_style_backbone_weights(fpn):
+    from mrcnn_fast.modeling import build_model
+
+    cfg = get_config("small_cpu" if fpn else "r50_c4", {"model": {"backbone": {"name": "resnet18", "norm": "FrozenBN"},
+                                                                  "roi_heads": {"num_classes": 3}}})
+    model = build_model(cfg)
+    tv = torchvision.models.resnet18(weights=None)
+    _randomise_bn(tv)
+    model.load_backbone_state_dict(tv.state_dict())
+    res5 = model.backbone.body.layer4 if fpn else model.roi_heads.box_head.res5
+    torch.testing.assert_close(res5[1].conv2.weight, tv.layer4[1].conv2.weight)
+    torch.testing.assert_close(model.backbone.body.bn1.running_var, tv.bn1.running_var)
+    with pytest.raises(RuntimeError):
+        model.load_backbone_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("layer2.")})

@@ -97,6 +97,18 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {value!r}")
         self._mask_format = value
 
+    def load_backbone_state_dict(self, state_dict: dict) -> None:
+        """Loads ImageNet-style ResNet weights (torchvision names: conv1, bn1, layer1..4; fc.* ignored) into
+        the trunk, and layer4 into the C4 box head's res5. Strict: every trunk tensor must be present."""
+        from .backbone import resnet_state_dict_to_c4
+
+        trunk, res5 = resnet_state_dict_to_c4(state_dict)
+        if self.roi_heads.c4:
+            self.roi_heads.box_head.res5.load_state_dict(res5)
+        else:
+            trunk.update({f"layer4.{k}": v for k, v in res5.items()})
+        self.backbone.body.load_state_dict(trunk)
+
     # ---- preprocessing ----------------------------------------------------------------------------
 
     def _check_inputs(self, images, targets):

@@ -67,7 +67,8 @@ class RoIPooler(nn.Module):
         if len(feats) < len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature levels, got {len(feats)}")
         feats = feats[:len(self.strides)]
-        rois = rois.to(feats[0].dtype)
+        # coordinates stay float32 under mixed precision: float16 cannot hold 1333.5
+        rois = rois.to(torch.float64 if feats[0].dtype == torch.float64 else torch.float32)
         if rois.shape[0] == 0:   # no RoIs: an empty batch keeps the heads in the graph without calling a kernel
             return feats[0].new_zeros((0, feats[0].shape[1], self.output_size, self.output_size))
         if len(feats) == 1:

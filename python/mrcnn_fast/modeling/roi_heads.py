@@ -164,7 +164,8 @@ class RoIHeads(nn.Module):
         if self.c4:
             x, res5_out = x
         class_logits, box_regression = self.box_predictor(x)
-        loss_cls, loss_box = fast_rcnn_loss(class_logits, box_regression, labels, reg_targets, self.smooth_l1_beta)
+        loss_cls, loss_box = fast_rcnn_loss(class_logits.to(reg_targets.dtype), box_regression.to(reg_targets.dtype),
+                                            labels, reg_targets, self.smooth_l1_beta)
         losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
         if self.mask_head is not None:
@@ -224,8 +225,9 @@ class RoIHeads(nn.Module):
     def postprocess_boxes(self, class_logits, box_regression, proposals, image_sizes):
         """-> per image (boxes Tensor[D, 4], scores Tensor[D], labels Tensor[D])."""
         counts = [p.shape[0] for p in proposals]
-        scores = F.softmax(class_logits, -1)
-        boxes = ops.decode_boxes(box_regression, torch.cat(proposals), self.box_reg_weights)
+        props = torch.cat(proposals)
+        scores = F.softmax(class_logits.to(props.dtype), -1)
+        boxes = ops.decode_boxes(box_regression.to(props.dtype), props, self.box_reg_weights)
         c1 = class_logits.shape[1]
         results = []
         for b, s, hw in zip(boxes.split(counts), scores.split(counts), image_sizes):
@@ -262,7 +264,7 @@ class RoIHeads(nn.Module):
                         self.box_head.res5(self.mask_pooler(feats, drois)))))
                 else:
                     mlog = self.mask_head(self.mask_pooler(feats, drois))
-                probs = mask_probs(mlog, labels, self.mask_loss_type)
+                probs = mask_probs(mlog.to(drois.dtype), labels, self.mask_loss_type)
             for r, p in zip(results, probs.split(counts)):
                 r["mask_probs"] = p
         if self.keypoint_head is not None:
@@ -270,7 +272,7 @@ class RoIHeads(nn.Module):
             if drois.shape[0] == 0:
                 maps = drois.new_zeros((0, k, 1, 1))
             else:
-                maps = self.keypoint_head(self.keypoint_pooler(feats, drois))
+                maps = self.keypoint_head(self.keypoint_pooler(feats, drois)).to(drois.dtype)
             for r, mp, b in zip(results, maps.split(counts), det_boxes):
                 r["keypoints"], r["keypoints_scores"] = heatmaps_to_keypoints(mp, b)
         return results

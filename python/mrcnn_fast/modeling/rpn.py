@@ -137,7 +137,11 @@ class RPN(nn.Module):
     def forward(self, image_hw, feats: list[Tensor], image_sizes, gt_boxes: list[Tensor] | None = None):
         """Returns (proposals: list of Tensor[Pi, 4] per image, losses dict)."""
         logits, deltas = self.head(feats)
-        anchors = self.anchor_generator(image_hw, [f.shape[-2:] for f in feats], feats[0].dtype, feats[0].device)
+        # box arithmetic in float32 also under mixed precision (float16 anchors would be off by pixels)
+        dtype = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
+        logits = [o.to(dtype) for o in logits]
+        deltas = [d.to(dtype) for d in deltas]
+        anchors = self.anchor_generator(image_hw, [f.shape[-2:] for f in feats], dtype, feats[0].device)
         mode = "train" if self.training else "test"
         with torch.no_grad():
             boxes, _, counts = ops.generate_proposals(
