@@ -115,14 +115,12 @@ class Timers:
 
 def _instrument_ours(model, timers):
     import mrcnn_fast.modeling.roi_heads as rh
-    import mrcnn_fast.modeling.rpn as rpn_mod
 
     undo = [timers.wrap(model, "preprocess", "preprocess"), timers.wrap(model.backbone, "forward", "backbone"),
             timers.wrap(model.rpn, "forward", "rpn"), timers.wrap(model.roi_heads, "forward", "roi_heads"),
             timers.wrap(model.rpn, "losses", "loss:rpn")]
     for name in ("fast_rcnn_loss", "mask_targets", "mask_loss", "keypoint_targets", "keypoint_loss"):
         undo.append(timers.wrap(rh, name, "loss:roi"))
-    del rpn_mod
     return undo
 
 

@@ -2,7 +2,6 @@
 our model into it. Used by the parity tests and bench/bench_train_step.py (tests and benchmarks only)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
