@@ -211,3 +211,18 @@ def test_channels_last_same_outputs_and_contiguous_state_dict(batch):
         a, b = model(batch[0][:1])[0], ref(batch[0][:1])[0]
     torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(a["masks"], b["masks"], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("mask_format", ["prob", "rle"])
+def test_eval_with_no_detections(batch, mask_format):
+    model = build_model(tiny_cfg({"roi_heads": {"score_thresh_test": 1.0}})).eval()
+    model.mask_format = mask_format
+    with torch.no_grad():
+        out = model(batch[0])
+    for o in out:
+        assert o["boxes"].shape == (0, 4) and o["scores"].shape == (0,) and o["labels"].shape == (0,)
+        assert o["keypoints"].shape == (0, 4, 3) and o["keypoints_scores"].shape == (0, 4)
+        if mask_format == "prob":
+            assert o["masks"].shape == (0, 1, 96, 128)
+        else:
+            assert o["masks_rle"] == []
