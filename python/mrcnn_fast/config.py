@@ -79,7 +79,8 @@ class MaskHeadConfig:
     conv_dim: int = 256
     num_convs: int = 4
     pooler_resolution: int = 14
-    resolution: int = 28                # predicted mask size (pooler_resolution * 2 for fcn)
+    resolution: int = 28                # predicted mask size of the mlp head (fcn: 2 x pooler_resolution; C4: 14)
+    mlp_dim: int = 1024                 # hidden fc width of the mlp head
     loss: str = "sigmoid"               # sigmoid (per-class binary, paper) | softmax (multinomial, Table 2b)
     class_agnostic: bool = False
 
@@ -108,6 +109,7 @@ class ModelConfig:
     keypoint: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
     pixel_mean: tuple = (0.485, 0.456, 0.406)   # images are RGB floats in [0, 1] (torchvision's convention)
     pixel_std: tuple = (0.229, 0.224, 0.225)
+    channels_last: bool = True          # NHWC convolutions (faster oneDNN/cuDNN kernels; checkpoints stay NCHW)
 
 
 @dataclass

@@ -1,0 +1,265 @@
+"""Box, mask and keypoint heads with their losses and target builders."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+
+# ---- box head ------------------------------------------------------------------------------------
+
+
+class TwoMLPHead(nn.Module):
+    """FPN box head: flatten -> fc6 -> ReLU -> fc7 -> ReLU (torchvision's names)."""
+
+    def __init__(self, in_features: int, fc_dim: int = 1024):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.out_features = fc_dim
+        for fc in (self.fc6, self.fc7):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class Res5Head(nn.Module):
+    """C4 box head: res5 (ResNet layer4) on 14x14 pooled C4 features -> 7x7, then average pooling.
+
+    forward returns (pooled Tensor[K, C], res5 output Tensor[K, C, 7, 7]); the mask head reuses the latter.
+    """
+
+    def __init__(self, res5: nn.Module, out_channels: int):
+        super().__init__()
+        self.res5 = res5
+        self.out_features = out_channels
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.res5(x)
+        return y.mean(dim=(2, 3)), y
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class scores (C + 1, background 0) and class-specific box deltas (4 (C + 1))."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, 4 * (num_classes + 1))
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fast_rcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: Tensor, reg_targets: Tensor,
+                   beta: float = 1.0 / 9) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over all sampled RoIs; smooth-L1 on the GT class deltas of the positives, summed and
+    divided by the number of sampled RoIs (torchvision's normalisation).
+
+    Args:
+        class_logits (Tensor[K, C+1]), box_regression (Tensor[K, 4 (C+1)]), labels (Tensor[K] int64),
+        reg_targets (Tensor[K, 4]) (rows of negatives are ignored).
+    """
+    loss_cls = F.cross_entropy(class_logits, labels)
+    pos = torch.where(labels > 0)[0]
+    deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, labels[pos]]
+    loss_box = F.smooth_l1_loss(deltas, reg_targets[pos], beta=beta, reduction="sum") / max(labels.numel(), 1)
+    return loss_cls, loss_box
+
+
+# ---- mask head -----------------------------------------------------------------------------------
+
+
+class MaskFCNHead(nn.Module):
+    """The paper's FCN mask head: num_convs x (3x3 conv + ReLU), 2x2 stride-2 deconv + ReLU, 1x1 conv to one
+    mask per output channel. Output Tensor[K, num_outputs, 2R, 2R] for input Tensor[K, C, R, R]."""
+
+    def __init__(self, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_outputs: int = 81):
+        super().__init__()
+        convs = []
+        c = in_channels
+        for _ in range(num_convs):
+            convs.append(nn.Conv2d(c, conv_dim, 3, padding=1))
+            c = conv_dim
+        self.convs = nn.ModuleList(convs)
+        self.deconv = nn.ConvTranspose2d(c, conv_dim, 2, stride=2)
+        self.predictor = nn.Conv2d(conv_dim, num_outputs, 1)
+        for m in [*self.convs, self.deconv]:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.predictor(F.relu(self.deconv(x)))
+
+
+class MaskMLPHead(nn.Module):
+    """Table 2e's MLP mask head: flatten -> fc -> ReLU -> fc -> ReLU -> fc to num_outputs R x R masks."""
+
+    def __init__(self, in_channels: int, pooler_resolution: int, hidden_dim: int = 1024, resolution: int = 28,
+                 num_outputs: int = 81):
+        super().__init__()
+        self.resolution = resolution
+        self.num_outputs = num_outputs
+        self.fc1 = nn.Linear(in_channels * pooler_resolution ** 2, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+        self.predictor = nn.Linear(hidden_dim, num_outputs * resolution ** 2)
+        for fc in (self.fc1, self.fc2):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+        return self.predictor(x).reshape(-1, self.num_outputs, self.resolution, self.resolution)
+
+
+@torch.no_grad()
+def mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
+    """Each GT mask cropped to its RoI and resampled to size x size (RoIAlign, aligned), thresholded at 0.5.
+
+    Args:
+        gt_masks (Tensor[G, H, W]): binary masks, any dtype.
+        boxes (Tensor[P, 4]): RoIs in the masks' pixel coordinates.
+        matched (Tensor[P]): GT index of each RoI.
+    Returns: Tensor[P, size, size] bool.
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros((0, size, size), dtype=torch.bool, device=boxes.device)
+    bitmaps = gt_masks[:, None].to(torch.float32)
+    rois = torch.cat([matched[:, None].to(torch.float32), boxes.to(torch.float32)], 1)
+    return ops.roi_align(bitmaps, rois, (size, size), 1.0, 0, True)[:, 0] >= 0.5
+
+
+def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, loss_type: str = "sigmoid") -> Tensor:
+    """Mask loss over positive RoIs.
+
+    sigmoid (the paper): per-pixel binary cross-entropy on the channel of the RoI's GT class only.
+    softmax (Table 2b): per-pixel multinomial cross-entropy over the channels, channel 0 being background:
+    target = GT class on mask pixels, 0 elsewhere.
+
+    Args:
+        mask_logits (Tensor[P, C', M, M]): C' = C + 1 (class-specific) or 1 / 2 (class-agnostic sigmoid / softmax).
+        labels (Tensor[P]) GT classes, targets (Tensor[P, M, M]) bool.
+    """
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0
+    p = mask_logits.shape[0]
+    agnostic = mask_logits.shape[1] <= (1 if loss_type == "sigmoid" else 2)
+    if loss_type == "sigmoid":
+        chan = torch.zeros_like(labels) if agnostic else labels
+        logits = mask_logits[torch.arange(p, device=labels.device), chan]
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    if loss_type == "softmax":
+        cls = torch.ones_like(labels) if agnostic else labels
+        t = torch.where(targets, cls[:, None, None], torch.zeros_like(cls)[:, None, None])
+        return F.cross_entropy(mask_logits, t)
+    raise ValueError(f"loss_type must be 'sigmoid' or 'softmax', got {loss_type!r}")
+
+
+def mask_probs(mask_logits: Tensor, labels: Tensor, loss_type: str = "sigmoid") -> Tensor:
+    """Mask probabilities of each detection's class: Tensor[D, 1, M, M]."""
+    d = mask_logits.shape[0]
+    agnostic = mask_logits.shape[1] <= (1 if loss_type == "sigmoid" else 2)
+    if loss_type == "softmax":
+        mask_logits = mask_logits.softmax(dim=1)
+        chan = torch.ones_like(labels) if agnostic else labels
+        return mask_logits[torch.arange(d, device=labels.device), chan][:, None]
+    chan = torch.zeros_like(labels) if agnostic else labels
+    return mask_logits[torch.arange(d, device=labels.device), chan][:, None].sigmoid()
+
+
+# ---- keypoint head -------------------------------------------------------------------------------
+
+
+class KeypointHead(nn.Module):
+    """num_convs x (3x3 conv + ReLU), a 4x4 stride-2 deconv to one heatmap per keypoint, then bilinear 2x
+    upsampling (the paper's 56x56 from 14x14 pooled features). Output Tensor[K, num_keypoints, 4R, 4R]."""
+
+    def __init__(self, in_channels: int, conv_dim: int = 512, num_convs: int = 8, num_keypoints: int = 17):
+        super().__init__()
+        convs = []
+        c = in_channels
+        for _ in range(num_convs):
+            convs.append(nn.Conv2d(c, conv_dim, 3, padding=1))
+            c = conv_dim
+        self.convs = nn.ModuleList(convs)
+        self.kps_score_lowres = nn.ConvTranspose2d(c, num_keypoints, 4, stride=2, padding=1)
+        for m in [*self.convs, self.kps_score_lowres]:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        x = self.kps_score_lowres(x)
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def keypoint_targets(keypoints: Tensor, boxes: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """One-hot heatmap targets as linear indices into the size x size RoI grid (torchvision's quantisation:
+    floor((x - x1) * size / (x2 - x1)); a keypoint exactly on the right/bottom edge goes to the last cell).
+
+    Args:
+        keypoints (Tensor[P, K, 3]) (x, y, visibility) in image coordinates; boxes (Tensor[P, 4]).
+    Returns: (Tensor[P, K] int64 y * size + x, Tensor[P, K] bool valid: visible and inside the RoI).
+    """
+    x1, y1, x2, y2 = (boxes[:, i:i + 1] for i in range(4))
+    kx, ky = keypoints[..., 0], keypoints[..., 1]
+    x = ((kx - x1) * (size / (x2 - x1))).floor().to(torch.int64)
+    y = ((ky - y1) * (size / (y2 - y1))).floor().to(torch.int64)
+    x = torch.where(kx == x2, size - 1, x)
+    y = torch.where(ky == y2, size - 1, y)
+    valid = (x >= 0) & (y >= 0) & (x < size) & (y < size) & (keypoints[..., 2] > 0)
+    return torch.where(valid, y * size + x, 0), valid
+
+
+def keypoint_loss(keypoint_logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Softmax cross-entropy over the M*M heatmap of each visible keypoint, averaged over them.
+
+    keypoint_logits (Tensor[P, K, M, M]), targets / valid (Tensor[P, K]).
+    """
+    p, k, h, w = keypoint_logits.shape
+    valid = valid.reshape(-1)
+    if p == 0 or not bool(valid.any()):
+        return keypoint_logits.sum() * 0
+    logits = keypoint_logits.reshape(p * k, h * w)[valid]
+    return F.cross_entropy(logits, targets.reshape(-1)[valid])
+
+
+def heatmaps_to_keypoints(maps: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Keypoint locations from heatmaps, torchvision's conventions: each heatmap is resized (bicubic) to the
+    box's ceil'd size, the argmax cell (+0.5) is mapped back to image coordinates.
+
+    maps (Tensor[D, K, M, M]), boxes (Tensor[D, 4]) -> (Tensor[D, K, 3] (x, y, 1), Tensor[D, K] scores).
+    """
+    d, k = maps.shape[:2]
+    xy = maps.new_zeros((d, k, 3))
+    scores = maps.new_zeros((d, k))
+    if d == 0:
+        return xy, scores
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
+    wc, hc = widths.ceil(), heights.ceil()
+    for i, (w_i, h_i) in enumerate(zip(wc.tolist(), hc.tolist())):
+        w_i, h_i = int(w_i), int(h_i)
+        roi = F.interpolate(maps[i][:, None], size=(h_i, w_i), mode="bicubic", align_corners=False)[:, 0]
+        pos = roi.reshape(k, -1).argmax(dim=1)
+        xi, yi = pos % w_i, pos // w_i
+        xy[i, :, 0] = (xi.to(maps.dtype) + 0.5) * (widths[i] / w_i) + boxes[i, 0]
+        xy[i, :, 1] = (yi.to(maps.dtype) + 0.5) * (heights[i] / h_i) + boxes[i, 1]
+        scores[i] = roi[torch.arange(k, device=maps.device), yi, xi]
+    xy[..., 2] = 1
+    return xy, scores

@@ -1,0 +1,287 @@
+"""RoI heads: proposal sampling, box / mask / keypoint branches, training losses and inference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, Res5Head, TwoMLPHead,
+                    fast_rcnn_loss, heatmaps_to_keypoints, keypoint_loss, keypoint_targets, mask_loss, mask_probs,
+                    mask_targets)
+from .poolers import RoIPooler, boxes_to_rois
+from .sampling import BalancedSampler, Matcher
+
+
+class RoIHeads(nn.Module):
+    """The second stage. Box branch always; mask and keypoint branches optional.
+
+    Args:
+        box_pooler, box_head, box_predictor: box branch. If box_head is a Res5Head (C4), its 7x7 res5 output is
+            reused by the mask head in training and the mask head must expect it (MaskFCNHead without convs).
+        mask_pooler / mask_head: None disables masks. With a Res5Head box head, mask_pooler is the C4 pooler
+            feeding res5 at inference.
+        mask_loss_type: "sigmoid" | "softmax".
+        keypoint_pooler / keypoint_head: None disables keypoints.
+        num_classes: foreground classes (labels 1..C).
+        fg_iou_thresh, bg_iou_thresh: RoI labelling; batch_size_per_image, positive_fraction: RoI sampling.
+        box_reg_weights: (wx, wy, ww, wh) of the box encoding.
+        score_thresh, nms_thresh, detections_per_image: inference.
+    """
+
+    def __init__(self, *, box_pooler: RoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
+                 num_classes: int, mask_pooler: RoIPooler | None = None, mask_head: nn.Module | None = None,
+                 mask_loss_type: str = "sigmoid", keypoint_pooler: RoIPooler | None = None,
+                 keypoint_head: KeypointHead | None = None, keypoint_loss_weight: float = 1.0,
+                 fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, box_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
+                 smooth_l1_beta: float = 1.0 / 9):
+        super().__init__()
+        if mask_loss_type not in ("sigmoid", "softmax"):
+            raise ValueError(f"mask_loss_type must be 'sigmoid' or 'softmax', got {mask_loss_type!r}")
+        if (mask_head is None) != (mask_pooler is None) and not isinstance(box_head, Res5Head):
+            raise ValueError("mask_pooler and mask_head must be given together")
+        self.box_pooler = box_pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
+        self.mask_loss_type = mask_loss_type
+        self.keypoint_pooler = keypoint_pooler
+        self.keypoint_head = keypoint_head
+        self.keypoint_loss_weight = keypoint_loss_weight
+        self.num_classes = num_classes
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.box_reg_weights = tuple(float(w) for w in box_reg_weights)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+        self.smooth_l1_beta = smooth_l1_beta
+
+    @property
+    def c4(self) -> bool:
+        return isinstance(self.box_head, Res5Head)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, strides, res5: tuple[nn.Module, int] | None = None) -> "RoIHeads":
+        """strides: of the feature maps the RoIs are pooled from; res5: (layer4, channels) for the C4 model."""
+        m = cfg.model
+        r = m.roi_heads
+        nc = r.num_classes
+        if nc <= 0:
+            raise ValueError(f"roi_heads.num_classes must be positive, got {nc}")
+        pool_strides = strides[:4] if len(strides) > 4 else strides    # P6 only feeds the RPN
+
+        def pooler(res):
+            return RoIPooler(res, pool_strides, r.pooler, r.pooler_sampling_ratio, r.pooler_aligned)
+
+        if res5 is not None:
+            box_head = Res5Head(*res5)
+        else:
+            box_head = TwoMLPHead(in_channels * r.box_pooler_resolution ** 2, r.box_head_fc_dim)
+        kw = dict(box_pooler=pooler(r.box_pooler_resolution), box_head=box_head,
+                  box_predictor=FastRCNNPredictor(box_head.out_features, nc), num_classes=nc,
+                  fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
+                  batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+                  box_reg_weights=r.box_reg_weights, score_thresh=r.score_thresh_test, nms_thresh=r.nms_thresh_test,
+                  detections_per_image=r.detections_per_image)
+        mk = m.mask
+        if mk.enabled:
+            if mk.loss not in ("sigmoid", "softmax"):
+                raise ValueError(f"mask.loss must be 'sigmoid' or 'softmax', got {mk.loss!r}")
+            if mk.head not in ("fcn", "mlp"):
+                raise ValueError(f"mask.head must be 'fcn' or 'mlp', got {mk.head!r}")
+            outs = (1 if mk.loss == "sigmoid" else 2) if mk.class_agnostic else nc + 1
+            if res5 is not None:
+                if mk.head != "fcn":
+                    raise ValueError("mask.head='mlp' is supported with FPN only")
+                # the paper's C4 mask head: res5 (shared with the box head), deconv, 1x1 conv
+                kw["mask_pooler"] = pooler(r.box_pooler_resolution)
+                kw["mask_head"] = MaskFCNHead(res5[1], mk.conv_dim, 0, outs)
+            elif mk.head == "fcn":
+                kw["mask_pooler"] = pooler(mk.pooler_resolution)
+                kw["mask_head"] = MaskFCNHead(in_channels, mk.conv_dim, mk.num_convs, outs)
+            else:
+                kw["mask_pooler"] = pooler(mk.pooler_resolution)
+                kw["mask_head"] = MaskMLPHead(in_channels, mk.pooler_resolution, getattr(mk, "mlp_dim", 1024),
+                                              mk.resolution, outs)
+            kw["mask_loss_type"] = mk.loss
+        kp = m.keypoint
+        if kp.enabled:
+            if kp.heatmap_size != 4 * kp.pooler_resolution:
+                raise ValueError(f"keypoint.heatmap_size ({kp.heatmap_size}) must be 4 x pooler_resolution "
+                                 f"({kp.pooler_resolution}): deconv x2 then bilinear x2")
+            kw["keypoint_pooler"] = pooler(kp.pooler_resolution)
+            kw["keypoint_head"] = KeypointHead(in_channels, kp.conv_dim, kp.num_convs, kp.num_keypoints)
+            kw["keypoint_loss_weight"] = kp.loss_weight
+        return cls(**kw)
+
+    # ---- training ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_proposals(self, proposals: list[Tensor], targets: list[dict]):
+        """GT boxes appended to the proposals, matched and sampled (positives first in each image).
+
+        Returns per image: boxes Tensor[S, 4], labels Tensor[S], matched GT index Tensor[S], number of positives.
+        """
+        out = []
+        for props, t in zip(proposals, targets):
+            gt, gl = t["boxes"], t["labels"]
+            props = torch.cat([props, gt.to(props.dtype)])
+            if gt.shape[0] == 0:
+                labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                matched = torch.zeros_like(labels)
+            else:
+                matched = self.matcher(ops.box_iou(gt.to(props.dtype), props))
+                labels = gl[matched.clamp(min=0)].to(torch.int64)
+                labels[matched == Matcher.BELOW_LOW] = 0
+                labels[matched == Matcher.BETWEEN] = -1
+                matched = matched.clamp(min=0)
+            pos, neg = self.sampler(labels)
+            idx = torch.cat([pos, neg])
+            out.append((props[idx], labels[idx], matched[idx], pos.numel()))
+        return out
+
+    def _forward_train(self, feats, proposals, targets):
+        samples = self.sample_proposals(proposals, targets)
+        boxes = [s[0] for s in samples]
+        labels = torch.cat([s[1] for s in samples])
+        rois = boxes_to_rois(boxes)
+        with torch.no_grad():
+            reg_targets = torch.zeros_like(rois[:, 1:])
+            pos_rows, start = [], 0
+            for (b, _, m, npos), t in zip(samples, targets):
+                if npos:
+                    reg_targets[start:start + npos] = ops.encode_boxes(
+                        t["boxes"][m[:npos]].to(b.dtype), b[:npos], self.box_reg_weights)
+                pos_rows.append(torch.arange(start, start + npos, device=rois.device))
+                start += b.shape[0]
+            pos_rows = torch.cat(pos_rows)
+        x = self.box_head(self.box_pooler(feats, rois))
+        res5_out = None
+        if self.c4:
+            x, res5_out = x
+        class_logits, box_regression = self.box_predictor(x)
+        loss_cls, loss_box = fast_rcnn_loss(class_logits.to(reg_targets.dtype), box_regression.to(reg_targets.dtype),
+                                            labels, reg_targets, self.smooth_l1_beta)
+        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+
+        if self.mask_head is not None:
+            with torch.no_grad():
+                tgts = []
+                for (b, _, m, npos), t in zip(samples, targets):
+                    size = self._mask_size()
+                    tb = b[:npos]
+                    scale = t.get("mask_scale")
+                    if scale is not None:   # masks kept at the original resolution: map RoIs back to it
+                        tb = tb * tb.new_tensor([scale[0], scale[1], scale[0], scale[1]])
+                    tgts.append(mask_targets(t["masks"], tb, m[:npos], size) if npos else
+                                torch.zeros((0, size, size), dtype=torch.bool, device=rois.device))
+                tgts = torch.cat(tgts)
+            if self.c4:
+                mfeat = res5_out[pos_rows]
+                mask_logits = self.mask_head.predictor(F.relu(self.mask_head.deconv(mfeat)))
+            else:
+                mask_logits = self.mask_head(self.mask_pooler(feats, rois[pos_rows]))
+            losses["loss_mask"] = mask_loss(mask_logits, labels[pos_rows], tgts, self.mask_loss_type)
+
+        if self.keypoint_head is not None:
+            with torch.no_grad():
+                rows, kt, kv, start = [], [], [], 0
+                size = self.keypoint_heatmap_size()
+                for (b, _, m, npos), t in zip(samples, targets):
+                    kps = t.get("keypoints")
+                    if kps is not None and npos and kps.shape[0]:
+                        kp = kps[m[:npos]]
+                        # only RoIs of instances that carry keypoints (categories with keypoints)
+                        has = (kp[..., 2] > 0).any(dim=1)
+                        sel = torch.where(has)[0]
+                        tg, vd = keypoint_targets(kp[sel], b[:npos][sel], size)
+                        rows.append(sel + start)
+                        kt.append(tg)
+                        kv.append(vd)
+                    start += b.shape[0]
+                rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=rois.device)
+                kt = torch.cat(kt) if kt else torch.zeros((0, 1), dtype=torch.int64, device=rois.device)
+                kv = torch.cat(kv) if kv else torch.zeros((0, 1), dtype=torch.bool, device=rois.device)
+            logits = self.keypoint_head(self.keypoint_pooler(feats, rois[rows]))
+            losses["loss_keypoint"] = keypoint_loss(logits, kt, kv) * self.keypoint_loss_weight
+        return losses
+
+    def _mask_size(self) -> int:
+        h = self.mask_head
+        if isinstance(h, MaskMLPHead):
+            return h.resolution
+        return 2 * (self.box_pooler.output_size // 2 if self.c4 else self.mask_pooler.output_size)
+
+    def keypoint_heatmap_size(self) -> int:
+        return 4 * self.keypoint_pooler.output_size
+
+    # ---- inference --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def postprocess_boxes(self, class_logits, box_regression, proposals, image_sizes):
+        """-> per image (boxes Tensor[D, 4], scores Tensor[D], labels Tensor[D])."""
+        counts = [p.shape[0] for p in proposals]
+        props = torch.cat(proposals)
+        scores = F.softmax(class_logits.to(props.dtype), -1)
+        boxes = ops.decode_boxes(box_regression.to(props.dtype), props, self.box_reg_weights)
+        c1 = class_logits.shape[1]
+        results = []
+        for b, s, hw in zip(boxes.split(counts), scores.split(counts), image_sizes):
+            b = ops.clip_boxes(b.reshape(-1, c1, 4)[:, 1:], hw).reshape(-1, 4)
+            lab = torch.arange(1, c1, device=b.device).repeat(s.shape[0])
+            s = s[:, 1:].reshape(-1)
+            keep = torch.where(s > self.score_thresh)[0]
+            b, s, lab = b[keep], s[keep], lab[keep]
+            keep = ops.remove_small_boxes(b, 1e-2)
+            b, s, lab = b[keep], s[keep], lab[keep]
+            keep = ops.batched_nms(b, s, lab, self.nms_thresh)[:self.detections_per_image]
+            results.append((b[keep], s[keep], lab[keep]))
+        return results
+
+    def _forward_test(self, feats, proposals, image_sizes):
+        rois = boxes_to_rois(proposals)
+        x = self.box_head(self.box_pooler(feats, rois))
+        if self.c4:
+            x = x[0]
+        class_logits, box_regression = self.box_predictor(x)
+        dets = self.postprocess_boxes(class_logits, box_regression, proposals, image_sizes)
+        results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in dets]
+        det_boxes = [r["boxes"] for r in results]
+        counts = [b.shape[0] for b in det_boxes]
+        drois = boxes_to_rois(det_boxes)
+        labels = torch.cat([r["labels"] for r in results])
+        if self.mask_head is not None:
+            if drois.shape[0] == 0:
+                s = self._mask_size()
+                probs = drois.new_zeros((0, 1, s, s))
+            else:
+                if self.c4:
+                    mlog = self.mask_head.predictor(F.relu(self.mask_head.deconv(
+                        self.box_head.res5(self.mask_pooler(feats, drois)))))
+                else:
+                    mlog = self.mask_head(self.mask_pooler(feats, drois))
+                probs = mask_probs(mlog.to(drois.dtype), labels, self.mask_loss_type)
+            for r, p in zip(results, probs.split(counts)):
+                r["mask_probs"] = p
+        if self.keypoint_head is not None:
+            k = self.keypoint_head.kps_score_lowres.out_channels
+            if drois.shape[0] == 0:
+                maps = drois.new_zeros((0, k, 1, 1))
+            else:
+                maps = self.keypoint_head(self.keypoint_pooler(feats, drois)).to(drois.dtype)
+            for r, mp, b in zip(results, maps.split(counts), det_boxes):
+                r["keypoints"], r["keypoints_scores"] = heatmaps_to_keypoints(mp, b)
+        return results
+
+    def forward(self, feats: list[Tensor], proposals: list[Tensor], image_sizes, targets: list[dict] | None = None):
+        """Training: dict of losses. Inference: list of per-image dicts (boxes, scores, labels[, mask_probs
+        Tensor[D, 1, M, M]][, keypoints, keypoints_scores]) in the resized image's coordinates."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training")
+            return self._forward_train(feats, proposals, targets)
+        return self._forward_test(feats, proposals, image_sizes)

@@ -1,0 +1,197 @@
+"""Region proposal network: anchors, the shared conv head, proposals and losses (Ren et al.)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .sampling import BalancedSampler, Matcher
+
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors per feature level, torchvision's conventions (rounded cell anchors, stride = padded image size //
+    feature size, index (y * W + x) * A + a). Cached per (grid, stride, dtype, device).
+
+    Args:
+        sizes: one tuple of sizes per level.
+        aspect_ratios: one tuple per level, or a single tuple used for every level (height / width).
+    """
+
+    def __init__(self, sizes, aspect_ratios):
+        super().__init__()
+        sizes = tuple(tuple(s) for s in sizes)
+        if aspect_ratios and not isinstance(aspect_ratios[0], (tuple, list)):
+            aspect_ratios = (tuple(aspect_ratios),) * len(sizes)
+        if len(aspect_ratios) != len(sizes):
+            raise ValueError(f"aspect_ratios needs one entry per level ({len(sizes)}), got {len(aspect_ratios)}")
+        self.sizes = sizes
+        self.aspect_ratios = tuple(tuple(a) for a in aspect_ratios)
+        self._cache: dict = {}
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
+
+    def forward(self, image_hw, feature_hws, dtype=torch.float32, device="cpu") -> list[Tensor]:
+        """image_hw: padded batch (H, W); feature_hws: [(h, w)] per level -> list of Tensor[h * w * A, 4]."""
+        if len(feature_hws) != len(self.sizes):
+            raise ValueError(f"got {len(feature_hws)} feature levels but anchors for {len(self.sizes)}")
+        key = (tuple(image_hw), tuple(map(tuple, feature_hws)), dtype, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        out = [ops.anchors_for_level(s, a, (int(image_hw[0]) // int(fh), int(image_hw[1]) // int(fw)),
+                                     (int(fh), int(fw)), dtype=dtype, device=device)
+               for (fh, fw), s, a in zip(feature_hws, self.sizes, self.aspect_ratios)]
+        if len(self._cache) > 32:
+            self._cache.clear()
+        self._cache[key] = out
+        return out
+
+
+class RPNHead(nn.Module):
+    """Shared 3x3 conv + ReLU, then 1x1 objectness (A) and box deltas (4A) per level."""
+
+    def __init__(self, in_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for m in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """-> (objectness [N, H*W*A] per level, deltas [N, H*W*A, 4] per level)."""
+        logits, deltas = [], []
+        for f in feats:
+            t = F.relu(self.conv(f))
+            o = self.cls_logits(t)
+            d = self.bbox_pred(t)
+            n, a, h, w = o.shape
+            logits.append(o.permute(0, 2, 3, 1).reshape(n, h * w * a))
+            deltas.append(d.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4))
+        return logits, deltas
+
+
+def rpn_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, reg_targets: Tensor, sampled_pos: Tensor,
+             sampled: Tensor, beta: float = 1.0 / 9) -> tuple[Tensor, Tensor]:
+    """RPN losses over the flattened batch (torchvision's normalisation).
+
+    Args:
+        objectness (Tensor[T]), deltas (Tensor[T, 4]): predictions of all anchors of all images.
+        labels (Tensor[T]): 1 / 0 targets (only `sampled` entries are read).
+        reg_targets (Tensor[p, 4]): encoded GT for the anchors `sampled_pos`.
+        sampled_pos (Tensor[p]), sampled (Tensor[s]): indices into T.
+    Returns: (BCE mean over sampled, smooth-L1 sum over positives / number sampled).
+    """
+    n = max(sampled.numel(), 1)
+    box = F.smooth_l1_loss(deltas[sampled_pos], reg_targets, beta=beta, reduction="sum") / n
+    if sampled.numel() == 0:
+        return objectness.sum() * 0, box
+    obj = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled].to(objectness.dtype))
+    return obj, box
+
+
+class RPN(nn.Module):
+    """Proposals from anchors + head; losses in training.
+
+    Args:
+        anchor_generator, head: see AnchorGenerator, RPNHead.
+        fg_iou_thresh / bg_iou_thresh: anchor labelling (positive >= fg, negative < bg, else ignored).
+        batch_size_per_image, positive_fraction: anchor sampling.
+        pre_nms_top_n / post_nms_top_n: dicts {"train": int, "test": int} (pre is per level, post per image).
+    """
+
+    def __init__(self, anchor_generator: AnchorGenerator, head: RPNHead, *, fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+                 batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n=None, post_nms_top_n=None,
+                 nms_thresh=0.7, score_thresh=0.0, min_size=1e-3, smooth_l1_beta=1.0 / 9):
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.pre_nms_top_n = pre_nms_top_n or {"train": 2000, "test": 1000}
+        self.post_nms_top_n = post_nms_top_n or {"train": 2000, "test": 1000}
+        self.nms_thresh = nms_thresh
+        self.score_thresh = score_thresh
+        self.min_size = min_size
+        self.smooth_l1_beta = smooth_l1_beta
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int) -> "RPN":
+        m = cfg.model
+        ag = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios)
+        nums = set(ag.num_anchors_per_location())
+        if len(nums) != 1:
+            raise ValueError("every level must have the same number of anchors per location (shared RPN head)")
+        r = m.rpn
+        return cls(ag, RPNHead(in_channels, nums.pop()), fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
+                   batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+                   pre_nms_top_n={"train": r.pre_nms_topk_train, "test": r.pre_nms_topk_test},
+                   post_nms_top_n={"train": r.post_nms_topk_train, "test": r.post_nms_topk_test},
+                   nms_thresh=r.nms_thresh, score_thresh=r.score_thresh, min_size=r.min_size)
+
+    def forward(self, image_hw, feats: list[Tensor], image_sizes, gt_boxes: list[Tensor] | None = None):
+        """Returns (proposals: list of Tensor[Pi, 4] per image, losses dict)."""
+        logits, deltas = self.head(feats)
+        # box arithmetic in float32 also under mixed precision (float16 anchors would be off by pixels)
+        dtype = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
+        logits = [o.to(dtype) for o in logits]
+        deltas = [d.to(dtype) for d in deltas]
+        anchors = self.anchor_generator(image_hw, [f.shape[-2:] for f in feats], dtype, feats[0].device)
+        mode = "train" if self.training else "test"
+        with torch.no_grad():
+            boxes, _, counts = ops.generate_proposals(
+                [o.detach() for o in logits], [d.detach() for d in deltas], anchors, image_sizes,
+                self.pre_nms_top_n[mode], self.post_nms_top_n[mode], self.nms_thresh, self.score_thresh,
+                self.min_size)
+        counts = counts.tolist()
+        proposals = [boxes[i, :c] for i, c in enumerate(counts)]
+        losses = {}
+        if self.training:
+            if gt_boxes is None:
+                raise ValueError("targets are required in training")
+            losses = self.losses(logits, deltas, anchors, gt_boxes)
+        return proposals, losses
+
+    @torch.no_grad()
+    def assign_targets(self, anchors: Tensor, gt_boxes: list[Tensor]):
+        """anchors (Tensor[T, 4]) -> per image (labels Tensor[T] in {1, 0, -1}, matched GT index Tensor[T])."""
+        out = []
+        for gt in gt_boxes:
+            if gt.numel() == 0:
+                out.append((torch.zeros(anchors.shape[0], dtype=torch.int64, device=anchors.device),
+                            torch.zeros(anchors.shape[0], dtype=torch.int64, device=anchors.device)))
+                continue
+            matched = self.matcher(ops.box_iou(gt.to(anchors.dtype), anchors))
+            labels = (matched >= 0).to(torch.int64)
+            labels[matched == Matcher.BETWEEN] = -1
+            out.append((labels, matched.clamp(min=0)))
+        return out
+
+    def losses(self, logits, deltas, anchors, gt_boxes):
+        n = logits[0].shape[0]
+        all_anchors = torch.cat(anchors)
+        t = all_anchors.shape[0]
+        objectness = torch.cat(logits, 1).reshape(-1)
+        box_deltas = torch.cat(deltas, 1).reshape(-1, 4)
+        labels, pos_idx, samp_idx, targets = [], [], [], []
+        with torch.no_grad():
+            for i, (lab, matched) in enumerate(self.assign_targets(all_anchors, gt_boxes)):
+                pos, neg = self.sampler(lab)
+                labels.append(lab)
+                if pos.numel():
+                    targets.append(ops.encode_boxes(gt_boxes[i][matched[pos]].to(all_anchors.dtype),
+                                                    all_anchors[pos], RPN_BOX_WEIGHTS))
+                pos_idx.append(pos + i * t)
+                samp_idx.append(torch.cat([pos, neg]) + i * t)
+            labels = torch.cat(labels)
+            pos_idx, samp_idx = torch.cat(pos_idx), torch.cat(samp_idx)
+            targets = torch.cat(targets) if targets else box_deltas.new_zeros((0, 4))
+        assert objectness.shape[0] == n * t
+        obj, box = rpn_loss(objectness, box_deltas, labels, targets.to(box_deltas.dtype), pos_idx, samp_idx,
+                            self.smooth_l1_beta)
+        return {"loss_objectness": obj, "loss_rpn_box_reg": box}
