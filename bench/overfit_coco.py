@@ -74,7 +74,7 @@ def case_config(name: str, *, max_iter: int | None = None, size: int = DEFAULT_S
     """small_cpu tuned to memorise a few photos: every image in every batch, no flips, shortest side `size`."""
     iters = int(max_iter or DEFAULT_ITERS[name])
     cfg = get_config("small_cpu", {
-        "model": {"backbone": {"width": 32}, "roi_heads": {"batch_size_per_image": 64}},
+        "model": {"backbone": {"width": 32}, "roi_heads": {"batch_size_per_image": 64, "positive_fraction": 0.5}},
         "input": {"min_size_train": [size], "max_size_train": int(size * 5 / 3), "min_size_test": size,
                   "max_size_test": int(size * 5 / 3), "hflip_prob": 0.0},
         "solver": {"max_iter": iters, "warmup_iters": min(50, iters // 5), "base_lr": 0.04,
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-iter", type=int, default=None, help="iterations per case (default: per case)")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="shortest image side in training and test")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temporary folder, removed)")
     p.add_argument("--out", default=None, help="write overfit_coco.json here (default: print only)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core machine more threads stall each other)")
@@ -129,21 +130,46 @@ def main(argv=None) -> int:
     from mrcnn_fast.evaluation import format_table
 
     results = []
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mrcnn_overfit_") as tmp:
         for name in names:
-            r = run_case(name, data_dir=data_dir, output_dir=Path(tmp) / name, max_iter=args.max_iter,
+            r = run_case(name, data_dir=data_dir, output_dir=Path(args.workdir or tmp) / name, max_iter=args.max_iter,
                          size=args.size, seed=args.seed)
             results.append(r)
             print(f"\n== {name}: {r['iterations']} iterations at {r['size']} px in {r['seconds']:.0f} s "
                   f"(train + eval); {r['metric']} {r['value']:.3f} (target {r['target']}: "
                   f"{'reached' if r['passed'] else 'NOT reached'})")
-            print(format_table(r["metrics"]))
+            print(format_table(r["metrics"]), flush=True)
+    text = report(results, time.perf_counter() - t0, args)
+    print("\n" + text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "overfit_coco.md").write_text(text)
         (out / "overfit_coco.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     return 0 if all(r["passed"] for r in results) else 1
 
+
+def report(results: list[dict], total_s: float, args) -> str:
+    import platform
+    import shlex
+
+    from mrcnn_fast.evaluation import format_table
+
+    lines = ["# Overfit checks on real COCO photos", "",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} CPU, {os.cpu_count()} cores "
+             f"(shared with other jobs), torch {torch.__version__}, {args.threads} thread(s); total {total_s / 60:.1f} min.",
+             "", f"Command: `python bench/overfit_coco.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", "",
+             "| case | data | iterations | size | metric | value | target | train + eval time |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r['case']} | {Path(r['data']).parent.name} | {r['iterations']} | {r['size']} | {r['metric']} | "
+                     f"{r['value']:.3f} | {r['target']} ({'reached' if r['passed'] else 'NOT reached'}) | "
+                     f"{r['seconds']:.0f} s |")
+    for r in results:
+        lines += ["", f"{r['case']} (AP in percent, evaluated on the training images):", "", "```",
+                  format_table(r["metrics"]), "```"]
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     sys.exit(main())
