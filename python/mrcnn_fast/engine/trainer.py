@@ -77,14 +77,15 @@ class Progress:
         else:
             print(msg, file=self.stream, flush=True)
 
-    def update(self, done: int, losses: dict[str, float] | None, lr: float) -> None:
+    def update(self, done: int, losses: dict[str, float] | None, lr: float, grad_norm: float | None = None) -> None:
         """done: completed iterations; losses: window means to show (None: not a log iteration)."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             if losses is not None:
-                self.bar.set_postfix_str(_fmt_losses(losses) + f" lr {lr:.3g}", refresh=False)
+                gn = f" gnorm {grad_norm:.3g}" if grad_norm is not None else ""
+                self.bar.set_postfix_str(_fmt_losses(losses) + f" lr {lr:.3g}" + gn, refresh=False)
             return
         if losses is None:
             return
@@ -92,7 +93,8 @@ class Progress:
         rate = (done - self.last_it) / max(now - self.last_t, 1e-9)
         self.last_t, self.last_it = now, done
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
+        gn = f"  gnorm {grad_norm:.3g}" if grad_norm is not None else ""
+        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -149,6 +151,7 @@ class Trainer:
         self._resume_rng = None
         self.metrics: dict = {}
         self.last_losses: dict[str, float] = {}   # the latest iteration's losses (mean over ranks)
+        self.last_grad_norm: float | None = None  # before clipping (only computed when clipping is on)
         if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temps(self.output_dir)
@@ -232,8 +235,12 @@ class Trainer:
                 except StopIteration:
                     raise RuntimeError(f"the training loader ended at iteration {it}; it must be infinite") from None
                 images, targets = _to_device(images, self.device), _to_device(targets, self.device)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                    loss_dict = self.model(images, targets)
+                try:
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                        loss_dict = self.model(images, targets)
+                except (ValueError, RuntimeError) as e:
+                    self._raise_if_diverged(it, e)
+                    raise
                 if names is None:
                     names = list(loss_dict)
                 loss = sum(loss_dict.values())
@@ -247,7 +254,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 if s.clip_grad_norm > 0:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+                    self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.iteration = done = it + 1
@@ -256,7 +263,7 @@ class Trainer:
                 if done % cfg.train.log_period == 0 or done == max_iter or done == start + 1:
                     means = torch.stack(window).mean(0).tolist()
                     window.clear()
-                    progress.update(done, dict(zip(names, means)), lr)
+                    progress.update(done, dict(zip(names, means)), lr, grad_norm=self.last_grad_norm)
                 else:
                     progress.update(done, None, lr)
                 if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0 and done < max_iter:
@@ -273,6 +280,14 @@ class Trainer:
         self._evaluate(final=True)
         return self.metrics
 
+    def _raise_if_diverged(self, it: int, error: BaseException) -> None:
+        """Turns a forward failure caused by non-finite weights (an op rejecting NaN input) into a clear error."""
+        bad = [n for n, p in du.unwrap(self.model).named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(
+                f"training diverged: {len(bad)} parameter tensor(s) are not finite at iteration {it} (e.g. {bad[0]}); "
+                f"try a lower solver.base_lr or solver.clip_grad_norm > 0") from error
+
     def _evaluate(self, *, final: bool) -> None:
         """Runs evaluate_fn without disturbing the training's random streams (a resumed run skips it)."""
         if self.evaluate_fn is None:
@@ -288,14 +303,11 @@ class Trainer:
         if self.ctx.is_main:
             ckpt.atomic_write_text(self.output_dir / "metrics.json",
                                    json.dumps({"iteration": self.iteration, **metrics}, indent=2, default=float) + "\n")
-            if not final:
-                try:
-                    from ..evaluation import format_table
+            if not final:   # the final table is the caller's to print
+                from ..evaluation import format_table
 
-                    self._progress.write(format_table(metrics))
-                except ImportError:
-                    pass
-            self._progress.write(f"iteration {self.iteration}: {summary_line(metrics)}")
+                self._progress.write(format_table(metrics))
+                self._progress.write(f"iteration {self.iteration}: {summary_line(metrics)}")
 
 
 def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = default_log) -> Config:
@@ -325,7 +337,9 @@ def _dataset(json_path, image_dir, cfg: Config, *, train: bool):
     for p, what in ((json_path, "annotation file"), (image_dir, "image directory")):
         if p is None or not Path(p).exists():
             raise FileNotFoundError(f"{what} not found: {p}")
-    kw = dict(use_keypoints=cfg.model.keypoint.enabled)
+    # Keypoint head on: use the set's keypoints if it has any (adapt_config_to_dataset turns the head off
+    # otherwise); head off: ignore them.
+    kw = dict(use_keypoints=None if cfg.model.keypoint.enabled else False)
     if train:
         kw.update(flip_prob=cfg.input.hflip_prob, flip_pairs=tuple(map(tuple, cfg.model.keypoint.flip_pairs)))
     return CocoDetection(str(json_path), str(image_dir), train=train, **kw)
