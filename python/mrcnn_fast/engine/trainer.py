@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -158,6 +159,9 @@ class Trainer:
         if resume:
             self._load_state()
         if self.ctx.distributed:
+            # channels_last 1x1-conv weights: autograd gives their grads NHWC strides, DDP's bucket views are
+            # NCHW; same memory order for a 1x1 kernel, so the copy this warns about is harmless.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
@@ -214,7 +218,7 @@ class Trainer:
         """Runs the remaining iterations, saves the final checkpoint, evaluates; returns the last metrics."""
         cfg, s = self.cfg, self.cfg.solver
         max_iter, start = s.max_iter, self.iteration
-        data_iter = iter(self.loader_fn(start))
+        data_iter = iter(self.loader_fn(start)) if start < max_iter else iter(())
         # RNG streams are (re)set after the loader exists: creating a DataLoader iterator draws from torch's
         # generator, so restoring before it would shift every later random draw of a resumed run.
         if self._resume_rng is not None:
@@ -260,7 +264,7 @@ class Trainer:
                 self.iteration = done = it + 1
                 self.last_losses = current
                 window.append(vals)
-                if done % cfg.train.log_period == 0 or done == max_iter or done == start + 1:
+                if done % progress.log_period == 0 or done == max_iter or done == start + 1:
                     means = torch.stack(window).mean(0).tolist()
                     window.clear()
                     progress.update(done, dict(zip(names, means)), lr, grad_norm=self.last_grad_norm)
@@ -380,7 +384,8 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
 
     def loader_fn(start_iter: int):
         return build_loader(train_set, per_rank, train=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
-                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size, start_iter=start_iter)
+                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size, start_iter=start_iter,
+                            pin_memory=ctx.device.type == "cuda")
 
     evaluate_fn = None
     if val_set is not None:
