@@ -84,3 +84,24 @@ def test_real_model_resume_matches_uninterrupted(shapes, tmp_path):
     assert a.keys() == b.keys()
     diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()}
     assert max(diff.values()) == 0.0, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_cli_train_under_torchrun_two_processes(shapes, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_engine_distributed import _torchrun
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "mrcnn_fast", "train",
+                         "--train-json", shapes["train_json"], "--train-images", shapes["train_images"],
+                         "--val-json", shapes["val_json"], "--val-images", shapes["val_images"],
+                         "--output", str(tmp_path), "--config", "small_cpu", "--max-iter", "3",
+                         "--opts", *TINY_OPTS]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("segm AP ") == 1 and "2 process(es)" in r.stderr   # rank 0 alone prints
+    assert torch.load(tmp_path / ckpt.STATE_FILE, weights_only=True)["world_size"] == 2

@@ -184,3 +184,23 @@ def test_demo_time_budget_hook(tmp_path, seconds, expect):
     t = _trainer(tmp_path, max_iter=1000, hooks=[budget])
     t.train()
     assert budget.chosen == expect and t.iteration == expect
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    from mrcnn_fast.engine.trainer import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    p = Progress(0, 10, log_period=2, stream=s)
+    assert p.bar is not None
+    for i in range(1, 11):
+        p.update(i, {"loss_a": 1.0} if i % 2 == 0 else None, 0.01, grad_norm=3.0 if i % 2 == 0 else None)
+    p.write("hello")
+    p.close()
+    text = s.getvalue()
+    assert "10/10" in text and "a 1.000" in text and "gnorm 3" in text and "hello" in text
