@@ -1,0 +1,129 @@
+"""Running a detection model over a data set and COCO-evaluating it, sharded over ranks when distributed."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import distributed as du
+
+
+def collate(batch):
+    """[(image, target), ...] -> (list of images, list of targets); no stacking (sizes differ)."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _to_cpu(v):
+    if torch.is_tensor(v):
+        return v.detach().cpu()
+    if isinstance(v, list):
+        return [_to_cpu(x) for x in v]
+    return v
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def inference(model: torch.nn.Module, dataset, *, indices: Sequence[int] | None = None, batch_size: int = 1,
+              num_workers: int = 0) -> Iterator[tuple[list[dict], list[dict]]]:
+    """Yields (targets, outputs) per batch over dataset (or the given indices), outputs moved to the CPU.
+
+    The model is put in eval mode for the duration and restored afterwards.
+    """
+    model = du.unwrap(model)
+    device = _model_device(model)
+    subset = dataset if indices is None else Subset(dataset, list(indices))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        persistent_workers=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, targets in loader:
+            outputs = model([im.to(device, non_blocking=True) for im in images])
+            yield targets, [{k: _to_cpu(v) for k, v in o.items()} for o in outputs]
+    finally:
+        model.train(was_training)
+
+
+def _iou_types(has_keypoints: bool) -> tuple[str, ...]:
+    return ("bbox", "segm", "keypoints") if has_keypoints else ("bbox", "segm")
+
+
+def evaluate(model: torch.nn.Module, dataset, *, distributed: bool | None = None, iou_types: Sequence[str] | None = None,
+             evaluator_factory: Callable[[tuple[str, ...]], object] | None = None, batch_size: int = 1,
+             num_workers: int = 0, log: Callable[[str], None] | None = None) -> dict:
+    """COCO metrics of model on dataset: {"bbox": {"AP": ..., ...}, "segm": {...}[, "keypoints": {...}]}.
+
+    Distributed (default: whenever a process group with more than one rank exists), rank r runs images
+    r, r + world_size, ...; every rank's converted results are gathered to rank 0, which evaluates them,
+    and the metrics are broadcast so every rank returns the same dict. Call it on every rank.
+
+    iou_types: default bbox + segm, plus keypoints when the model's outputs carry keypoints.
+    evaluator_factory(iou_types): builds the evaluator (default: evaluation.COCOEvaluator over
+        dataset.coco / dataset.cat_ids); it needs .process(image_ids, outputs), .results and
+        .evaluate(results=...).
+    Masks are requested as RLE (model.mask_format = "rle") when the model supports it: pasting straight to
+    RLE avoids materialising full-image probability masks.
+    """
+    if distributed is None:
+        distributed = du.is_dist()
+    rank, world = (du.get_rank(), du.get_world_size()) if distributed else (0, 1)
+    if evaluator_factory is None:
+        from ..evaluation import COCOEvaluator
+
+        def evaluator_factory(types):
+            return COCOEvaluator(dataset.coco, dataset.cat_ids, iou_types=types)
+
+    inner = du.unwrap(model)
+    old_format = getattr(inner, "mask_format", None)
+    if old_format is not None:
+        inner.mask_format = "rle"
+    t0 = time.perf_counter()
+    evaluator, has_kp, n_images = None, False, 0
+    try:
+        for targets, outputs in inference(inner, dataset, indices=range(rank, len(dataset), world),
+                                          batch_size=batch_size, num_workers=num_workers):
+            if evaluator is None:
+                has_kp = any("keypoints" in o for o in outputs)
+                evaluator = evaluator_factory(tuple(iou_types) if iou_types else _iou_types(has_kp))
+            evaluator.process([int(t["image_id"]) for t in targets], outputs)
+            n_images += len(targets)
+    finally:
+        if old_format is not None:
+            inner.mask_format = old_format
+    local = {"results": list(evaluator.results) if evaluator is not None else [], "keypoints": has_kp, "n": n_images}
+    gathered = du.all_gather_object(local) if distributed else [local]
+    metrics = None
+    if rank == 0:
+        results = [r for g in gathered for r in g["results"]]
+        types = tuple(iou_types) if iou_types else _iou_types(any(g["keypoints"] for g in gathered))
+        metrics = evaluator_factory(types).evaluate(results=results)
+        if log is not None:
+            n = sum(g["n"] for g in gathered)
+            dt = time.perf_counter() - t0
+            log(f"evaluated {n} images in {dt:.1f} s ({n / max(dt, 1e-9):.2f} img/s)")
+    if distributed:
+        metrics = du.broadcast_object(metrics)
+    return metrics
+
+
+def summary_line(metrics: dict) -> str:
+    """`segm AP <x> bbox AP <y>[ keypoints AP <z>]` (AP in [0, 1]), the CLI's machine-readable last line."""
+    line = f"segm AP {metrics.get('segm', {}).get('AP', float('nan')):.4f} bbox AP {metrics.get('bbox', {}).get('AP', float('nan')):.4f}"
+    if "keypoints" in metrics:
+        line += f" keypoints AP {metrics['keypoints'].get('AP', float('nan')):.4f}"
+    return line
+
+
+def default_log(msg: str) -> None:
+    if du.is_main_process():
+        print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,164 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine_standin import FakeEvaluator, TinyDataset, TinyDetector, loader, small_cfg
+from mrcnn_fast.config import merge
+from mrcnn_fast.engine import Trainer, evaluate, seed_everything
+from mrcnn_fast.engine import checkpoint as ckpt
+
+HERE = Path(__file__).resolve().parent
+
+
+def _env():
+    env = dict(os.environ)
+    # the subprocess must import the same mrcnn_fast (source tree or installed) as this test process
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in sys.path if p])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run_script(out, *args, expect_rc=0):
+    r = subprocess.run([sys.executable, str(HERE / "engine_standin.py"), "run", "--out", str(out), *args],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == expect_rc, r.stderr[-3000:]
+    return r
+
+
+def _losses(out):
+    lines = (Path(out) / "losses_rank0.jsonl").read_text().splitlines()
+    return {d["iter"]: d for d in map(json.loads, lines)}
+
+
+def _assert_same_weights(a, b):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    common = ["--max-iter", "10", "--ckpt-period", "4", "--eval-period", "3"]
+    _run_script(straight, *common)
+    # SIGKILL right after iteration 6: the last checkpoint is the one of iteration 4
+    _run_script(killed, *common, "--kill-at", "6", expect_rc=-9)
+    assert not (killed / ckpt.FINAL_WEIGHTS).exists()
+    assert torch.load(killed / ckpt.STATE_FILE, weights_only=True)["iteration"] == 4
+    _run_script(killed, *common, "--resume")
+    _assert_same_weights(straight / ckpt.FINAL_WEIGHTS, killed / ckpt.FINAL_WEIGHTS)
+    _assert_same_weights(straight / "model_0000008.safetensors", killed / "model_0000008.safetensors")
+    a, b = _losses(straight), _losses(killed)   # b: iterations 1-6 of the killed run, then 5-10 resumed
+    assert sorted(b) == list(range(1, 11))
+    for it in range(5, 11):
+        assert a[it] == b[it], it
+    state = torch.load(killed / ckpt.STATE_FILE, weights_only=True)
+    assert state["iteration"] == 10 and state["config"]["solver"]["max_iter"] == 10
+    assert not [p for p in os.listdir(killed) if p.endswith(".tmp")]
+
+
+def _trainer(out, *, max_iter=8, resume=False, hooks=(), cfg=None, evaluate_fn=None):
+    cfg = cfg or merge(small_cfg(max_iter=max_iter), {"train": {"checkpoint_period": 3}})
+    seed_everything(cfg.train.seed)
+    model = TinyDetector()
+    data = TinyDataset()
+    return Trainer(cfg, model, lambda s: loader(data, 4, seed=cfg.train.seed, start_iter=s), output_dir=out,
+                   resume=resume, hooks=hooks, evaluate_fn=evaluate_fn, log=lambda m: None)
+
+
+def test_resume_after_exception_in_process(tmp_path):
+    torch.set_num_threads(1)
+    ref = _trainer(tmp_path / "ref")
+    ref.train()
+
+    def interrupt(trainer, done):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "run", hooks=[interrupt]).train()
+    resumed = _trainer(tmp_path / "run", resume=True)
+    assert resumed.iteration == 3
+    resumed.train()
+    _assert_same_weights(tmp_path / "ref" / ckpt.FINAL_WEIGHTS, tmp_path / "run" / ckpt.FINAL_WEIGHTS)
+    assert resumed.last_losses == ref.last_losses
+    assert resumed.optimizer.param_groups[0]["lr"] == ref.optimizer.param_groups[0]["lr"]
+
+
+def test_resume_without_checkpoint_starts_at_zero_and_finished_run_does_not_retrain(tmp_path):
+    logs = []
+    t = _trainer(tmp_path, resume=True)
+    assert t.iteration == 0
+    t.train()
+    final = (tmp_path / ckpt.FINAL_WEIGHTS).read_bytes()
+    calls = []
+    again = _trainer(tmp_path, resume=True, evaluate_fn=lambda m: calls.append(1) or {"bbox": {"AP": 0.1}})
+    assert again.iteration == 8
+    seen = []
+    again.hooks.append(lambda tr, d: seen.append(d))
+    again.train()
+    assert seen == [] and calls == [1]   # no training step, evaluation still runs
+    assert (tmp_path / ckpt.FINAL_WEIGHTS).read_bytes() == final
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"iteration": 8, "bbox": {"AP": 0.1}}
+    del logs
+
+
+def test_periodic_and_final_files(tmp_path):
+    t = _trainer(tmp_path, max_iter=7)
+    t.train()
+    names = sorted(os.listdir(tmp_path))
+    assert names == [ckpt.STATE_FILE, "model_0000003.safetensors", "model_0000006.safetensors", ckpt.FINAL_WEIGHTS]
+    st = torch.load(tmp_path / ckpt.STATE_FILE, weights_only=True)
+    assert st["iteration"] == 7 and st["world_size"] == 1 and len(st["rng"]) == 1
+    assert set(st["model"]) == set(load_file(str(tmp_path / ckpt.FINAL_WEIGHTS)))
+
+
+def test_non_finite_loss_raises_with_iteration(tmp_path):
+    class Exploding(TinyDetector):
+        def forward(self, images, targets=None):
+            out = super().forward(images, targets)
+            out["loss_box"] = out["loss_box"] * float("nan")
+            return out
+
+    cfg = small_cfg()
+    t = Trainer(cfg, Exploding(), lambda s: loader(TinyDataset(), 4, seed=0, start_iter=s), output_dir=tmp_path,
+                log=lambda m: None)
+    with pytest.raises(FloatingPointError, match="iteration 0.*loss_box"):
+        t.train()
+
+
+def test_gradient_clipping_bounds_the_first_update(tmp_path):
+    cfg = merge(small_cfg(max_iter=1), {"solver": {"clip_grad_norm": 1e-3, "weight_decay": 0.0, "base_lr": 1.0,
+                                                    "warmup_iters": 0, "momentum": 0.0}})
+    t = _trainer(tmp_path, cfg=cfg)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.train()
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(t.model.parameters(), before)))
+    assert 0 < step.item() <= 1e-3 * 1.0001   # lr 1 * clipped norm
+
+
+def test_progress_log_lines_without_tty(tmp_path, capsys):
+    cfg = merge(small_cfg(max_iter=4), {"train": {"log_period": 2}})
+    seed_everything(0)
+    t = Trainer(cfg, TinyDetector(), lambda s: loader(TinyDataset(), 4, seed=0, start_iter=s), output_dir=tmp_path)
+    t.train()
+    err = capsys.readouterr().err.splitlines()
+    lines = [ln for ln in err if ln.startswith("iter ")]
+    assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "4/4"]
+    assert all("loss " in ln and "cls " in ln and " lr " in ln and "it/s" in ln and "eta " in ln for ln in lines)
+
+
+def test_evaluate_single_process_covers_all_images():
+    data = TinyDataset(n=5)
+    m = TinyDetector()
+    m.train()
+    metrics = evaluate(m, data, evaluator_factory=FakeEvaluator)
+    assert metrics["images"]["ids"] == [100, 101, 102, 103, 104]
+    assert m.training   # mode restored
