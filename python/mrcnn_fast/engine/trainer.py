@@ -97,6 +97,12 @@ class Progress:
         gn = f"  gnorm {grad_norm:.3g}" if grad_norm is not None else ""
         self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
 
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -217,22 +223,23 @@ class Trainer:
     def train(self) -> dict:
         """Runs the remaining iterations, saves the final checkpoint, evaluates; returns the last metrics."""
         cfg, s = self.cfg, self.cfg.solver
-        max_iter, start = s.max_iter, self.iteration
-        data_iter = iter(self.loader_fn(start)) if start < max_iter else iter(())
+        start = self.iteration
+        data_iter = iter(self.loader_fn(start)) if start < self.max_iter else iter(())
         # RNG streams are (re)set after the loader exists: creating a DataLoader iterator draws from torch's
         # generator, so restoring before it would shift every later random draw of a resumed run.
         if self._resume_rng is not None:
             ckpt.set_rng_state(self._resume_rng)
         else:
             seed_everything(cfg.train.seed + 1000 * self.ctx.rank + start)
-        progress = Progress(start, max_iter, log_period=cfg.train.log_period, enabled=self.ctx.is_main)
+        progress = Progress(start, self.max_iter, log_period=cfg.train.log_period, enabled=self.ctx.is_main)
         self._progress = progress
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         window: list[torch.Tensor] = []
         names: list[str] | None = None
         self.model.train()
         try:
-            for it in range(start, max_iter):
+            while self.iteration < self.max_iter:   # a hook may change max_iter (set_max_iter)
+                it = self.iteration
                 lr = self.scheduler.set_iteration(it)
                 try:
                     images, targets = next(data_iter)
@@ -264,25 +271,46 @@ class Trainer:
                 self.iteration = done = it + 1
                 self.last_losses = current
                 window.append(vals)
-                if done % progress.log_period == 0 or done == max_iter or done == start + 1:
+                if done % progress.log_period == 0 or done == self.max_iter or done == start + 1:
                     means = torch.stack(window).mean(0).tolist()
                     window.clear()
                     progress.update(done, dict(zip(names, means)), lr, grad_norm=self.last_grad_norm)
                 else:
                     progress.update(done, None, lr)
-                if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0 and done < max_iter:
+                if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0 and done < self.max_iter:
                     self.save_checkpoint()
-                if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < max_iter:
+                if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < self.max_iter:
                     self._evaluate(final=False)
                 for hook in self.hooks:
                     hook(self, done)
             du.broadcast_buffers(self.model)
-            if start < max_iter or not (self.output_dir / ckpt.FINAL_WEIGHTS).exists():
+            if start < self.max_iter or not (self.output_dir / ckpt.FINAL_WEIGHTS).exists():
                 self.save_checkpoint(final=True)
         finally:
             progress.close()
         self._evaluate(final=True)
         return self.metrics
+
+    @property
+    def max_iter(self) -> int:
+        return self.cfg.solver.max_iter
+
+    def set_max_iter(self, max_iter: int) -> None:
+        """Changes the run's length mid-training (e.g. from a hook that fits a time budget).
+
+        The schedule follows (lr_factor is a function of (it, max_iter)): changed during warm-up, the run
+        is the same as one started with this max_iter up to the warm-up's tiny cosine term. Call it on
+        every rank with the same value.
+        """
+        max_iter = int(max_iter)
+        if max_iter < self.iteration or max_iter <= 0:
+            raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, got {max_iter}")
+        self.cfg = merge(self.cfg, {"solver": {"max_iter": max_iter}})
+        self.scheduler.kw["max_iter"] = max_iter
+        if self.ctx.is_main and (self.output_dir / ckpt.CONFIG_FILE).exists():
+            ckpt.save_config(self.output_dir, to_dict(self.cfg))
+        if getattr(self, "_progress", None) is not None:
+            self._progress.set_total(max_iter)
 
     def _raise_if_diverged(self, it: int, error: BaseException) -> None:
         """Turns a forward failure caused by non-finite weights (an op rejecting NaN input) into a clear error."""
