@@ -105,3 +105,15 @@ def test_cli_train_under_torchrun_two_processes(shapes, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("segm AP ") == 1 and "2 process(es)" in r.stderr   # rank 0 alone prints
     assert torch.load(tmp_path / ckpt.STATE_FILE, weights_only=True)["world_size"] == 2
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    code = cli.main(["demo", "--output", str(tmp_path), "--max-iter", "2", "--train", "4", "--val", "2",
+                     "--num-images", "2", "--opts", *[o for o in TINY_OPTS if not o.startswith("train.checkpoint")]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["000001.png", "000002.png"]
+    assert (tmp_path / "train" / ckpt.FINAL_WEIGHTS).is_file()
+    assert re.fullmatch(r"segm AP \d\.\d{4} bbox AP \d\.\d{4} keypoints AP \d\.\d{4}",
+                        captured.out.strip().splitlines()[-1])
+    assert "[demo] total wall time" in captured.err

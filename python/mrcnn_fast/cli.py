@@ -192,7 +192,7 @@ def cmd_make_shapes(args) -> int:
 # The demo's budget: a fresh 2-core CPU machine, <= 5 minutes end to end (data, training, evaluation, PNGs).
 # Training runs as many iterations as fit: the speed measured over the first iterations (during warm-up)
 # sets max_iter, capped at DEMO_MAX_ITER. --max-iter fixes the count instead (reproducible runs).
-DEMO_TRAIN_IMAGES = 192
+DEMO_TRAIN_IMAGES = 400
 DEMO_VAL_IMAGES = 48
 DEMO_MAX_ITER = 3000
 DEMO_TIME_BUDGET = 280.0   # seconds for the whole demo; leaves margin under 5 minutes
