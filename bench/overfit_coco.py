@@ -1,0 +1,149 @@
+"""Overfit checks on real COCO photos: train on a handful of images, evaluate on the same images.
+
+    python bench/overfit_coco.py [--case masks,keypoints] [--data DIR] [--max-iter N] [--size S] [--out DIR]
+
+Two cases, both trained with mrcnn_fast.engine.train from the small_cpu preset (R18-FPN, from scratch: no
+pretrained backbone is available) with config overrides, flips off, and COCO-evaluated on the training images:
+
+    masks:      ../shared/data/coco_samples (6 photos, 35 instances + 1 crowd, 80 COCO categories mapped to
+                contiguous labels 1..80), masks on, keypoints off.            target: segm AP >= 0.9
+    keypoints:  ../shared/data/coco_persons (4 photos, 14 persons with 17 COCO keypoints, COCO flip pairs),
+                keypoint head on.                                            target: keypoint AP >= 0.8
+
+The shared data folder: --data, else $MRCNN_SHARED_DATA, else ../shared/data beside the repository or the
+nearest ancestor's shared/data (as tests/data_helpers.py). tests/test_overfit_real.py runs the same cases.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+try:
+    import mrcnn_fast  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # run from a source checkout with the in-place build
+    sys.path.insert(0, str(REPO / "python"))
+
+import torch  # noqa: E402
+
+from mrcnn_fast.config import get_config, merge  # noqa: E402
+from mrcnn_fast.data import COCO_PERSON_FLIP_PAIRS  # noqa: E402
+
+# name -> folder, annotation file, metric (iou type, name), target, config overrides
+CASES = {
+    "masks": {
+        "folder": "coco_samples", "json": "annotations.json", "metric": ("segm", "AP"), "target": 0.9,
+        "overrides": {"model": {"keypoint": {"enabled": False}}},
+    },
+    "keypoints": {
+        "folder": "coco_persons", "json": "annotations.json", "metric": ("keypoints", "AP"), "target": 0.8,
+        "overrides": {"model": {"keypoint": {"enabled": True, "num_keypoints": 17,
+                                             "flip_pairs": [list(p) for p in COCO_PERSON_FLIP_PAIRS]}}},
+    },
+}
+DEFAULT_ITERS = {"masks": 400, "keypoints": 400}
+DEFAULT_SIZE = 320
+
+
+def shared_data_dir(start: Path = REPO) -> Path | None:
+    """$MRCNN_SHARED_DATA, else <repo>/../shared/data, else the nearest ancestor's shared/data."""
+    env = os.environ.get("MRCNN_SHARED_DATA")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    primary = start / ".." / "shared" / "data"
+    if primary.is_dir():
+        return primary.resolve()
+    for anc in start.parents:
+        if (anc / "shared" / "data").is_dir():
+            return anc / "shared" / "data"
+    return None
+
+
+def case_paths(name: str, data_dir: Path) -> tuple[Path, Path]:
+    c = CASES[name]
+    return data_dir / c["folder"] / c["json"], data_dir / c["folder"] / "images"
+
+
+def case_config(name: str, *, max_iter: int | None = None, size: int = DEFAULT_SIZE, seed: int = 0):
+    """small_cpu tuned to memorise a few photos: every image in every batch, no flips, shortest side `size`."""
+    iters = int(max_iter or DEFAULT_ITERS[name])
+    cfg = get_config("small_cpu", {
+        "model": {"backbone": {"width": 32}, "roi_heads": {"batch_size_per_image": 64}},
+        "input": {"min_size_train": [size], "max_size_train": int(size * 5 / 3), "min_size_test": size,
+                  "max_size_test": int(size * 5 / 3), "hflip_prob": 0.0},
+        "solver": {"max_iter": iters, "warmup_iters": min(50, iters // 5), "base_lr": 0.04,
+                   "schedule": "cosine", "ims_per_batch": 2,
+                   "clip_grad_norm": 5.0},
+        "train": {"seed": seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": 0, "log_period": 25},
+    })
+    return merge(cfg, CASES[name]["overrides"])
+
+
+def run_case(name: str, *, data_dir: Path, output_dir: Path, max_iter: int | None = None, size: int = DEFAULT_SIZE,
+             seed: int = 0, log=None) -> dict:
+    """Trains and evaluates one case; returns {case, metrics, value, target, passed, seconds, iterations, ...}."""
+    from mrcnn_fast.engine import train
+
+    if log is None:
+        def log(msg):
+            print(msg, file=sys.stderr, flush=True)
+    json_path, images = case_paths(name, data_dir)
+    cfg = case_config(name, max_iter=max_iter, size=size, seed=seed)
+    t0 = time.perf_counter()
+    metrics = train(cfg, train_json=json_path, train_images=images, val_json=json_path, val_images=images,
+                    output_dir=output_dir, log=log)
+    seconds = time.perf_counter() - t0
+    iou, metric = CASES[name]["metric"]
+    value = float(metrics.get(iou, {}).get(metric, float("nan")))
+    return {"case": name, "data": str(json_path), "metrics": metrics, "metric": f"{iou} {metric}", "value": value,
+            "target": CASES[name]["target"], "passed": value >= CASES[name]["target"], "seconds": seconds,
+            "iterations": cfg.solver.max_iter, "size": size}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", default="masks,keypoints", help="comma-separated: " + ", ".join(CASES))
+    p.add_argument("--data", default=None, help="the shared data folder (holding coco_samples/, coco_persons/)")
+    p.add_argument("--max-iter", type=int, default=None, help="iterations per case (default: per case)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="shortest image side in training and test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write overfit_coco.json here (default: print only)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a shared 2-core machine more threads stall each other)")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.case.split(",") if c.strip()]
+    bad = [c for c in names if c not in CASES]
+    if bad:
+        p.error(f"unknown case(s) {bad}; known: {', '.join(CASES)}")
+    data_dir = Path(args.data) if args.data else shared_data_dir()
+    if data_dir is None or not data_dir.is_dir():
+        print("shared data folder not found (pass --data or set MRCNN_SHARED_DATA)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    from mrcnn_fast.evaluation import format_table
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mrcnn_overfit_") as tmp:
+        for name in names:
+            r = run_case(name, data_dir=data_dir, output_dir=Path(tmp) / name, max_iter=args.max_iter,
+                         size=args.size, seed=args.seed)
+            results.append(r)
+            print(f"\n== {name}: {r['iterations']} iterations at {r['size']} px in {r['seconds']:.0f} s "
+                  f"(train + eval); {r['metric']} {r['value']:.3f} (target {r['target']}: "
+                  f"{'reached' if r['passed'] else 'NOT reached'})")
+            print(format_table(r["metrics"]))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "overfit_coco.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
