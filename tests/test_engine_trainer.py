@@ -181,9 +181,11 @@ def test_demo_time_budget_hook(tmp_path, seconds, expect):
     from mrcnn_fast.cli import TimeBudget
 
     budget = TimeBudget(time.perf_counter() + seconds, calibrate=4, skip=2, min_iter=8, max_iter=20)
-    t = _trainer(tmp_path, max_iter=1000, hooks=[budget])
+    cfg = merge(small_cfg(max_iter=1000), {"solver": {"schedule": "step", "steps": [900]}})
+    t = _trainer(tmp_path, cfg=cfg, hooks=[budget])
     t.train()
     assert budget.chosen == expect and t.iteration == expect
+    assert t.cfg.solver.steps == (round(expect * 5 / 6),) and t.scheduler.kw["steps"] == t.cfg.solver.steps
 
 
 def test_progress_bar_on_a_terminal():

@@ -295,17 +295,22 @@ class Trainer:
     def max_iter(self) -> int:
         return self.cfg.solver.max_iter
 
-    def set_max_iter(self, max_iter: int) -> None:
-        """Changes the run's length mid-training (e.g. from a hook that fits a time budget).
+    def set_max_iter(self, max_iter: int, *, steps: Sequence[int] | None = None) -> None:
+        """Changes the run's length (and optionally the step schedule's steps) mid-training, e.g. from a
+        hook that fits a time budget.
 
-        The schedule follows (lr_factor is a function of (it, max_iter)): changed during warm-up, the run
-        is the same as one started with this max_iter up to the warm-up's tiny cosine term. Call it on
-        every rank with the same value.
+        The schedule follows (lr_factor is a function of (it, max_iter, steps)): changed during warm-up, the
+        run is the same as one started with these values up to the warm-up's tiny cosine term. Call it on
+        every rank with the same values.
         """
         max_iter = int(max_iter)
         if max_iter < self.iteration or max_iter <= 0:
             raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, got {max_iter}")
-        self.cfg = merge(self.cfg, {"solver": {"max_iter": max_iter}})
+        over = {"max_iter": max_iter}
+        if steps is not None:
+            over["steps"] = [int(x) for x in steps]
+            self.scheduler.kw["steps"] = tuple(over["steps"])
+        self.cfg = merge(self.cfg, {"solver": over})
         self.scheduler.kw["max_iter"] = max_iter
         if self.ctx.is_main and (self.output_dir / ckpt.CONFIG_FILE).exists():
             ckpt.save_config(self.output_dir, to_dict(self.cfg))
