@@ -162,3 +162,47 @@ def test_evaluate_single_process_covers_all_images():
     metrics = evaluate(m, data, evaluator_factory=FakeEvaluator)
     assert metrics["images"]["ids"] == [100, 101, 102, 103, 104]
     assert m.training   # mode restored
+
+
+def test_hook_can_change_run_length(tmp_path):
+    t = _trainer(tmp_path, max_iter=100, hooks=[lambda tr, d: d == 3 and tr.set_max_iter(6)])
+    t.train()
+    assert t.iteration == 6
+    st = torch.load(tmp_path / ckpt.STATE_FILE, weights_only=True)
+    assert st["iteration"] == 6 and st["config"]["solver"]["max_iter"] == 6
+    with pytest.raises(ValueError, match="max_iter"):
+        t.set_max_iter(5)
+
+
+@pytest.mark.parametrize("seconds, expect", [(0.0, 8), (1e6, 20)])
+def test_demo_time_budget_hook(tmp_path, seconds, expect):
+    import time
+
+    from mrcnn_fast.cli import TimeBudget
+
+    budget = TimeBudget(time.perf_counter() + seconds, calibrate=4, skip=2, min_iter=8, max_iter=20)
+    cfg = merge(small_cfg(max_iter=1000), {"solver": {"schedule": "step", "steps": [900]}})
+    t = _trainer(tmp_path, cfg=cfg, hooks=[budget])
+    t.train()
+    assert budget.chosen == expect and t.iteration == expect
+    assert t.cfg.solver.steps == (round(expect * 5 / 6),) and t.scheduler.kw["steps"] == t.cfg.solver.steps
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    from mrcnn_fast.engine.trainer import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    p = Progress(0, 10, log_period=2, stream=s)
+    assert p.bar is not None
+    for i in range(1, 11):
+        p.update(i, {"loss_a": 1.0} if i % 2 == 0 else None, 0.01, grad_norm=3.0 if i % 2 == 0 else None)
+    p.write("hello")
+    p.close()
+    text = s.getvalue()
+    assert "10/10" in text and "a 1.000" in text and "gnorm 3" in text and "hello" in text

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -77,14 +78,15 @@ class Progress:
         else:
             print(msg, file=self.stream, flush=True)
 
-    def update(self, done: int, losses: dict[str, float] | None, lr: float) -> None:
+    def update(self, done: int, losses: dict[str, float] | None, lr: float, grad_norm: float | None = None) -> None:
         """done: completed iterations; losses: window means to show (None: not a log iteration)."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             if losses is not None:
-                self.bar.set_postfix_str(_fmt_losses(losses) + f" lr {lr:.3g}", refresh=False)
+                gn = f" gnorm {grad_norm:.3g}" if grad_norm is not None else ""
+                self.bar.set_postfix_str(_fmt_losses(losses) + f" lr {lr:.3g}" + gn, refresh=False)
             return
         if losses is None:
             return
@@ -92,7 +94,14 @@ class Progress:
         rate = (done - self.last_it) / max(now - self.last_t, 1e-9)
         self.last_t, self.last_it = now, done
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
+        gn = f"  gnorm {grad_norm:.3g}" if grad_norm is not None else ""
+        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -149,12 +158,16 @@ class Trainer:
         self._resume_rng = None
         self.metrics: dict = {}
         self.last_losses: dict[str, float] = {}   # the latest iteration's losses (mean over ranks)
+        self.last_grad_norm: float | None = None  # before clipping (only computed when clipping is on)
         if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temps(self.output_dir)
         if resume:
             self._load_state()
         if self.ctx.distributed:
+            # channels_last 1x1-conv weights: autograd gives their grads NHWC strides, DDP's bucket views are
+            # NCHW; same memory order for a 1x1 kernel, so the copy this warns about is harmless.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
@@ -210,30 +223,35 @@ class Trainer:
     def train(self) -> dict:
         """Runs the remaining iterations, saves the final checkpoint, evaluates; returns the last metrics."""
         cfg, s = self.cfg, self.cfg.solver
-        max_iter, start = s.max_iter, self.iteration
-        data_iter = iter(self.loader_fn(start))
+        start = self.iteration
+        data_iter = iter(self.loader_fn(start)) if start < self.max_iter else iter(())
         # RNG streams are (re)set after the loader exists: creating a DataLoader iterator draws from torch's
         # generator, so restoring before it would shift every later random draw of a resumed run.
         if self._resume_rng is not None:
             ckpt.set_rng_state(self._resume_rng)
         else:
             seed_everything(cfg.train.seed + 1000 * self.ctx.rank + start)
-        progress = Progress(start, max_iter, log_period=cfg.train.log_period, enabled=self.ctx.is_main)
+        progress = Progress(start, self.max_iter, log_period=cfg.train.log_period, enabled=self.ctx.is_main)
         self._progress = progress
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         window: list[torch.Tensor] = []
         names: list[str] | None = None
         self.model.train()
         try:
-            for it in range(start, max_iter):
+            while self.iteration < self.max_iter:   # a hook may change max_iter (set_max_iter)
+                it = self.iteration
                 lr = self.scheduler.set_iteration(it)
                 try:
                     images, targets = next(data_iter)
                 except StopIteration:
                     raise RuntimeError(f"the training loader ended at iteration {it}; it must be infinite") from None
                 images, targets = _to_device(images, self.device), _to_device(targets, self.device)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                    loss_dict = self.model(images, targets)
+                try:
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                        loss_dict = self.model(images, targets)
+                except (ValueError, RuntimeError) as e:
+                    self._raise_if_diverged(it, e)
+                    raise
                 if names is None:
                     names = list(loss_dict)
                 loss = sum(loss_dict.values())
@@ -247,31 +265,65 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 if s.clip_grad_norm > 0:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+                    self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.iteration = done = it + 1
                 self.last_losses = current
                 window.append(vals)
-                if done % cfg.train.log_period == 0 or done == max_iter or done == start + 1:
+                if done % progress.log_period == 0 or done == self.max_iter or done == start + 1:
                     means = torch.stack(window).mean(0).tolist()
                     window.clear()
-                    progress.update(done, dict(zip(names, means)), lr)
+                    progress.update(done, dict(zip(names, means)), lr, grad_norm=self.last_grad_norm)
                 else:
                     progress.update(done, None, lr)
-                if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0 and done < max_iter:
+                if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0 and done < self.max_iter:
                     self.save_checkpoint()
-                if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < max_iter:
+                if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < self.max_iter:
                     self._evaluate(final=False)
                 for hook in self.hooks:
                     hook(self, done)
             du.broadcast_buffers(self.model)
-            if start < max_iter or not (self.output_dir / ckpt.FINAL_WEIGHTS).exists():
+            if start < self.max_iter or not (self.output_dir / ckpt.FINAL_WEIGHTS).exists():
                 self.save_checkpoint(final=True)
         finally:
             progress.close()
         self._evaluate(final=True)
         return self.metrics
+
+    @property
+    def max_iter(self) -> int:
+        return self.cfg.solver.max_iter
+
+    def set_max_iter(self, max_iter: int, *, steps: Sequence[int] | None = None) -> None:
+        """Changes the run's length (and optionally the step schedule's steps) mid-training, e.g. from a
+        hook that fits a time budget.
+
+        The schedule follows (lr_factor is a function of (it, max_iter, steps)): changed during warm-up, the
+        run is the same as one started with these values up to the warm-up's tiny cosine term. Call it on
+        every rank with the same values.
+        """
+        max_iter = int(max_iter)
+        if max_iter < self.iteration or max_iter <= 0:
+            raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, got {max_iter}")
+        over = {"max_iter": max_iter}
+        if steps is not None:
+            over["steps"] = [int(x) for x in steps]
+            self.scheduler.kw["steps"] = tuple(over["steps"])
+        self.cfg = merge(self.cfg, {"solver": over})
+        self.scheduler.kw["max_iter"] = max_iter
+        if self.ctx.is_main and (self.output_dir / ckpt.CONFIG_FILE).exists():
+            ckpt.save_config(self.output_dir, to_dict(self.cfg))
+        if getattr(self, "_progress", None) is not None:
+            self._progress.set_total(max_iter)
+
+    def _raise_if_diverged(self, it: int, error: BaseException) -> None:
+        """Turns a forward failure caused by non-finite weights (an op rejecting NaN input) into a clear error."""
+        bad = [n for n, p in du.unwrap(self.model).named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(
+                f"training diverged: {len(bad)} parameter tensor(s) are not finite at iteration {it} (e.g. {bad[0]}); "
+                f"try a lower solver.base_lr or solver.clip_grad_norm > 0") from error
 
     def _evaluate(self, *, final: bool) -> None:
         """Runs evaluate_fn without disturbing the training's random streams (a resumed run skips it)."""
@@ -288,14 +340,11 @@ class Trainer:
         if self.ctx.is_main:
             ckpt.atomic_write_text(self.output_dir / "metrics.json",
                                    json.dumps({"iteration": self.iteration, **metrics}, indent=2, default=float) + "\n")
-            if not final:
-                try:
-                    from ..evaluation import format_table
+            if not final:   # the final table is the caller's to print
+                from ..evaluation import format_table
 
-                    self._progress.write(format_table(metrics))
-                except ImportError:
-                    pass
-            self._progress.write(f"iteration {self.iteration}: {summary_line(metrics)}")
+                self._progress.write(format_table(metrics))
+                self._progress.write(f"iteration {self.iteration}: {summary_line(metrics)}")
 
 
 def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = default_log) -> Config:
@@ -325,7 +374,9 @@ def _dataset(json_path, image_dir, cfg: Config, *, train: bool):
     for p, what in ((json_path, "annotation file"), (image_dir, "image directory")):
         if p is None or not Path(p).exists():
             raise FileNotFoundError(f"{what} not found: {p}")
-    kw = dict(use_keypoints=cfg.model.keypoint.enabled)
+    # Keypoint head on: use the set's keypoints if it has any (adapt_config_to_dataset turns the head off
+    # otherwise); head off: ignore them.
+    kw = dict(use_keypoints=None if cfg.model.keypoint.enabled else False)
     if train:
         kw.update(flip_prob=cfg.input.hflip_prob, flip_pairs=tuple(map(tuple, cfg.model.keypoint.flip_pairs)))
     return CocoDetection(str(json_path), str(image_dir), train=train, **kw)
@@ -366,7 +417,8 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
 
     def loader_fn(start_iter: int):
         return build_loader(train_set, per_rank, train=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
-                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size, start_iter=start_iter)
+                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size, start_iter=start_iter,
+                            pin_memory=ctx.device.type == "cuda")
 
     evaluate_fn = None
     if val_set is not None:

@@ -180,9 +180,8 @@ class RoIHeads(nn.Module):
                     tgts.append(mask_targets(t["masks"], tb, m[:npos], size) if npos else
                                 torch.zeros((0, size, size), dtype=torch.bool, device=rois.device))
                 tgts = torch.cat(tgts)
-            if self.c4:
-                mfeat = res5_out[pos_rows]
-                mask_logits = self.mask_head.predictor(F.relu(self.mask_head.deconv(mfeat)))
+            if self.c4:   # the box head's res5 output of the positives (the mask head has no convs of its own)
+                mask_logits = self.mask_head(res5_out[pos_rows])
             else:
                 mask_logits = self.mask_head(self.mask_pooler(feats, rois[pos_rows]))
             losses["loss_mask"] = mask_loss(mask_logits, labels[pos_rows], tgts, self.mask_loss_type)
@@ -260,8 +259,7 @@ class RoIHeads(nn.Module):
                 probs = drois.new_zeros((0, 1, s, s))
             else:
                 if self.c4:
-                    mlog = self.mask_head.predictor(F.relu(self.mask_head.deconv(
-                        self.box_head.res5(self.mask_pooler(feats, drois)))))
+                    mlog = self.mask_head(self.box_head.res5(self.mask_pooler(feats, drois)))
                 else:
                     mlog = self.mask_head(self.mask_pooler(feats, drois))
                 probs = mask_probs(mlog.to(drois.dtype), labels, self.mask_loss_type)

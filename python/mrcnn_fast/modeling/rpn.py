@@ -66,13 +66,18 @@ class RPNHead(nn.Module):
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """-> (objectness [N, H*W*A] per level, deltas [N, H*W*A, 4] per level)."""
         logits, deltas = [], []
+        a = self.cls_logits.out_channels
+        # both 1x1 predictors as one convolution: one pass over t per level instead of two
+        weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight])
+        bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         for f in feats:
             t = F.relu(self.conv(f))
-            o = self.cls_logits(t)
-            d = self.bbox_pred(t)
-            n, a, h, w = o.shape
-            logits.append(o.permute(0, 2, 3, 1).reshape(n, h * w * a))
-            deltas.append(d.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4))
+            y = F.conv2d(t, weight, bias)
+            n, _, h, w = y.shape
+            # -> [N, H, W, 5A]: objectness then deltas, each anchor-minor (index (y * W + x) * A + a)
+            y = y.permute(0, 2, 3, 1)
+            logits.append(y[..., :a].reshape(n, h * w * a))
+            deltas.append(y[..., a:].reshape(n, h, w, a, 4).reshape(n, h * w * a, 4))
         return logits, deltas
 
 
