@@ -62,20 +62,24 @@ GROUPS = {
     "c": ("(c) RoI layer", ["baseline", "roi_align_max", "roi_warp", "roi_pool"]),
     "e": ("(e) mask head", ["baseline", "mlp"]),
 }
-# (group, better, worse, metric): the paper's Table 2 directions checked on the measured numbers
+# (group, better, worse, metric, note): the paper's Table 2 directions checked on the measured numbers
 DIRECTIONS = [
-    ("b", "baseline", "softmax", ("segm", "AP")),
-    ("c", "baseline", "roi_warp", ("segm", "AP75")),
-    ("c", "roi_warp", "roi_pool", ("segm", "AP75")),
-    ("c", "baseline", "roi_pool", ("segm", "AP75")),
-    ("e", "baseline", "mlp", ("segm", "AP")),
+    ("b", "baseline", "softmax", ("segm", "AP"), ""),
+    ("c", "baseline", "roi_warp", ("segm", "AP75"), "both average bilinear samples: alignment alone"),
+    ("c", "roi_align_max", "roi_pool", ("segm", "AP75"), "both max-pool: alignment alone"),
+    ("c", "roi_warp", "roi_pool", ("segm", "AP75"), ""),
+    ("c", "baseline", "roi_pool", ("segm", "AP75"), ""),
+    ("c", "roi_align_max", "roi_warp", ("segm", "AP75"), ""),
+    ("e", "baseline", "mlp", ("segm", "AP"), ""),
 ]
 
-DEFAULTS = dict(max_iter=1200, train=300, val=100, seed=0, image_size=128)
+DEFAULTS = dict(max_iter=1000, train=300, val=100, seed=0, image_size=128)
 
 
-def build_config(args, variant: str):
+def build_config(args, variant: str, train_seed: int | None = None):
     """small_cpu at the ablation scale (see the module docstring) plus the variant's switch."""
+    if train_seed is None:
+        train_seed = args.seed if args.train_seed is None else args.train_seed
     s = args.image_size
     cfg = get_config("small_cpu", {
         # half-width R18 (2x the iterations per minute); anchors 8..128 px for 8..70 px objects
@@ -87,7 +91,7 @@ def build_config(args, variant: str):
         "solver": {"max_iter": args.max_iter, "warmup_iters": min(100, args.max_iter // 5), "base_lr": 0.05,
                    "clip_grad_norm": 10.0},
         # the loader runs in this process: worker processes would only compete for the 2 cores
-        "train": {"seed": args.seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": 0,
+        "train": {"seed": train_seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": 0,
                   "log_period": 50},
     })
     if args.override:
@@ -112,9 +116,11 @@ def selected(only: str | None) -> tuple[list[str], list[str]]:
     return groups, list(dict.fromkeys(names))
 
 
-def variant_command(args, variant: str) -> str:
+def variant_command(args, variant: str, train_seed: int | None = None) -> str:
     parts = ["python", "bench/ablations.py", "--only", variant, "--max-iter", str(args.max_iter),
              "--train", str(args.train), "--val", str(args.val), "--seed", str(args.seed)]
+    if train_seed is not None and train_seed != args.seed:
+        parts += ["--train-seed", str(train_seed)]
     if args.image_size != DEFAULTS["image_size"]:
         parts += ["--image-size", str(args.image_size)]
     if args.override:
@@ -122,11 +128,17 @@ def variant_command(args, variant: str) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def run_variant(args, variant: str, data: dict, workdir: Path) -> dict:
+def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int | None = None) -> dict:
+    """Trains and evaluates one variant; train_seed: the training seed (init, batches), default --train-seed."""
     from mrcnn_fast.engine import train
 
-    cfg = build_config(args, variant)
-    out = workdir / variant
+    if train_seed is None:
+        train_seed = args.seed if args.train_seed is None else args.train_seed
+    cfg = build_config(args, variant, train_seed)
+    key = variant if train_seed == (args.seed if args.train_seed is None else args.train_seed) else \
+        f"{variant}@seed{train_seed}"
+    label = VARIANTS[variant][0] if key == variant else f"{VARIANTS[variant][0]}, training seed {train_seed}"
+    out = workdir / key
     losses: dict = {}
 
     def keep_losses(trainer, done):
@@ -137,8 +149,9 @@ def run_variant(args, variant: str, data: dict, workdir: Path) -> dict:
     metrics = train(cfg, output_dir=out, hooks=[keep_losses], log=lambda m: print(m, file=sys.stderr, flush=True),
                     **data)
     seconds = time.perf_counter() - t0
-    return {"variant": variant, "label": VARIANTS[variant][0], "metrics": metrics, "seconds": seconds,
-            "final_losses": losses, "command": variant_command(args, variant), "overrides": VARIANTS[variant][1]}
+    return {"key": key, "variant": variant, "label": label, "train_seed": train_seed, "metrics": metrics,
+            "seconds": seconds, "final_losses": losses, "command": variant_command(args, variant, train_seed),
+            "overrides": VARIANTS[variant][1]}
 
 
 def _pct(v) -> str:
@@ -155,16 +168,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def directions(results: dict[str, dict]) -> list[str]:
+def _metric(r: dict, iou: str, name: str) -> float:
+    return float(r["metrics"].get(iou, {}).get(name, float("nan")))
+
+
+def seed_spread(rows: list[dict], iou: str, name: str) -> float | None:
+    """max - min of the baseline's metric over its training seeds (None with a single seed)."""
+    vals = [_metric(r, iou, name) for r in rows if r["variant"] == "baseline"]
+    return max(vals) - min(vals) if len(vals) > 1 else None
+
+
+def directions(rows: list[dict]) -> list[str]:
+    results = {r["key"]: r for r in rows}
     out = []
-    for group, better, worse, (iou, name) in DIRECTIONS:
+    for group, better, worse, (iou, name), note in DIRECTIONS:
         if better not in results or worse not in results:
             continue
-        a = results[better]["metrics"].get(iou, {}).get(name, float("nan"))
-        b = results[worse]["metrics"].get(iou, {}).get(name, float("nan"))
-        verdict = "holds" if a > b else "does NOT hold"
-        out.append(f"- ({group}) {VARIANTS[better][0]} > {VARIANTS[worse][0]} on {iou} {name}: "
-                   f"{100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f}) -> {verdict}")
+        a, b = _metric(results[better], iou, name), _metric(results[worse], iou, name)
+        spread = seed_spread(rows, iou, name)
+        if a <= b:
+            verdict = "does NOT hold"
+        elif spread is not None and a - b <= spread:
+            verdict = f"holds, but by less than the baseline's seed spread ({100 * spread:.1f})"
+        else:
+            verdict = "holds" + (f" (beyond the baseline's seed spread {100 * spread:.1f})" if spread is not None else "")
+        out.append(f"- ({group}) {VARIANTS[better][0]} > {VARIANTS[worse][0]} on {iou} {name}"
+                   f"{f' ({note})' if note else ''}: {100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f}) "
+                   f"-> {verdict}")
     return out
 
 
@@ -176,8 +206,34 @@ def _commit() -> str:
         return "unknown"
 
 
+def noise_notes(rows: list[dict]) -> list[str]:
+    """What the numbers say about run-to-run noise (computed, so it stays true for any run)."""
+    results = {r["key"]: r for r in rows}
+    notes = []
+    seeds = [r for r in rows if r["variant"] == "baseline"]
+    if len(seeds) > 1:
+        for iou, name in (("segm", "AP"), ("segm", "AP75"), ("bbox", "AP")):
+            vals = ", ".join(f"{100 * _metric(r, iou, name):.1f}" for r in seeds)
+            notes.append(f"- baseline over training seeds {[r['train_seed'] for r in seeds]}: {iou} {name} {vals} "
+                         f"(spread {100 * seed_spread(rows, iou, name):.1f})")
+    else:
+        notes.append("- one training seed per variant (run with --noise-seeds N to train the baseline with N more "
+                     "seeds and measure the run-to-run spread)")
+    base = results.get("baseline")
+    for key in ("softmax", "mlp"):
+        if base is not None and key in results:
+            d = _metric(results[key], "bbox", "AP") - _metric(base, "bbox", "AP")
+            notes.append(f"- {VARIANTS[key][0]} changes only the mask branch, yet its bbox AP differs from the "
+                         f"baseline's by {100 * d:+.1f}: the training trajectory itself (shared backbone) moves")
+    for mx, avg, what in (("roi_align_max", "baseline", "aligned"), ("roi_pool", "roi_warp", "quantised")):
+        if mx in results and avg in results:
+            d = _metric(results[mx], "segm", "AP75") - _metric(results[avg], "segm", "AP75")
+            notes.append(f"- max vs average pooling ({what} boxes: {VARIANTS[mx][0]} vs {VARIANTS[avg][0]}): "
+                         f"segm AP75 {100 * d:+.1f}")
+    return notes
+
+
 def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: float) -> str:
-    results = {r["variant"]: r for r in rows}
     cfg = build_config(args, "baseline")
     parts = [
         "# Table 2 ablations (b, c, e) on the synthetic shapes set",
@@ -194,10 +250,15 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
         "",
         "## The paper's directions on these numbers",
         "",
-        *(directions(results) or ["- (not enough variants selected to compare)"]),
+        *(directions(rows) or ["- (not enough variants selected to compare)"]),
         "",
-        "One seed per variant: at this scale (a few hundred iterations from scratch) a difference of 1-2 AP is "
-        "within run-to-run noise, so only large gaps say something.",
+        "## Noise",
+        "",
+        f"Each variant is one training run of {args.max_iter} iterations from scratch; runs that differ in any switch follow "
+        "different trajectories, and at this short schedule (AP still rising) that alone moves AP by several "
+        "points. Only gaps clearly larger than the spread below say something.",
+        "",
+        *noise_notes(rows),
         "",
         "## Settings",
         "",
@@ -209,11 +270,11 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
         f"iterations per minute), anchors {[a[0] for a in cfg.model.anchors.sizes]} px (the objects are 8-70 px), "
         f"keypoint head off (not under test); inputs at {args.image_size} px (train and test), horizontal flips "
         f"{cfg.input.hflip_prob}.",
-        f"- solver: SGD lr {cfg.solver.base_lr} (measured on the baseline: 16.9 segm AP at lr 0.05 vs 12.3 at the "
-        f"preset's 0.02; 0.08 collapses the RPN), gradient-norm clip {cfg.solver.clip_grad_norm}, momentum "
+        f"- solver: SGD lr {cfg.solver.base_lr} (measured on the baseline, 1200 iterations: 16.9 segm AP at lr 0.05 vs "
+        f"12.3 at the preset's 0.02; 0.08 collapses the RPN), gradient-norm clip {cfg.solver.clip_grad_norm}, momentum "
         f"{cfg.solver.momentum}, batch {cfg.solver.ims_per_batch}, {args.max_iter} iterations, "
-        f"{cfg.solver.warmup_iters} warm-up, cosine decay; seed {args.seed} (identical initial weights of the "
-        "shared modules and identical batches and flips for every variant).",
+        f"{cfg.solver.warmup_iters} warm-up, cosine decay; training seed {cfg.train.seed} for every variant "
+        "(identical initial weights of the shared modules, identical batches and flips).",
         "- why this scale: the whole script must run in ~25 minutes on 2 shared CPU cores. 128 px images keep "
         "objects at 8-70 px, so RoIs are pooled from P2 (stride 4) where quantising a box to the feature grid "
         "(RoIPool, RoIWarp) moves it by up to 2 px per side (RoIPool's bin rounding adds more): a large fraction "
@@ -234,7 +295,8 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablations.md").write_text(text)
     payload = {"commit": _commit(), "argv": sys.argv, "args": vars(args), "total_seconds": total_s,
-               "config_baseline": to_dict(cfg), "results": rows, "directions": directions(results)}
+               "config_baseline": to_dict(cfg), "results": rows, "directions": directions(rows),
+               "noise": noise_notes(rows)}
     (out_dir / "ablations.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return text
 
@@ -246,15 +308,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-iter", type=int, default=DEFAULTS["max_iter"])
     p.add_argument("--train", type=int, default=DEFAULTS["train"], help="training images")
     p.add_argument("--val", type=int, default=DEFAULTS["val"], help="validation images")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="data seed and default training seed")
+    p.add_argument("--train-seed", type=int, default=None, help="training seed (initial weights, batch order)")
+    p.add_argument("--noise-seeds", type=int, default=0,
+                   help="also train the baseline with this many further training seeds (run-to-run spread)")
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
     p.add_argument("--only", default=None, help="comma-separated groups (b, c, e) and/or variants "
                                                 f"({', '.join(VARIANTS)})")
     p.add_argument("--override", default=None, help="JSON of extra config overrides applied to every variant")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see the docstring)")
     args = p.parse_args(argv)
-    if args.max_iter <= 0 or args.train <= 0 or args.val <= 0:
-        p.error("--max-iter, --train and --val must be positive")
+    if args.max_iter <= 0 or args.train <= 0 or args.val <= 0 or args.noise_seeds < 0:
+        p.error("--max-iter, --train and --val must be positive, --noise-seeds >= 0")
     _, names = selected(args.only)
     torch.set_num_threads(args.threads)
 
@@ -271,12 +336,15 @@ def main(argv=None) -> int:
         data = make_shapes(workdir / "shapes", n_train=args.train, n_val=args.val, seed=args.seed,
                            image_size=(args.image_size, args.image_size))
         data_s = time.perf_counter() - t0
+        first = args.seed if args.train_seed is None else args.train_seed
+        jobs = [(name, first) for name in names] + [("baseline", first + k) for k in range(1, args.noise_seeds + 1)]
         rows = []
-        for i, name in enumerate(names):
-            print(f"=== [{i + 1}/{len(names)}] {name}: {VARIANTS[name][0]}", file=sys.stderr, flush=True)
-            rows.append(run_variant(args, name, data, workdir / "runs"))
+        for i, (name, seed) in enumerate(jobs):
+            print(f"=== [{i + 1}/{len(jobs)}] {name} (training seed {seed}): {VARIANTS[name][0]}", file=sys.stderr,
+                  flush=True)
+            rows.append(run_variant(args, name, data, workdir / "runs", seed))
             r = rows[-1]
-            print(f"=== {name}: segm AP {_pct(r['metrics']['segm']['AP'])} AP75 "
+            print(f"=== {r['key']}: segm AP {_pct(r['metrics']['segm']['AP'])} AP75 "
                   f"{_pct(r['metrics']['segm']['AP75'])} bbox AP {_pct(r['metrics']['bbox']['AP'])} "
                   f"in {r['seconds']:.0f} s", file=sys.stderr, flush=True)
         text = write_report(args, rows, Path(args.out), time.perf_counter() - t0, data_s)
