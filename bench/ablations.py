@@ -191,7 +191,9 @@ def directions(rows: list[dict]) -> list[str]:
         elif spread is not None and a - b <= spread:
             verdict = f"holds, but by less than the baseline's seed spread ({100 * spread:.1f})"
         else:
-            verdict = "holds" + (f" (beyond the baseline's seed spread {100 * spread:.1f})" if spread is not None else "")
+            verdict = "holds"
+            if spread is not None:
+                verdict += f" (beyond the baseline's seed spread {100 * spread:.1f})"
         out.append(f"- ({group}) {VARIANTS[better][0]} > {VARIANTS[worse][0]} on {iou} {name}"
                    f"{f' ({note})' if note else ''}: {100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f}) "
                    f"-> {verdict}")
@@ -254,9 +256,9 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
         "",
         "## Noise",
         "",
-        f"Each variant is one training run of {args.max_iter} iterations from scratch; runs that differ in any switch follow "
-        "different trajectories, and at this short schedule (AP still rising) that alone moves AP by several "
-        "points. Only gaps clearly larger than the spread below say something.",
+        f"Each variant is one training run of {args.max_iter} iterations from scratch; runs that differ in any "
+        "switch follow different trajectories, and at this short schedule (AP still rising) that alone moves AP "
+        "by several points. Only gaps clearly larger than the spread below say something.",
         "",
         *noise_notes(rows),
         "",
@@ -302,7 +304,8 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(HERE / "results"), help="where ablations.md / ablations.json go")
     p.add_argument("--workdir", default=None, help="data and checkpoints (default: a temporary folder, removed)")
     p.add_argument("--max-iter", type=int, default=DEFAULTS["max_iter"])
