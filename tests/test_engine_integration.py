@@ -66,6 +66,22 @@ def test_cli_train_then_eval_prints_ap_table(shapes, tmp_path, capsys):
     assert code == 0 and capsys.readouterr().out.strip().splitlines()[-1] == train_lines[-1]
 
 
+def test_cli_train_time_budget_and_scaled_steps(shapes, tmp_path, capsys):
+    """--max-iter keeps a step schedule's steps at their fractions of the run (the shapes preset drops the lr
+    at 5/6); --time-budget is accepted and validated."""
+    base = ["train", "--train-json", shapes["train_json"], "--train-images", shapes["train_images"],
+            "--output", str(tmp_path / "run"), "--config", "shapes"]
+    assert get_config("shapes").solver.steps == (2500,) and get_config("shapes").solver.max_iter == 3000
+    code = cli.main(base + ["--max-iter", "6", "--time-budget", "1000", "--opts", *TINY_OPTS])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "time budget" in captured.err and "iter 6/6" in captured.err
+    state = torch.load(tmp_path / "run" / ckpt.STATE_FILE, weights_only=True)
+    assert state["iteration"] == 6 and list(state["config"]["solver"]["steps"]) == [5]
+    assert cli.main(base + ["--time-budget", "-5"]) != 0
+    assert "--time-budget must be positive" in capsys.readouterr().err
+
+
 def test_real_model_resume_matches_uninterrupted(shapes, tmp_path):
     cfg = merge(get_config("small_cpu"), cli.parse_opts(TINY_OPTS + ["train.log_period=100"]))
     kw = dict(train_json=shapes["train_json"], train_images=shapes["train_images"], max_iter=5, log=lambda m: None)

@@ -206,3 +206,64 @@ def test_progress_bar_on_a_terminal():
     p.close()
     text = s.getvalue()
     assert "10/10" in text and "a 1.000" in text and "gnorm 3" in text and "hello" in text
+
+
+def test_demo_time_budget_follows_a_slowing_run(monkeypatch):
+    """Iterations get 2x slower halfway (as when the RPN starts feeding positives to the heads): the re-measured
+    speed must still end the run within the deadline, close to it, and never move a step already passed."""
+    import types
+
+    import mrcnn_fast.cli as cli
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+
+    class FakeTrainer:
+        def __init__(self):
+            self.max_iter = 3000
+            self.cfg = types.SimpleNamespace(solver=types.SimpleNamespace(schedule="step", steps=(2500,)))
+            self.history = []
+
+        def set_max_iter(self, n, *, steps=None):
+            assert n >= done
+            self.history.append((done, n, tuple(steps)))
+            self.max_iter, self.cfg.solver.steps = n, tuple(steps)
+
+    tr = FakeTrainer()
+    budget = cli.TimeBudget(60.0, calibrate=20, skip=5, recheck=10, min_iter=10, max_iter=3000)
+    done = 0
+    while done < tr.max_iter:
+        clock[0] += 0.1 if done < 150 else 0.2
+        done += 1
+        budget(tr, done)
+    assert 0.85 * 60 <= clock[0] <= 60.0, (clock[0], tr.history)
+    assert tr.max_iter == done and tr.max_iter < 600
+    step = tr.cfg.solver.steps[0]
+    assert step < tr.max_iter
+    # once passed, the step never moved again
+    assert all(s[0] == step for d, n, s in tr.history if d >= step)
+
+
+def test_demo_time_budget_stops_at_deadline(monkeypatch):
+    import types
+
+    import mrcnn_fast.cli as cli
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    tr = types.SimpleNamespace(max_iter=1000, cfg=types.SimpleNamespace(solver=types.SimpleNamespace(schedule="cosine")))
+
+    def set_max_iter(n, *, steps=None):
+        assert steps is None
+        tr.max_iter = n
+
+    tr.set_max_iter = set_max_iter
+    budget = cli.TimeBudget(10.0, calibrate=4, skip=1, recheck=2, min_iter=4, max_iter=1000)
+    done = 0
+    while done < tr.max_iter:
+        clock[0] += 0.5 if done < 10 else 5.0   # a sudden 10x slow-down (machine got loaded)
+        done += 1
+        budget(tr, done)
+    assert done <= 16 and clock[0] < 10.0 + 3 * 5.0
+    with pytest.raises(ValueError):
+        cli.TimeBudget(1.0, calibrate=2, skip=2)

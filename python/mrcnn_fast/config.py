@@ -218,12 +218,30 @@ def _preset_small_cpu() -> Config:
     return cfg
 
 
+def _preset_shapes() -> Config:
+    """small_cpu made cheaper for minutes-long CPU runs on the synthetic shapes set (the demo's recipe):
+    half-width ResNet-18 (4x fewer backbone FLOPs), single-scale training at the test size, gradient clipping
+    against early spikes of the keypoint loss, and a step schedule (measured at 1200 iterations: segm AP 0.58
+    vs 0.49 with cosine decay, which lowers the lr long before a from-scratch model has learnt the shapes).
+    The lr drops 10x at 5/6 of max_iter; `mrcnn-fast train --time-budget` keeps that fraction when it
+    changes max_iter."""
+    cfg = _preset_small_cpu()
+    cfg.model.backbone.width = 32
+    cfg.input.min_size_train = (256,)
+    s = cfg.solver
+    s.max_iter, s.warmup_iters, s.base_lr, s.clip_grad_norm = 3000, 100, 0.02, 10.0
+    s.schedule, s.steps, s.gamma = "step", (2500,), 0.1
+    cfg.train.checkpoint_period, cfg.train.eval_period, cfg.train.log_period = 0, 0, 50
+    return cfg
+
+
 PRESETS = {
     "r50_fpn": _preset_r50_fpn,
     "r101_fpn": _preset_r101_fpn,
     "x101_fpn": _preset_x101_fpn,
     "r50_c4": _preset_r50_c4,
     "small_cpu": _preset_small_cpu,
+    "shapes": _preset_shapes,
 }
 
 
