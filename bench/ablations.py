@@ -1,6 +1,6 @@
 """The paper's Table 2 ablations (b, c, e) at CPU scale on the synthetic shapes set.
 
-    python bench/ablations.py [--out DIR] [--max-iter N] [--train N --val N] [--seed S] [--only b,c,e]
+    python bench/ablations.py [--out DIR] [--workdir DIR] [--max-iter N] [--seeds K] [--jobs J] [--only b,c,e]
 
 Trains one small_cpu Mask R-CNN per variant with mrcnn_fast.engine.train (same data, seed, schedule and
 initial weights; only the switch under test differs) and COCO-evaluates it on the held-out val split:
@@ -14,21 +14,21 @@ DIR/ablations.md (a table plus the settings and which of the paper's directions 
 --only takes groups (b, c, e) and/or variant names (see VARIANTS); a single variant's command is listed in the
 table so any row can be rerun alone.
 
-Scale. Table 2 is COCO at 800 px on 8 GPUs; this runs on 2 shared CPU cores in about 25 minutes, so:
-- 128 x 128 images (make_shapes), fed at their own size: objects of 8-70 px, pooled mostly from P2 (stride 4),
-  where one feature cell is 4 image pixels. RoIPool/RoIWarp round box corners to that grid and RoIPool also
-  its bins, a misalignment of up to 2-4 px on 10-40 px objects, i.e. a large fraction of the object: the
-  situation (coarse stride relative to the object) in which the paper measures the RoI-layer differences,
-  reached here with small objects instead of a stride-16/32 C4/C5 backbone (whose res5 box head is far too slow
-  for 2 cores).
-- the small_cpu preset (R18-FPN, BN, trained from scratch; no pretrained backbone is available), keypoint head
-  off (not under test), 4 images per batch, warm-up + cosine schedule, one thread (see --threads).
-A single seed per variant: differences of 1-2 AP are within run-to-run noise at this scale (see the output).
+Scale. Table 2 is COCO at 800 px on 8 GPUs; this runs on 2 CPU cores in about half an hour, so:
+- the `shapes` preset (the demo's recipe: half-width R18-FPN with BN trained from scratch, 256 px single-scale
+  input, step schedule, lr 0.02, gradient clipping), keypoint head off (not under test), --max-iter iterations;
+- each variant is trained with --seeds training seeds (initial weights, batch order) and the directions are
+  checked on the mean over seeds, next to the seed spread: at this scale one run's AP moves by a few points
+  with the seed alone;
+- --jobs runs go in parallel, one thread each (on 2 cores, 2 single-thread runs do more work than one run with
+  2 threads); --workdir keeps the runs, and a run whose final weights exist there is only re-evaluated.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -73,27 +73,24 @@ DIRECTIONS = [
     ("e", "baseline", "mlp", ("segm", "AP"), ""),
 ]
 
-DEFAULTS = dict(max_iter=1000, train=300, val=100, seed=0, image_size=128)
+DEFAULTS = dict(max_iter=1000, train=400, val=100, seed=0, image_size=256)
 
 
 def build_config(args, variant: str, train_seed: int | None = None):
-    """small_cpu at the ablation scale (see the module docstring) plus the variant's switch."""
+    """The shapes preset at the ablation scale (see the module docstring) plus the variant's switch."""
+    from mrcnn_fast.cli import scale_schedule
+
     if train_seed is None:
-        train_seed = args.seed if args.train_seed is None else args.train_seed
-    s = args.image_size
-    cfg = get_config("small_cpu", {
-        # half-width R18 (2x the iterations per minute); anchors 8..128 px for 8..70 px objects
-        "model": {"keypoint": {"enabled": False}, "backbone": {"width": 32},
-                  "anchors": {"sizes": [[8], [16], [32], [64], [128]]}},
-        "input": {"min_size_train": [s], "max_size_train": s, "min_size_test": s, "max_size_test": s,
-                  "hflip_prob": 0.5},
-        # lr 0.05 (measured: 16.9 segm AP vs 12.3 at the preset's 0.02 after 1200 iterations; 0.08 diverges)
-        "solver": {"max_iter": args.max_iter, "warmup_iters": min(100, args.max_iter // 5), "base_lr": 0.05,
-                   "clip_grad_norm": 10.0},
+        train_seed = args.seed
+    sz = args.image_size
+    cfg = get_config("shapes", {
+        "model": {"keypoint": {"enabled": False}},
+        "input": {"min_size_train": [sz], "max_size_train": sz, "min_size_test": sz, "max_size_test": sz},
         # the loader runs in this process: worker processes would only compete for the 2 cores
         "train": {"seed": train_seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": 0,
-                  "log_period": 50},
+                  "log_period": 100},
     })
+    cfg = scale_schedule(cfg, args.max_iter)   # the lr step stays at 5/6 of the run
     if args.override:
         cfg = merge(cfg, json.loads(args.override))
     return merge(cfg, {"model": VARIANTS[variant][1]})
@@ -118,9 +115,9 @@ def selected(only: str | None) -> tuple[list[str], list[str]]:
 
 def variant_command(args, variant: str, train_seed: int | None = None) -> str:
     parts = ["python", "bench/ablations.py", "--only", variant, "--max-iter", str(args.max_iter),
-             "--train", str(args.train), "--val", str(args.val), "--seed", str(args.seed)]
+             "--train", str(args.train), "--val", str(args.val), "--seed", str(args.seed), "--seeds", "1"]
     if train_seed is not None and train_seed != args.seed:
-        parts += ["--train-seed", str(train_seed)]
+        parts += ["--first-train-seed", str(train_seed)]
     if args.image_size != DEFAULTS["image_size"]:
         parts += ["--image-size", str(args.image_size)]
     if args.override:
@@ -128,75 +125,97 @@ def variant_command(args, variant: str, train_seed: int | None = None) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int | None = None) -> dict:
-    """Trains and evaluates one variant; train_seed: the training seed (init, batches), default --train-seed."""
-    from mrcnn_fast.engine import train
+def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) -> dict:
+    """Trains (or, if its final weights exist in workdir, only re-evaluates) one variant with one training seed."""
+    from mrcnn_fast.data import CocoDetection
+    from mrcnn_fast.engine import evaluate, load_weights, train
+    from mrcnn_fast.engine.checkpoint import FINAL_WEIGHTS
+    from mrcnn_fast.modeling import build_model
 
-    if train_seed is None:
-        train_seed = args.seed if args.train_seed is None else args.train_seed
+    torch.set_num_threads(args.threads)
     cfg = build_config(args, variant, train_seed)
-    key = variant if train_seed == (args.seed if args.train_seed is None else args.train_seed) else \
-        f"{variant}@seed{train_seed}"
-    label = VARIANTS[variant][0] if key == variant else f"{VARIANTS[variant][0]}, training seed {train_seed}"
+    key = f"{variant}@seed{train_seed}"
     out = workdir / key
-    losses: dict = {}
-
-    def keep_losses(trainer, done):
-        if done == trainer.cfg.solver.max_iter:
-            losses.update(trainer.last_losses)
-
+    log = (lambda m: print(f"[{key}] {m}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    metrics = train(cfg, output_dir=out, hooks=[keep_losses], log=lambda m: print(m, file=sys.stderr, flush=True),
-                    **data)
+    reused = (out / FINAL_WEIGHTS).is_file() and (out / "config.json").is_file() and \
+        json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    if reused:
+        log("final weights with the same config found: evaluating only")
+        model = build_model(cfg)
+        load_weights(model, out / FINAL_WEIGHTS)
+        val = CocoDetection(str(data["val_json"]), str(data["val_images"]), train=False, use_keypoints=False)
+        metrics = evaluate(model, val, iou_types=("bbox", "segm"), log=log)
+    else:
+        metrics = train(cfg, output_dir=out, log=log, **data)
     seconds = time.perf_counter() - t0
-    return {"key": key, "variant": variant, "label": label, "train_seed": train_seed, "metrics": metrics,
-            "seconds": seconds, "final_losses": losses, "command": variant_command(args, variant, train_seed),
-            "overrides": VARIANTS[variant][1]}
+    print(f"=== {key}: segm AP {_pct(metrics['segm']['AP'])} AP75 {_pct(metrics['segm']['AP75'])} bbox AP "
+          f"{_pct(metrics['bbox']['AP'])} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return {"key": key, "variant": variant, "label": VARIANTS[variant][0], "train_seed": train_seed,
+            "metrics": metrics, "seconds": seconds, "reused": reused,
+            "command": variant_command(args, variant, train_seed), "overrides": VARIANTS[variant][1]}
 
 
 def _pct(v) -> str:
     return f"{100 * v:.1f}" if isinstance(v, (int, float)) and v >= 0 else "-"
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| variant | segm AP | AP50 | AP75 | bbox AP | train+eval time | command |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in rows:
-        sg, bb = r["metrics"].get("segm", {}), r["metrics"].get("bbox", {})
-        lines.append(f"| {r['label']} | {_pct(sg.get('AP'))} | {_pct(sg.get('AP50'))} | {_pct(sg.get('AP75'))} | "
-                     f"{_pct(bb.get('AP'))} | {r['seconds'] / 60:.1f} min | `{r['command']}` |")
-    return "\n".join(lines)
+METRICS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("bbox", "AP"))
 
 
 def _metric(r: dict, iou: str, name: str) -> float:
     return float(r["metrics"].get(iou, {}).get(name, float("nan")))
 
 
-def seed_spread(rows: list[dict], iou: str, name: str) -> float | None:
-    """max - min of the baseline's metric over its training seeds (None with a single seed)."""
-    vals = [_metric(r, iou, name) for r in rows if r["variant"] == "baseline"]
-    return max(vals) - min(vals) if len(vals) > 1 else None
+def summarize(rows: list[dict]) -> dict:
+    """variant -> {"runs": [...], (iou, name): (mean, min, max)} over its training seeds."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["variant"], {"runs": []})["runs"].append(r)
+    for v in out.values():
+        for m in METRICS:
+            vals = [_metric(r, *m) for r in v["runs"]]
+            v[m] = (sum(vals) / len(vals), min(vals), max(vals))
+    return out
 
 
-def directions(rows: list[dict]) -> list[str]:
-    results = {r["key"]: r for r in rows}
+def table(summary: dict) -> str:
+    lines = ["| variant | seeds | segm AP | AP50 | AP75 | bbox AP | segm AP per seed | AP75 per seed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name in VARIANTS:
+        if name not in summary:
+            continue
+        v = summary[name]
+        per = lambda m: " / ".join(_pct(_metric(r, *m)) for r in v["runs"])  # noqa: E731
+        lines.append(f"| {VARIANTS[name][0]} | {len(v['runs'])} | " + " | ".join(_pct(v[m][0]) for m in METRICS)
+                     + f" | {per(('segm', 'AP'))} | {per(('segm', 'AP75'))} |")
+    return "\n".join(lines)
+
+
+def directions(summary: dict) -> list[tuple[str, bool]]:
+    """(text, holds) per paper direction whose two variants were run: compared on the mean over seeds; the
+    text says whether the gap also exceeds the larger of the two variants' seed spreads."""
     out = []
     for group, better, worse, (iou, name), note in DIRECTIONS:
-        if better not in results or worse not in results:
+        if better not in summary or worse not in summary:
             continue
-        a, b = _metric(results[better], iou, name), _metric(results[worse], iou, name)
-        spread = seed_spread(rows, iou, name)
-        if a <= b:
+        (a, amin, amax), (b, bmin, bmax) = summary[better][(iou, name)], summary[worse][(iou, name)]
+        spread = max(amax - amin, bmax - bmin)
+        n = min(len(summary[better]["runs"]), len(summary[worse]["runs"]))
+        holds = a > b
+        if not holds:
             verdict = "does NOT hold"
-        elif spread is not None and a - b <= spread:
-            verdict = f"holds, but by less than the baseline's seed spread ({100 * spread:.1f})"
+        elif n < 2:
+            verdict = "holds (one seed: no spread measured)"
+        elif amin > bmax:
+            verdict = f"holds for every seed (worst {better} run above the best {worse} run)"
+        elif a - b > spread:
+            verdict = f"holds, by more than the seed spread ({100 * spread:.1f})"
         else:
-            verdict = "holds"
-            if spread is not None:
-                verdict += f" (beyond the baseline's seed spread {100 * spread:.1f})"
-        out.append(f"- ({group}) {VARIANTS[better][0]} > {VARIANTS[worse][0]} on {iou} {name}"
-                   f"{f' ({note})' if note else ''}: {100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f}) "
-                   f"-> {verdict}")
+            verdict = f"holds on the mean, but within the seed spread ({100 * spread:.1f})"
+        out.append((f"- ({group}) {VARIANTS[better][0]} > {VARIANTS[worse][0]} on {iou} {name}"
+                    f"{f' ({note})' if note else ''}: {100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f}) "
+                    f"-> {verdict}", holds))
     return out
 
 
@@ -208,82 +227,56 @@ def _commit() -> str:
         return "unknown"
 
 
-def noise_notes(rows: list[dict]) -> list[str]:
-    """What the numbers say about run-to-run noise (computed, so it stays true for any run)."""
-    results = {r["key"]: r for r in rows}
-    notes = []
-    seeds = [r for r in rows if r["variant"] == "baseline"]
-    if len(seeds) > 1:
-        for iou, name in (("segm", "AP"), ("segm", "AP75"), ("bbox", "AP")):
-            vals = ", ".join(f"{100 * _metric(r, iou, name):.1f}" for r in seeds)
-            notes.append(f"- baseline over training seeds {[r['train_seed'] for r in seeds]}: {iou} {name} {vals} "
-                         f"(spread {100 * seed_spread(rows, iou, name):.1f})")
-    else:
-        notes.append("- one training seed per variant (run with --noise-seeds N to train the baseline with N more "
-                     "seeds and measure the run-to-run spread)")
-    base = results.get("baseline")
-    for key in ("softmax", "mlp"):
-        if base is not None and key in results:
-            d = _metric(results[key], "bbox", "AP") - _metric(base, "bbox", "AP")
-            notes.append(f"- {VARIANTS[key][0]} changes only the mask branch, yet its bbox AP differs from the "
-                         f"baseline's by {100 * d:+.1f}: the training trajectory itself (shared backbone) moves")
-    for mx, avg, what in (("roi_align_max", "baseline", "aligned"), ("roi_pool", "roi_warp", "quantised")):
-        if mx in results and avg in results:
-            d = _metric(results[mx], "segm", "AP75") - _metric(results[avg], "segm", "AP75")
-            notes.append(f"- max vs average pooling ({what} boxes: {VARIANTS[mx][0]} vs {VARIANTS[avg][0]}): "
-                         f"segm AP75 {100 * d:+.1f}")
-    return notes
-
-
 def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: float) -> str:
     cfg = build_config(args, "baseline")
+    summary = summarize(rows)
+    dirs = directions(summary)
+    run_lines = [f"| {r['key']} | {_pct(_metric(r, 'segm', 'AP'))} | {_pct(_metric(r, 'segm', 'AP75'))} | "
+                 f"{_pct(_metric(r, 'bbox', 'AP'))} | {r['seconds'] / 60:.1f} min{' (re-evaluated)' if r['reused'] else ''}"
+                 f" | `{r['command']}` |" for r in rows]
     parts = [
         "# Table 2 ablations (b, c, e) on the synthetic shapes set",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}, {platform.machine()} CPU, "
-        f"{os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}, {args.threads} thread(s). "
-        f"Total {total_s / 60:.1f} min (data generation {data_s:.0f} s).",
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} run(s) in parallel with {args.threads} "
+        f"thread(s) each. Total {total_s / 60:.1f} min (data generation {data_s:.0f} s).",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/ablations.py', *sys.argv[1:]])}`",
         "",
-        table(rows),
+        "Mean over training seeds (AP in percent, COCO AP@[.5:.95] on the held-out val split):",
         "",
-        "AP in percent (COCO AP@[.5:.95] on the val split); time = training + evaluation of that variant.",
+        table(summary),
         "",
         "## The paper's directions on these numbers",
         "",
-        *(directions(rows) or ["- (not enough variants selected to compare)"]),
+        *([t for t, _ in dirs] or ["- (not enough variants selected to compare)"]),
         "",
-        "## Noise",
+        f"{sum(h for _, h in dirs)} of {len(dirs)} directions hold on the mean.",
         "",
-        f"Each variant is one training run of {args.max_iter} iterations from scratch; runs that differ in any "
-        "switch follow different trajectories, and at this short schedule (AP still rising) that alone moves AP "
-        "by several points. Only gaps clearly larger than the spread below say something.",
+        "## Every run",
         "",
-        *noise_notes(rows),
+        "| run | segm AP | segm AP75 | bbox AP | time | command (this run alone) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+        *run_lines,
         "",
         "## Settings",
         "",
         f"- data: `make_shapes(n_train={args.train}, n_val={args.val}, seed={args.seed}, "
         f"image_size=({args.image_size}, {args.image_size}))`: 2-6 triangles/rectangles/ellipses per image, "
         "occlusions, textured background; train and val are disjoint images.",
-        f"- model: preset small_cpu (R18-FPN with BN, trained from scratch, FPN 64 channels, mask head 4 x conv 64 "
-        f"+ deconv to 28 x 28) with backbone width {cfg.model.backbone.width} (half the standard R18: twice the "
-        f"iterations per minute), anchors {[a[0] for a in cfg.model.anchors.sizes]} px (the objects are 8-70 px), "
-        f"keypoint head off (not under test); inputs at {args.image_size} px (train and test), horizontal flips "
-        f"{cfg.input.hflip_prob}.",
-        f"- solver: SGD lr {cfg.solver.base_lr} (measured on the baseline, 1200 iterations: 16.9 segm AP at lr 0.05 vs "
-        f"12.3 at the preset's 0.02; 0.08 collapses the RPN), gradient-norm clip {cfg.solver.clip_grad_norm}, momentum "
-        f"{cfg.solver.momentum}, batch {cfg.solver.ims_per_batch}, {args.max_iter} iterations, "
-        f"{cfg.solver.warmup_iters} warm-up, cosine decay; training seed {cfg.train.seed} for every variant "
-        "(identical initial weights of the shared modules, identical batches and flips).",
-        "- why this scale: the whole script must run in ~25 minutes on 2 shared CPU cores. 128 px images keep "
-        "objects at 8-70 px, so RoIs are pooled from P2 (stride 4) where quantising a box to the feature grid "
-        "(RoIPool, RoIWarp) moves it by up to 2 px per side (RoIPool's bin rounding adds more): a large fraction "
-        "of a small object, the regime in which the paper sees the RoI-layer gap (its C4/C5 rows, stride 16/32 on "
-        "COCO objects). A res5 (C4) box head would be closer to the paper's Table 2c but is far too slow here.",
-        "- one thread: on the shared 2-core machine a second intra-op thread that gets descheduled stalls every "
-        "op (measured: 0.26 s/iteration with 1 thread vs 5.6 s with 2 under load).",
+        f"- model: preset shapes (R18-FPN at width {cfg.model.backbone.width}, BN, trained from scratch, FPN "
+        f"{cfg.model.fpn.out_channels} channels, mask head {cfg.model.mask.num_convs} x conv "
+        f"{cfg.model.mask.conv_dim} + deconv to 28 x 28, mask paste `{getattr(cfg.model.mask, 'paste', 'torchvision')}`), "
+        f"keypoint head off; inputs at {args.image_size} px (train and test), horizontal flips {cfg.input.hflip_prob}.",
+        f"- solver: SGD lr {cfg.solver.base_lr}, momentum {cfg.solver.momentum}, batch {cfg.solver.ims_per_batch}, "
+        f"{cfg.solver.max_iter} iterations, {cfg.solver.warmup_iters} warm-up, lr x{cfg.solver.gamma} at "
+        f"{list(cfg.solver.steps)}, gradient-norm clip {cfg.solver.clip_grad_norm}; training seeds "
+        f"{sorted({r['train_seed'] for r in rows})}: for a given seed every variant starts from the same initial "
+        "weights of the shared modules and sees the same batches and flips.",
+        "- the FPN pools a RoI from P2 (stride 4) up to P5 by its size; at 256 px most objects (8-140 px) are "
+        "pooled from P2/P3, where RoIPool's and RoIWarp's rounding of box corners to the feature grid (and "
+        "RoIPool's rounding of bin edges) shifts a box by up to 2-4 px, a sizeable fraction of a small object. "
+        "The paper's Table 2c uses a C4 backbone (stride 16), where the effect is larger.",
         "",
         "## Paper (Table 2, COCO minival, mask AP / AP50 / AP75)",
         "",
@@ -297,8 +290,7 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablations.md").write_text(text)
     payload = {"commit": _commit(), "argv": sys.argv, "args": vars(args), "total_seconds": total_s,
-               "config_baseline": to_dict(cfg), "results": rows, "directions": directions(rows),
-               "noise": noise_notes(rows)}
+               "config_baseline": to_dict(cfg), "results": rows, "directions": [t for t, _ in dirs]}
     (out_dir / "ablations.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return text
 
@@ -307,24 +299,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(HERE / "results"), help="where ablations.md / ablations.json go")
-    p.add_argument("--workdir", default=None, help="data and checkpoints (default: a temporary folder, removed)")
+    p.add_argument("--workdir", default=None, help="data and runs, kept and reused (default: a temporary folder)")
     p.add_argument("--max-iter", type=int, default=DEFAULTS["max_iter"])
     p.add_argument("--train", type=int, default=DEFAULTS["train"], help="training images")
     p.add_argument("--val", type=int, default=DEFAULTS["val"], help="validation images")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="data seed and default training seed")
-    p.add_argument("--train-seed", type=int, default=None, help="training seed (initial weights, batch order)")
-    p.add_argument("--noise-seeds", type=int, default=0,
-                   help="also train the baseline with this many further training seeds (run-to-run spread)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="data seed")
+    p.add_argument("--seeds", type=int, default=2, help="training seeds per variant (default 2)")
+    p.add_argument("--first-train-seed", type=int, default=None, help="first training seed (default: --seed)")
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
     p.add_argument("--only", default=None, help="comma-separated groups (b, c, e) and/or variants "
                                                 f"({', '.join(VARIANTS)})")
     p.add_argument("--override", default=None, help="JSON of extra config overrides applied to every variant")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see the docstring)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes; default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")
     args = p.parse_args(argv)
-    if args.max_iter <= 0 or args.train <= 0 or args.val <= 0 or args.noise_seeds < 0:
-        p.error("--max-iter, --train and --val must be positive, --noise-seeds >= 0")
+    if min(args.max_iter, args.train, args.val, args.seeds, args.jobs, args.threads) <= 0:
+        p.error("--max-iter, --train, --val, --seeds, --jobs and --threads must be positive")
+    if args.override:
+        try:
+            json.loads(args.override)
+        except json.JSONDecodeError as e:
+            p.error(f"--override is not valid JSON: {e}")
     _, names = selected(args.only)
-    torch.set_num_threads(args.threads)
 
     from mrcnn_fast.data import make_shapes
 
@@ -338,18 +334,20 @@ def main(argv=None) -> int:
     try:
         data = make_shapes(workdir / "shapes", n_train=args.train, n_val=args.val, seed=args.seed,
                            image_size=(args.image_size, args.image_size))
+        data = {k: str(v) for k, v in data.items()}
         data_s = time.perf_counter() - t0
-        first = args.seed if args.train_seed is None else args.train_seed
-        jobs = [(name, first) for name in names] + [("baseline", first + k) for k in range(1, args.noise_seeds + 1)]
-        rows = []
-        for i, (name, seed) in enumerate(jobs):
-            print(f"=== [{i + 1}/{len(jobs)}] {name} (training seed {seed}): {VARIANTS[name][0]}", file=sys.stderr,
-                  flush=True)
-            rows.append(run_variant(args, name, data, workdir / "runs", seed))
-            r = rows[-1]
-            print(f"=== {r['key']}: segm AP {_pct(r['metrics']['segm']['AP'])} AP75 "
-                  f"{_pct(r['metrics']['segm']['AP75'])} bbox AP {_pct(r['metrics']['bbox']['AP'])} "
-                  f"in {r['seconds']:.0f} s", file=sys.stderr, flush=True)
+        first = args.seed if args.first_train_seed is None else args.first_train_seed
+        jobs = [(name, first + k) for k in range(args.seeds) for name in names]
+        print(f"=== {len(jobs)} runs, {args.jobs} at a time", file=sys.stderr, flush=True)
+        env_threads = {"OMP_NUM_THREADS": str(args.threads), "MRCNN_NUM_THREADS": str(args.threads)}
+        os.environ.update(env_threads)   # inherited by the spawned workers before they import torch
+        if args.jobs == 1:
+            rows = [run_variant(args, name, data, workdir / "runs", seed) for name, seed in jobs]
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+                futures = [pool.submit(run_variant, args, name, data, workdir / "runs", seed) for name, seed in jobs]
+                rows = [f.result() for f in futures]
         text = write_report(args, rows, Path(args.out), time.perf_counter() - t0, data_s)
     finally:
         if tmp is not None:

@@ -262,7 +262,7 @@ class TimeBudget:
             new = [max(round(n * f), done + 1) for f in self.step_fractions]
             steps = [o if o <= done else min(nw, n) for o, nw in zip(old, new)] if len(old) == len(new) else new
         trainer.set_max_iter(n, steps=steps)
-        if self.log is not None and (first or done % 100 == 0):
+        if self.log is not None and (first or (done - self.calibrate) % (4 * self.recheck) == 0):
             self.log(f"[demo] {rate:.2f} it/s: training for {n} iterations to fit the time budget")
 
 
