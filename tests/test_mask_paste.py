@@ -5,6 +5,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 from conftest import cuda_only
@@ -402,6 +403,225 @@ def test_bad_input():
         torch.ops.mrcnn_fast.paste_masks(masks[:, 0], boxes[:2], H, W, 1)
 
 
+# ---- aligned paste (detectron2's convention) -------------------------------------------------------
+def ref_aligned(masks, boxes, img_h, img_w):
+    """Tensor[N, H, W] float64: F.grid_sample (bilinear, zero padding, align_corners=False) of each mask on the
+    image's pixel centres normalised to its box; degenerate boxes paste nothing."""
+    m = masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]).double()
+    out = torch.zeros(len(m), img_h, img_w, dtype=torch.float64)
+    xs = torch.arange(img_w, dtype=torch.float64) + 0.5
+    ys = torch.arange(img_h, dtype=torch.float64) + 0.5
+    for n, (x1, y1, x2, y2) in enumerate(boxes.double().tolist()):
+        if not (x2 > x1 and y2 > y1):
+            continue
+        gx = (xs - x1) / (x2 - x1) * 2 - 1
+        gy = (ys - y1) / (y2 - y1) * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), -1)[None]  # [1, H, W, (x, y)]
+        out[n] = F.grid_sample(m[n][None, None], grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=False)[0, 0]
+    return out
+
+
+def aligned_boxes(n, g, dtype=torch.float32):
+    """rand_boxes (normal, tiny, huge, partly and wholly outside) plus degenerate and sub-pixel ones."""
+    b = rand_boxes(n, g, dtype=torch.float64)
+    b[0] = torch.tensor([10.0, 12, 10, 30])      # zero width
+    b[1] = torch.tensor([10.0, 12, 20, 11])      # negative height
+    b[2] = torch.tensor([5.4, 7.4, 5.7, 7.6])    # 0.3 x 0.2 px around the centre of pixel (7, 5)
+    b[3] = torch.tensor([10.0, -60, 40, -30])    # wholly above the image
+    b[4] = torch.tensor([W + 0.7, 10, W + 9, 20])  # right of the image: only the bilinear tail may reach in
+    b[5] = torch.tensor([10.0, 10, 20, 20])      # integer box: window edges on exact ties
+    return b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mh,mw", [(28, 28), (14, 33), (7, 5), (1, 1)])
+def test_aligned_matches_grid_sample(dtype, mh, mw):
+    g = torch.Generator().manual_seed(100 * mh + mw)
+    masks, boxes = rand_masks(30, mw, g, dtype, mh=mh), aligned_boxes(30, g, dtype)
+    got = ops.paste_masks_in_image(masks, boxes, (H, W), aligned=True)
+    assert got.shape == (30, 1, H, W) and got.dtype == dtype
+    ref = ref_aligned(masks, boxes, H, W)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got[:, 0].double(), ref, rtol=0, atol=tol)
+    assert not got[:2].any() and not got[3].any()  # degenerate and outside boxes
+    assert torch.nonzero(got[2, 0]).tolist() == [[7, 5]]  # a sub-pixel box paints the pixel whose centre it holds
+    # float32 boxes and float64 masks (and the reverse): the coordinates are float64 either way
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    torch.testing.assert_close(ops.paste_masks_in_image(masks, boxes.to(other), (H, W), aligned=True)[:, 0].double(),
+                               ref_aligned(masks, boxes.to(other), H, W), rtol=0, atol=tol)
+    # it is a different function from torchvision's convention
+    assert (got - ops.paste_masks_in_image(masks, boxes, (H, W))).abs().max() > 0.1
+
+
+def test_aligned_window_is_exact():
+    """With all-ones masks a pixel is non-zero exactly where -1 < u < Mw and -1 < v < Mh (float64 formula)."""
+    g = torch.Generator().manual_seed(21)
+    boxes = aligned_boxes(40, g, torch.float64)
+    boxes[6] = torch.tensor([0.0, 0, W, H])  # the whole image
+    masks = torch.ones(40, 9, 12, dtype=torch.float64)
+    nz = ops.paste_masks_in_image(masks, boxes, (H, W), aligned=True)[:, 0] > 0
+    xs, ys = torch.arange(W, dtype=torch.float64) + 0.5, torch.arange(H, dtype=torch.float64) + 0.5
+    windows = torch.empty(40, 5, dtype=torch.int64)
+    _lib._C.paste_masks_windows(_lib.dl(boxes), 12, 1, H, W, _lib.dl(windows), True, 9)
+    for n, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        if x2 > x1 and y2 > y1:
+            u = (xs - x1) * 12 / (x2 - x1) - 0.5
+            v = (ys - y1) * 9 / (y2 - y1) - 0.5
+            expect = ((v > -1) & (v < 9))[:, None] & ((u > -1) & (u < 12))[None, :]
+        else:
+            expect = torch.zeros(H, W, dtype=torch.bool)
+        assert torch.equal(nz[n], expect), n
+        y0, x0, h, w, _ = windows[n].tolist()
+        in_window = torch.zeros(H, W, dtype=torch.bool)
+        in_window[y0:y0 + h, x0:x0 + w] = True
+        assert torch.equal(in_window, expect), n  # the RLE path's windows are the same
+    assert nz[6].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", [0.5, 0.2, 0.0, 1.0, -0.5])
+def test_aligned_binary_and_rle(dtype, threshold):
+    g = torch.Generator().manual_seed(int(threshold * 10) + 40)
+    masks, boxes = rand_masks(30, 28, g, dtype, mh=20), aligned_boxes(30, g, dtype)
+    probs = ops.paste_masks_in_image(masks, boxes, (H, W), aligned=True)[:, 0]
+    binary = ops.paste_masks_binary(masks, boxes, (H, W), threshold, aligned=True)
+    assert binary.dtype == torch.bool and torch.equal(binary, probs > threshold)
+    if 0 <= threshold < 1:
+        assert binary.any()
+    rles = ops.paste_masks_rle(masks, boxes, (H, W), threshold, aligned=True)
+    assert [r["counts"] for r in rles] == [r["counts"] for r in coco_encode(binary)]
+    assert all(r["size"] == [H, W] for r in rles)
+    assert np.array_equal(mask_util.decode(rles).transpose(2, 0, 1).astype(bool), binary.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aligned_cuda_kernel_loop_on_cpu(dtype):
+    """The CUDA kernel's loop with aligned plans, run sequentially on the CPU, against the CPU kernels."""
+    g = torch.Generator().manual_seed(23)
+    masks, boxes = rand_masks(20, 28, g, dtype, mh=13)[:, 0], aligned_boxes(20, g)
+    C, dl = _lib._C, _lib.dl
+    check = torch.equal if fma_cpu() else (lambda a, b: torch.allclose(a.double(), b.double(), atol=1e-6))
+    img = torch.empty(20, H, W, dtype=dtype)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(img), 1, 0.5, False, H, W, True)
+    assert check(img, ops.paste_masks_in_image(masks, boxes, (H, W), aligned=True)[:, 0])
+    assert not check(img, ops.paste_masks_in_image(masks, boxes, (H, W))[:, 0])
+    binary = torch.empty(20, H, W, dtype=torch.bool)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(binary), 1, 0.5, True, H, W, True)
+    ref = ops.paste_masks_binary(masks, boxes, (H, W), aligned=True)
+    assert check(binary, ref) if fma_cpu() else (binary != ref).float().mean() < 1e-3
+    # the device RLE path: aligned windows, column-major crops, host run-length encoding
+    windows = torch.empty(20, 5, dtype=torch.int64)
+    total = C.paste_masks_windows(dl(boxes), 28, 1, H, W, dl(windows), True, 13)
+    crops = torch.empty(total, dtype=torch.bool)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, 0.5, True, H, W, True)
+    parts = []
+    for n, (y0, x0, h, w, off) in enumerate(windows.tolist()):
+        assert off == sum(p.numel() for p in parts)
+        outside = binary[n].clone()
+        outside[y0:y0 + h, x0:x0 + w] = False
+        assert not outside.any()  # the window holds every set pixel
+        parts.append(binary[n, y0:y0 + h, x0:x0 + w].t().reshape(-1))
+    assert torch.equal(crops, torch.cat(parts))
+    assert windows[0, 2:4].tolist() == [0, 0] and windows[3, 2:4].tolist() == [0, 0]
+    strs = C.rle_from_crops(dl(crops), dl(windows), H, W, False)
+    assert strs == [r["counts"] for r in ops.paste_masks_rle(masks, boxes, (H, W), aligned=True)]
+
+
+def _shapes(g, n, img=(96, 112)):
+    """n synthetic binary objects (ellipses, rectangles, rings, L shapes) of 8..60 px, one per image."""
+    h, w = img
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    out = []
+    for i in range(n):
+        sy, sx = (torch.rand(2, generator=g) * 52 + 8).tolist()
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor([h - sy, w - sx]) + torch.tensor([sy, sx]) / 2).tolist()
+        dy, dx = (yy - cy) / (sy / 2), (xx - cx) / (sx / 2)
+        kind = i % 4
+        if kind == 0:
+            m = dy ** 2 + dx ** 2 <= 1
+        elif kind == 1:
+            m = (dy.abs() <= 1) & (dx.abs() <= 1)
+        elif kind == 2:
+            r = dy ** 2 + dx ** 2
+            m = (r <= 1) & (r >= 0.3)
+        else:
+            m = (dy.abs() <= 1) & (dx.abs() <= 1) & ((dy > 0.2) | (dx < -0.2))
+        out.append(m)
+    return torch.stack(out)
+
+
+def _iou(a, b):
+    return ((a & b).sum((1, 2)).double() / (a | b).sum((1, 2)).double())
+
+
+def test_aligned_roundtrip_oracle():
+    """RoIAlign(aligned=True) to 28 x 28 in the exact box, pasted back: the aligned paste recovers the object;
+    torchvision's convention (misaligned by up to ~1 px) loses much more on the same input."""
+    g = torch.Generator().manual_seed(31)
+    objs = _shapes(g, 24)
+    boxes = []
+    for m in objs:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0])
+    boxes = torch.tensor(boxes)
+    assert ((boxes[:, 2:] - boxes[:, :2]) >= 8).all()
+    rois = torch.cat([torch.arange(len(boxes), dtype=torch.float32)[:, None], boxes], 1)
+    small = ops.roi_align(objs[:, None].float(), rois, (28, 28), 1.0, 0, True)
+    img = tuple(objs.shape[-2:])
+    aligned = ops.paste_masks_binary(small, boxes, img, 0.5, aligned=True)
+    tv = ops.paste_masks_binary(small, boxes, img, 0.5)
+    iou_a, iou_tv = _iou(aligned, objs), _iou(tv, objs)
+    assert iou_a.min() >= 0.95, iou_a
+    assert iou_a.mean() > iou_tv.mean() + 0.03 and iou_a.min() > iou_tv.min() + 0.05, (iou_a, iou_tv)
+    assert (iou_a >= iou_tv).float().mean() >= 0.9
+
+
+def test_aligned_empty_and_errors():
+    masks, boxes = torch.rand(3, 1, 28, 28), torch.tensor([[1.0, 2, 10, 12]] * 3)
+    assert ops.paste_masks_in_image(masks[:0], boxes[:0], (H, W), aligned=True).shape == (0, 1, H, W)
+    assert ops.paste_masks_binary(masks[:0], boxes[:0], (H, W), aligned=True).shape == (0, H, W)
+    assert ops.paste_masks_rle(masks[:0], boxes[:0], (H, W), aligned=True) == []
+    for fn in [ops.paste_masks_in_image, ops.paste_masks_binary, ops.paste_masks_rle]:
+        for bad_flag in (1, "yes", None):
+            with pytest.raises(TypeError, match="aligned"):
+                fn(masks, boxes, (H, W), aligned=bad_flag)
+        with pytest.raises(ValueError, match="padding"):
+            fn(masks, boxes, (H, W), padding=2, aligned=True)
+        for v in (float("nan"), float("inf")):
+            bad = boxes.clone()
+            bad[2, 1] = v
+            with pytest.raises(ValueError, match="boxes"):
+                fn(masks, bad, (H, W), aligned=True)
+        with pytest.raises(ValueError, match="same length"):
+            fn(masks, boxes[:2], (H, W), aligned=True)
+        with pytest.raises(ValueError, match="img_shape"):
+            fn(masks, boxes, (0, W), aligned=True)
+    bad = boxes.clone()
+    bad[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="boxes"):  # the core checks without the Python wrapper
+        torch.ops.mrcnn_fast.paste_masks(masks[:, 0], bad, H, W, 1, True)
+    with pytest.raises(ValueError, match="boxes"):
+        torch.ops.mrcnn_fast.paste_masks_binary(masks[:, 0], bad, H, W, 0.5, 1, True)
+
+
+def test_aligned_opcheck_and_compile():
+    g = torch.Generator().manual_seed(0)
+    masks, boxes = rand_masks(5, 28, g, mh=14)[:, 0], rand_boxes(5, g, kind="normal")
+    torch.library.opcheck(torch.ops.mrcnn_fast.paste_masks.default, (masks, boxes, H, W, 1, True))
+    torch.library.opcheck(torch.ops.mrcnn_fast.paste_masks_binary.default, (masks, boxes, H, W, 0.5, 1, True))
+
+    class Post(torch.nn.Module):
+        def forward(self, masks, boxes):
+            probs = ops.paste_masks_in_image(masks.sigmoid(), boxes, (H, W), aligned=True)
+            return probs, ops.paste_masks_binary(masks.sigmoid(), boxes, (H, W), 0.5, aligned=True)
+
+    model = Post()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(masks, boxes), model(masks, boxes)):
+        assert torch.equal(a, b)
+
+
 # ---- CUDA ------------------------------------------------------------------------------------------
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -440,3 +660,24 @@ def test_cuda_torchvision_close_and_errors():
         ops.paste_masks_in_image(masks, boxes.cpu(), (H, W))
     assert ops.paste_masks_in_image(masks[:0], boxes[:0], (H, W)).shape == (0, 1, H, W)
     assert ops.paste_masks_rle(masks[:0], boxes[:0], (H, W)) == []
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_aligned_matches_cpu(dtype):
+    g = torch.Generator().manual_seed(19)
+    masks, boxes = rand_masks(64, 28, g, mh=21), aligned_boxes(64, g)
+    cpu_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    mq = masks.to(dtype)
+    ref = ops.paste_masks_in_image(mq.to(cpu_dtype), boxes, (H, W), aligned=True)
+    got = ops.paste_masks_in_image(mq.cuda(), boxes.cuda(), (H, W), aligned=True)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    # same float64 coordinates, same fused blend in float32 (float64), then one rounding to the masks' dtype
+    assert torch.equal(got.cpu(), ref.to(dtype))
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(got[:, 0].cpu().double(), ref_aligned(mq, boxes, H, W), rtol=0, atol=tol)
+    for thr in (0.5, 0.3):
+        gb = ops.paste_masks_binary(mq.cuda(), boxes.cuda(), (H, W), thr, aligned=True)
+        assert torch.equal(gb.cpu(), ref[:, 0].to(dtype) > thr)
+        rle = ops.paste_masks_rle(mq.cuda(), boxes.cuda(), (H, W), thr, aligned=True)
+        assert [r["counts"] for r in rle] == [r["counts"] for r in coco_encode(gb.cpu())]

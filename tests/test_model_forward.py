@@ -111,6 +111,40 @@ def test_rle_mask_format_matches_probabilities(batch):
         model.mask_format = "png"
 
 
+def test_mask_paste_modes(batch, monkeypatch):
+    from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
+
+    from mrcnn_fast import ops
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg({"roi_heads": {"score_thresh_test": 0.0}})
+    assert cfg.model.mask.paste == "aligned"
+    model = build_model(cfg).eval()
+    assert model.mask_paste == "aligned"
+    calls, real = [], ops.paste_masks_in_image
+
+    def spy(masks, boxes, img_shape, **kw):
+        calls.append((masks, boxes, img_shape, kw))
+        return real(masks, boxes, img_shape, **kw)
+
+    monkeypatch.setattr(ops, "paste_masks_in_image", spy)
+    with torch.no_grad():
+        aligned = model(batch[0][:1])[0]
+        model.mask_paste = "torchvision"
+        tv = model(batch[0][:1])[0]
+    assert [c[3] for c in calls] == [{"aligned": True}, {"aligned": False}]
+    masks, boxes, img_shape, _ = calls[1]
+    assert aligned["masks"].shape[0] > 0 and torch.equal(aligned["boxes"], tv["boxes"])
+    torch.testing.assert_close(tv["masks"], tv_paste(masks, boxes, img_shape), rtol=0, atol=1e-6)
+    assert torch.equal(aligned["masks"], real(masks, boxes, img_shape, aligned=True))
+    assert not torch.equal(aligned["masks"], tv["masks"])
+    with pytest.raises(ValueError, match="mask_paste"):
+        model.mask_paste = "detectron2"
+    with pytest.raises(ValueError, match="model.mask.paste"):
+        build_model(tiny_cfg({"mask": {"paste": "detectron2"}}))
+    assert build_model(tiny_cfg({"mask": {"paste": "torchvision"}})).mask_paste == "torchvision"
+
+
 def test_c4_model_trains_and_predicts(batch):
     torch.manual_seed(0)
     cfg = get_config("r50_c4", {

@@ -11,6 +11,7 @@ from mrcnn_fast.modeling import build_model
 def _pair(overrides=None, **input_overrides):
     overrides = {"roi_heads": {"pooler_aligned": False}, **(overrides or {})}      # torchvision: aligned=False
     overrides["backbone"] = {"width": 64, **overrides.get("backbone", {})}         # torchvision's ResNet width
+    overrides["mask"] = {"paste": "torchvision", **overrides.get("mask", {})}      # torchvision's mask paste
     cfg = tiny_cfg(overrides)
     torch.manual_seed(0)
     ours = build_model(cfg)

@@ -83,6 +83,9 @@ class MaskHeadConfig:
     mlp_dim: int = 1024                 # hidden fc width of the mlp head
     loss: str = "sigmoid"               # sigmoid (per-class binary, paper) | softmax (multinomial, Table 2b)
     class_agnostic: bool = False
+    # inference paste of the masks into the image: "aligned" (detectron2's convention, matches the RoIAlign mask
+    # targets) | "torchvision" (bit-exact with torchvision's paste_masks_in_image, used for output parity)
+    paste: str = "aligned"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 // Mask pasting on the CPU: float and bool images written tile by tile (a tile = a block of rows of one
 // mask), and COCO RLE straight from the boxes, evaluating only the pixels inside each box, column by
-// column (RLE's order), with the runs outside computed arithmetically.
+// column (RLE's order), with the runs outside computed arithmetically. Both conventions of
+// detail/mask_paste_math.h (torchvision's, aligned) share the tiling and the RLE; each has its own tables.
 //
 // The inner loops come in two builds of the same code: with fused multiply-adds (compiled for AVX2+FMA and
 // picked at run time when the CPU has them, matching torch's own kernels there bit for bit) and without.
@@ -36,6 +37,7 @@
 namespace mrcnn {
 namespace {
 
+using detail::AlignedPlan;
 using detail::PastePlan;
 using detail::Taps;
 
@@ -223,6 +225,94 @@ MRCNN_ALWAYS_INLINE void eval_columns(const PastePlan& p, const Source<A>& src, 
   }
 }
 
+// ---- aligned paste: the same, from detail::aligned_taps tables ------------------------------------
+// x taps of columns [xa, xb) and y taps of rows [ya, yb) (inside the plan's window); r0/r1: the mask rows read.
+template <class A>
+MRCNN_ALWAYS_INLINE void aligned_tables(const AlignedPlan& p, int64_t ya, int64_t yb, int64_t xa, int64_t xb,
+                                        int64_t& r0, int64_t& r1, Scratch<A>& s) {
+  const int64_t bw = xb - xa, bh = yb - ya;
+  s.ix0.resize(bw); s.ix1.resize(bw); s.wx0.resize(bw); s.wx1.resize(bw);
+  for (int64_t k = 0; k < bw; ++k) {
+    const Taps<A> t = detail::aligned_taps<A>(p.x, xa + k);
+    s.ix0[k] = static_cast<int32_t>(t.i0);
+    s.ix1[k] = static_cast<int32_t>(t.i1);
+    s.wx0[k] = t.l0;
+    s.wx1[k] = t.l1;
+  }
+  s.iy0.resize(bh); s.iy1.resize(bh); s.wy0.resize(bh); s.wy1.resize(bh);
+  for (int64_t j = 0; j < bh; ++j) {
+    const Taps<A> t = detail::aligned_taps<A>(p.y, ya + j);
+    s.iy0[j] = static_cast<int32_t>(t.i0);
+    s.iy1[j] = static_cast<int32_t>(t.i1);
+    s.wy0[j] = t.l0;
+    s.wy1[j] = t.l1;
+  }
+  r0 = s.iy0[0];  // the clamped taps are monotone too
+  r1 = s.iy1[bh - 1];
+  for (int64_t j = 0; j < bh; ++j) {
+    s.iy0[j] -= static_cast<int32_t>(r0);
+    s.iy1[j] -= static_cast<int32_t>(r0);
+  }
+}
+
+// Mask rows r0..r1 blended along x into s.rows (row i at i * bw).
+template <bool F, class A>
+MRCNN_ALWAYS_INLINE void aligned_blend_rows(const A* mask, int64_t mw, int64_t r0, int64_t r1, int64_t bw,
+                                            Scratch<A>& s) {
+  const int32_t* __restrict__ ix0 = s.ix0.data();
+  const int32_t* __restrict__ ix1 = s.ix1.data();
+  const A* __restrict__ wx0 = s.wx0.data();
+  const A* __restrict__ wx1 = s.wx1.data();
+  s.rows.resize(static_cast<size_t>((r1 - r0 + 1) * bw));
+  for (int64_t i = 0; i <= r1 - r0; ++i) {
+    const A* __restrict__ row = mask + (r0 + i) * mw;
+    A* __restrict__ h = s.rows.data() + i * bw;
+    for (int64_t k = 0; k < bw; ++k) h[k] = detail::lerp<F>(row[ix0[k]], row[ix1[k]], wx0[k], wx1[k]);
+  }
+}
+
+// Aligned values of image rows [ya, yb) x columns [xa, xb) (inside the window), row y at out + (y - ya) * ostride.
+template <bool F, class A, class O, class Conv>
+MRCNN_ALWAYS_INLINE void aligned_eval_rows(const AlignedPlan& p, const A* mask, int64_t ya, int64_t yb, int64_t xa,
+                                           int64_t xb, O* out, int64_t ostride, Conv conv, Scratch<A>& s) {
+  const int64_t bw = xb - xa;
+  int64_t r0, r1;
+  aligned_tables(p, ya, yb, xa, xb, r0, r1, s);
+  aligned_blend_rows<F>(mask, p.x.size, r0, r1, bw, s);
+  for (int64_t j = 0; j < yb - ya; ++j) {
+    O* __restrict__ o = out + j * ostride;
+    const A l0 = s.wy0[j], l1 = s.wy1[j];
+    const A* __restrict__ h0 = s.rows.data() + s.iy0[j] * bw;
+    const A* __restrict__ h1 = s.rows.data() + s.iy1[j] * bw;
+    for (int64_t k = 0; k < bw; ++k) o[k] = conv(detail::lerp<F>(h0[k], h1[k], l0, l1));
+  }
+}
+
+// The window's rows at columns [xa, xb), thresholded, column-major into s.cols (column k at k * (cy1 - cy0)).
+template <bool F, class A>
+MRCNN_ALWAYS_INLINE void aligned_eval_columns(const AlignedPlan& p, const A* mask, int64_t xa, int64_t xb, A thr,
+                                              Scratch<A>& s) {
+  const int64_t bw = xb - xa, ch = p.cy1 - p.cy0;
+  int64_t r0, r1;
+  aligned_tables(p, p.cy0, p.cy1, xa, xb, r0, r1, s);
+  aligned_blend_rows<F>(mask, p.x.size, r0, r1, bw, s);
+  const int64_t nrows = r1 - r0 + 1;
+  std::vector<A>& t = s.padded;  // transposed: each column's rows contiguous
+  t.resize(static_cast<size_t>(bw * nrows));
+  for (int64_t i = 0; i < nrows; ++i)
+    for (int64_t k = 0; k < bw; ++k) t[k * nrows + i] = s.rows[i * bw + k];
+  s.cols.resize(static_cast<size_t>(bw * ch));
+  const int32_t* __restrict__ iy0 = s.iy0.data();
+  const int32_t* __restrict__ iy1 = s.iy1.data();
+  const A* __restrict__ wy0 = s.wy0.data();
+  const A* __restrict__ wy1 = s.wy1.data();
+  for (int64_t k = 0; k < bw; ++k) {
+    const A* __restrict__ col = t.data() + k * nrows;
+    uint8_t* __restrict__ o = s.cols.data() + k * ch;
+    for (int64_t j = 0; j < ch; ++j) o[j] = detail::lerp<F>(col[iy0[j]], col[iy1[j]], wy0[j], wy1[j]) > thr;
+  }
+}
+
 // ---- run lengths ---------------------------------------------------------------------------------
 struct Runs {
   std::vector<uint64_t>* counts;
@@ -264,20 +354,20 @@ struct Runs {
 };
 
 // ---- the image pastes ----------------------------------------------------------------------------
-template <class A> struct PasteJob {
+template <class A, class Plan> struct PasteJob {
   const A* masks;
   int64_t mh, mw, pad, H, W, tiles_per_mask;
-  const PastePlan* plans;
+  const Plan* plans;
 };
 
-template <bool F, class A, class O, class Conv>
-MRCNN_ALWAYS_INLINE void paste_tiles_impl(const PasteJob<A>& job, O* out, Conv conv, int64_t t0, int64_t t1) {
+template <bool F, class A, class Plan, class O, class Conv>
+MRCNN_ALWAYS_INLINE void paste_tiles_impl(const PasteJob<A, Plan>& job, O* out, Conv conv, int64_t t0, int64_t t1) {
   Scratch<A>& s = scratch<A>();
   const int64_t H = job.H, W = job.W;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / job.tiles_per_mask;
     const int64_t ya = (t % job.tiles_per_mask) * kTileRows, yb = std::min(ya + kTileRows, H);
-    const PastePlan& p = job.plans[n];
+    const Plan& p = job.plans[n];
     O* img = out + n * H * W;
     const O zero = conv(A(0));  // outside the box the image is 0, thresholded like the rest
     const int64_t ea = p.empty() ? yb : std::max(ya, p.cy0), eb = p.empty() ? yb : std::min(yb, p.cy1);
@@ -291,24 +381,36 @@ MRCNN_ALWAYS_INLINE void paste_tiles_impl(const PasteJob<A>& job, O* out, Conv c
       }
     }
     if (ea < eb) {
-      const Source<A> src = make_source(job.masks + n * job.mh * job.mw, job.mh, job.mw, job.pad, p);
-      eval_rows<F>(p, src, ea, eb, p.cx0, p.cx1, img + ea * W + p.cx0, W, conv, s);
+      const A* mask = job.masks + n * job.mh * job.mw;
+      if constexpr (std::is_same_v<Plan, AlignedPlan>) {
+        aligned_eval_rows<F>(p, mask, ea, eb, p.cx0, p.cx1, img + ea * W + p.cx0, W, conv, s);
+      } else {
+        const Source<A> src = make_source(mask, job.mh, job.mw, job.pad, p);
+        eval_rows<F>(p, src, ea, eb, p.cx0, p.cx1, img + ea * W + p.cx0, W, conv, s);
+      }
     }
   }
 }
 
-template <class A, class O, class Conv>
-MRCNN_X86_FMA_TARGET void paste_tiles_fused(const PasteJob<A>& job, O* out, Conv conv, int64_t t0, int64_t t1) {
+template <class A, class Plan, class O, class Conv>
+MRCNN_X86_FMA_TARGET void paste_tiles_fused(const PasteJob<A, Plan>& job, O* out, Conv conv, int64_t t0,
+                                            int64_t t1) {
   paste_tiles_impl<true>(job, out, conv, t0, t1);
 }
-template <class A, class O, class Conv>
-void paste_tiles_plain(const PasteJob<A>& job, O* out, Conv conv, int64_t t0, int64_t t1) {
+template <class A, class Plan, class O, class Conv>
+void paste_tiles_plain(const PasteJob<A, Plan>& job, O* out, Conv conv, int64_t t0, int64_t t1) {
   paste_tiles_impl<false>(job, out, conv, t0, t1);
 }
 
+// One mask's values: its plan and its Mh x Mw elements (pad: torchvision's zero border, unused when aligned).
+template <class A> struct MaskRef {
+  const A* mask;
+  int64_t mh, mw, pad;
+};
+
 // One RLE counts string: the box's columns evaluated in strips, everything else as arithmetic zero runs.
-template <bool F, class A>
-MRCNN_ALWAYS_INLINE std::string rle_one_impl(const PastePlan& p, const Source<A>& src, int64_t H, int64_t W, A thr) {
+template <bool F, class A, class Plan>
+MRCNN_ALWAYS_INLINE std::string rle_one_impl(const Plan& p, const MaskRef<A>& m, int64_t H, int64_t W, A thr) {
   Scratch<A>& s = scratch<A>();
   Runs runs(s.counts);
   const uint8_t zero = A(0) > thr;  // the image outside the box, thresholded
@@ -317,7 +419,11 @@ MRCNN_ALWAYS_INLINE std::string rle_one_impl(const PastePlan& p, const Source<A>
     runs.add(zero, static_cast<uint64_t>(p.cx0 * H));
     for (int64_t xa = p.cx0; xa < p.cx1; xa += kRleStripCols) {
       const int64_t xb = std::min(xa + kRleStripCols, p.cx1);
-      eval_columns<F>(p, src, xa, xb, thr, s);
+      if constexpr (std::is_same_v<Plan, AlignedPlan>) {
+        aligned_eval_columns<F>(p, m.mask, xa, xb, thr, s);
+      } else {
+        eval_columns<F>(p, make_source(m.mask, m.mh, m.mw, m.pad, p), xa, xb, thr, s);
+      }
       for (int64_t k = 0; k < xb - xa; ++k) {
         runs.add(zero, static_cast<uint64_t>(p.cy0));
         runs.column(s.cols.data() + k * ch, ch);
@@ -331,13 +437,13 @@ MRCNN_ALWAYS_INLINE std::string rle_one_impl(const PastePlan& p, const Source<A>
   runs.finish();
   return rle_counts_string(s.counts);
 }
-template <class A>
-MRCNN_X86_FMA_TARGET std::string rle_one_fused(const PastePlan& p, const Source<A>& src, int64_t H, int64_t W, A thr) {
-  return rle_one_impl<true>(p, src, H, W, thr);
+template <class A, class Plan>
+MRCNN_X86_FMA_TARGET std::string rle_one_fused(const Plan& p, const MaskRef<A>& m, int64_t H, int64_t W, A thr) {
+  return rle_one_impl<true>(p, m, H, W, thr);
 }
-template <class A>
-std::string rle_one_plain(const PastePlan& p, const Source<A>& src, int64_t H, int64_t W, A thr) {
-  return rle_one_impl<false>(p, src, H, W, thr);
+template <class A, class Plan>
+std::string rle_one_plain(const Plan& p, const MaskRef<A>& m, int64_t H, int64_t W, A thr) {
+  return rle_one_impl<false>(p, m, H, W, thr);
 }
 
 // ---- shared checks and plans ---------------------------------------------------------------------
@@ -390,6 +496,31 @@ std::vector<PastePlan> cpu_plans(const TensorView& boxes, int64_t mask_w, int64_
   return plans;
 }
 
+std::vector<AlignedPlan> cpu_aligned_plans(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t H,
+                                           int64_t W) {
+  std::vector<AlignedPlan> plans(static_cast<size_t>(boxes.size(0)));
+  auto fill = [&](auto* b) {
+    using B = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
+    check_finite_boxes<B>(boxes);
+    for (size_t i = 0; i < plans.size(); ++i) plans[i] = detail::aligned_plan(b + 4 * i, mask_h, mask_w, H, W);
+  };
+  if (boxes.dtype == DType::Float32)
+    fill(boxes.ptr<const float>());
+  else
+    fill(boxes.ptr<const double>());
+  return plans;
+}
+
+// Calls f with the plans of either convention.
+template <class Fn>
+void with_plans(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t padding, bool aligned, int64_t H,
+                int64_t W, Fn f) {
+  if (aligned)
+    f(cpu_aligned_plans(boxes, mask_h, mask_w, H, W));
+  else
+    f(cpu_plans(boxes, mask_w, padding, H, W));
+}
+
 // The image outputs are hundreds of MB that we write exactly once, so their cost is mostly first-touch page
 // faults: asking for transparent huge pages (Linux, THP in "madvise" mode) makes that 512x fewer faults
 // (measured: 426 MB in ~37 ms instead of ~220 ms). Only a hint; the memory and its contents are unchanged.
@@ -408,18 +539,20 @@ void advise_huge_pages(void* data, size_t bytes) {
 
 template <class A, class O, class Conv>
 void paste_image_cpu(const TensorView& masks, const TensorView& boxes, O* out, int64_t H, int64_t W, int64_t padding,
-                     Conv conv) {
+                     bool aligned, Conv conv) {
   const int64_t N = masks.size(0);
-  const std::vector<PastePlan> plans = cpu_plans(boxes, masks.size(2), padding, H, W);
-  PasteJob<A> job{masks.ptr<const A>(), masks.size(1), masks.size(2), padding, H, W, (H + kTileRows - 1) / kTileRows,
-                  plans.data()};
-  advise_huge_pages(out, sizeof(O) * static_cast<size_t>(N * H * W));
-  const bool fused = cpu_has_fma();
-  parallel_for(0, N * job.tiles_per_mask, 1, [&](int64_t t0, int64_t t1) {
-    if (fused)
-      paste_tiles_fused(job, out, conv, t0, t1);
-    else
-      paste_tiles_plain(job, out, conv, t0, t1);
+  with_plans(boxes, masks.size(1), masks.size(2), padding, aligned, H, W, [&](const auto& plans) {
+    using Plan = typename std::decay_t<decltype(plans)>::value_type;
+    PasteJob<A, Plan> job{masks.ptr<const A>(), masks.size(1), masks.size(2), padding, H, W,
+                          (H + kTileRows - 1) / kTileRows, plans.data()};
+    advise_huge_pages(out, sizeof(O) * static_cast<size_t>(N * H * W));
+    const bool fused = cpu_has_fma();
+    parallel_for(0, N * job.tiles_per_mask, 1, [&](int64_t t0, int64_t t1) {
+      if (fused)
+        paste_tiles_fused(job, out, conv, t0, t1);
+      else
+        paste_tiles_plain(job, out, conv, t0, t1);
+    });
   });
 }
 
@@ -434,72 +567,74 @@ template <class A> struct Above {
 }  // namespace
 
 // ---- entry points --------------------------------------------------------------------------------
-void paste_masks_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding) {
+void paste_masks_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
+                     bool aligned) {
   MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks", [&] {
-    paste_image_cpu<scalar_t>(masks, boxes, out.ptr<scalar_t>(), out.size(1), out.size(2), padding,
+    paste_image_cpu<scalar_t>(masks, boxes, out.ptr<scalar_t>(), out.size(1), out.size(2), padding, aligned,
                               Identity<scalar_t>{});
   });
 }
 
 void paste_masks_binary_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out,
-                            int64_t padding, double threshold) {
+                            int64_t padding, bool aligned, double threshold) {
   MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_binary", [&] {
-    paste_image_cpu<scalar_t>(masks, boxes, out.ptr<uint8_t>(), out.size(1), out.size(2), padding,
+    paste_image_cpu<scalar_t>(masks, boxes, out.ptr<uint8_t>(), out.size(1), out.size(2), padding, aligned,
                               Above<scalar_t>{static_cast<scalar_t>(threshold)});
   });
 }
 
 void paste_masks(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                 Stream stream) {
+                 bool aligned, Stream stream) {
   check_masks_boxes(masks, boxes, padding);
   check_out(out, masks, masks.dtype, "paste_masks");
   if (out.numel() == 0) return;
   if (masks.is_cuda()) {
-    MRCNN_IF_CUDA(paste_masks_cuda(masks, boxes, out, padding, stream));
+    MRCNN_IF_CUDA(paste_masks_cuda(masks, boxes, out, padding, aligned, stream));
   } else {
-    paste_masks_cpu(masks, boxes, out, padding);
+    paste_masks_cpu(masks, boxes, out, padding, aligned);
   }
 }
 
 void paste_masks_binary(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                        double threshold, Stream stream) {
+                        bool aligned, double threshold, Stream stream) {
   check_masks_boxes(masks, boxes, padding);
   check_out(out, masks, DType::Bool, "paste_masks_binary");
   if (out.numel() == 0) return;
   if (masks.is_cuda()) {
-    MRCNN_IF_CUDA(paste_masks_binary_cuda(masks, boxes, out, padding, threshold, stream));
+    MRCNN_IF_CUDA(paste_masks_binary_cuda(masks, boxes, out, padding, aligned, threshold, stream));
   } else {
-    paste_masks_binary_cpu(masks, boxes, out, padding, threshold);
+    paste_masks_binary_cpu(masks, boxes, out, padding, aligned, threshold);
   }
 }
 
 std::vector<std::string> paste_masks_rle(const TensorView& masks, const TensorView& boxes, int64_t img_h,
-                                         int64_t img_w, int64_t padding, double threshold) {
+                                         int64_t img_w, int64_t padding, bool aligned, double threshold) {
   check_masks_boxes(masks, boxes, padding);
   MRCNN_CHECK_VALUE(!masks.is_cuda(), "paste_masks_rle takes CPU tensors (CUDA: paste_masks_crops + rle_from_crops)");
   MRCNN_CHECK_VALUE(img_h > 0 && img_w > 0, "img_shape must be positive, got (", img_h, ", ", img_w, ")");
   const int64_t N = masks.size(0);
   std::vector<std::string> out(static_cast<size_t>(N));
   if (N == 0) return out;
-  const std::vector<PastePlan> plans = cpu_plans(boxes, masks.size(2), padding, img_h, img_w);
   const bool fused = cpu_has_fma();
-  MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_rle", [&] {
-    const scalar_t* m = masks.ptr<const scalar_t>();
-    const int64_t mh = masks.size(1), mw = masks.size(2);
-    const scalar_t thr = static_cast<scalar_t>(threshold);
-    parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        const Source<scalar_t> src = make_source(m + n * mh * mw, mh, mw, padding, plans[n]);
-        out[n] = fused ? rle_one_fused(plans[n], src, img_h, img_w, thr)
-                       : rle_one_plain(plans[n], src, img_h, img_w, thr);
-      }
+  const int64_t mh = masks.size(1), mw = masks.size(2);
+  with_plans(boxes, mh, mw, padding, aligned, img_h, img_w, [&](const auto& plans) {
+    MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_rle", [&] {
+      const scalar_t* m = masks.ptr<const scalar_t>();
+      const scalar_t thr = static_cast<scalar_t>(threshold);
+      parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          const MaskRef<scalar_t> ref{m + n * mh * mw, mh, mw, padding};
+          out[n] = fused ? rle_one_fused(plans[n], ref, img_h, img_w, thr)
+                         : rle_one_plain(plans[n], ref, img_h, img_w, thr);
+        }
+      });
     });
   });
   return out;
 }
 
-int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_w, int64_t padding, int64_t img_h, int64_t img_w,
-                            const TensorView& windows) {
+int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t padding, bool aligned,
+                            int64_t img_h, int64_t img_w, const TensorView& windows) {
   check_ndim(boxes, 2, "boxes");
   MRCNN_CHECK_VALUE(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.shape_str());
   MRCNN_CHECK_TYPE(boxes.dtype == DType::Float32 || boxes.dtype == DType::Float64,
@@ -510,26 +645,28 @@ int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_w, int64_t pad
   check_contiguous(windows, "windows");
   MRCNN_CHECK_VALUE(windows.ndim == 2 && windows.size(0) == boxes.size(0) && windows.size(1) == 5,
                     "windows must have shape [N, 5], got ", windows.shape_str());
-  MRCNN_CHECK_VALUE(mask_w > 0 && padding >= 0 && img_h > 0 && img_w > 0, "bad mask width, padding or image size");
-  const std::vector<PastePlan> plans = cpu_plans(boxes, mask_w, padding, img_h, img_w);
+  MRCNN_CHECK_VALUE(mask_h > 0 && mask_w > 0 && padding >= 0 && img_h > 0 && img_w > 0,
+                    "bad mask size, padding or image size");
   int64_t* w = windows.ptr<int64_t>();
   int64_t offset = 0;
-  for (size_t i = 0; i < plans.size(); ++i) {
-    const PastePlan& p = plans[i];
-    const bool e = p.empty();
-    w[5 * i + 0] = e ? 0 : p.cy0;
-    w[5 * i + 1] = e ? 0 : p.cx0;
-    w[5 * i + 2] = e ? 0 : p.cy1 - p.cy0;
-    w[5 * i + 3] = e ? 0 : p.cx1 - p.cx0;
-    w[5 * i + 4] = offset;
-    offset += w[5 * i + 2] * w[5 * i + 3];
-  }
+  with_plans(boxes, mask_h, mask_w, padding, aligned, img_h, img_w, [&](const auto& plans) {
+    for (size_t i = 0; i < plans.size(); ++i) {
+      const auto& p = plans[i];
+      const bool e = p.empty();
+      w[5 * i + 0] = e ? 0 : p.cy0;
+      w[5 * i + 1] = e ? 0 : p.cx0;
+      w[5 * i + 2] = e ? 0 : p.cy1 - p.cy0;
+      w[5 * i + 3] = e ? 0 : p.cx1 - p.cx0;
+      w[5 * i + 4] = offset;
+      offset += w[5 * i + 2] * w[5 * i + 3];
+    }
+  });
   return offset;
 }
 
 void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const TensorView& windows,
-                       const TensorView& crops, int64_t padding, double threshold, int64_t img_h, int64_t img_w,
-                       Stream stream) {
+                       const TensorView& crops, int64_t padding, bool aligned, double threshold, int64_t img_h,
+                       int64_t img_w, Stream stream) {
   check_masks_boxes(masks, boxes, padding);
   MRCNN_CHECK_VALUE(masks.is_cuda(), "paste_masks_crops takes CUDA tensors (CPU: paste_masks_rle)");
   check_dtype(windows, DType::Int64, "windows");
@@ -541,12 +678,13 @@ void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const T
   check_dtype(crops, DType::Bool, "crops");
   check_same_device(masks, crops, "masks", "crops");
   if (masks.size(0) == 0 || crops.numel() == 0) return;
-  MRCNN_IF_CUDA(paste_masks_crops_cuda(masks, boxes, windows, crops, padding, threshold, img_h, img_w, stream));
+  MRCNN_IF_CUDA(
+      paste_masks_crops_cuda(masks, boxes, windows, crops, padding, aligned, threshold, img_h, img_w, stream));
 }
 
 void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
-                           const TensorView& out, int64_t padding, double threshold, bool binary, int64_t img_h,
-                           int64_t img_w) {
+                           const TensorView& out, int64_t padding, bool aligned, double threshold, bool binary,
+                           int64_t img_h, int64_t img_w) {
   check_masks_boxes(masks, boxes, padding);
   MRCNN_CHECK_VALUE(!masks.is_cuda() && !out.is_cuda(), "paste_masks_pixelwise takes CPU tensors");
   MRCNN_CHECK_VALUE(img_h > 0 && img_w > 0, "img_shape must be positive");
@@ -562,32 +700,41 @@ void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, con
     check_out(out, masks, binary ? DType::Bool : masks.dtype, "paste_masks_pixelwise");
     MRCNN_CHECK_VALUE(out.size(1) == img_h && out.size(2) == img_w, "out must have shape [N, img_h, img_w]");
   }
-  const std::vector<PastePlan> plans = cpu_plans(boxes, mw, padding, img_h, img_w);
-  MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_pixelwise", [&] {
-    using A = scalar_t;
-    const A thr = static_cast<A>(threshold);
-    for (int64_t n = 0; n < N; ++n) {
-      const PastePlan& p = plans[n];
-      int64_t win[5] = {0, 0, img_h, img_w, n * img_h * img_w};
-      if (windows)
-        for (int k = 0; k < 5; ++k) win[k] = windows->ptr<const int64_t>()[5 * n + k];
-      const bool col_major = windows != nullptr;
-      const int64_t outer = col_major ? win[3] : win[2], inner = col_major ? win[2] : win[3];
-      MRCNN_CHECK_VALUE(win[4] >= 0 && win[4] + outer * inner <= out.numel(), "windows row ", n, " is outside out");
-      const A sy = detail::interp_scale<A>(mh + 2 * padding, p.h), sx = detail::interp_scale<A>(mw + 2 * padding, p.w);
-      const A* mask = masks.ptr<const A>() + n * mh * mw;
-      for (int64_t o = 0; o < outer; ++o)
-        for (int64_t i = 0; i < inner; ++i) {
-          int64_t y, x;
-          detail::window_pixel(win, col_major, o, i, y, x);
-          const A v = detail::pasted_pixel<true>(p, mask, mh, mw, padding, sy, sx, y, x, [](A a) { return a; });
-          const int64_t at = win[4] + o * inner + i;
-          if (binary)
-            out.ptr<uint8_t>()[at] = v > thr;
-          else
-            out.ptr<A>()[at] = v;
-        }
-    }
+  with_plans(boxes, mh, mw, padding, aligned, img_h, img_w, [&](const auto& plans) {
+    MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_pixelwise", [&] {
+      using A = scalar_t;
+      using Plan = typename std::decay_t<decltype(plans)>::value_type;
+      const A thr = static_cast<A>(threshold);
+      for (int64_t n = 0; n < N; ++n) {
+        const Plan& p = plans[n];
+        int64_t win[5] = {0, 0, img_h, img_w, n * img_h * img_w};
+        if (windows)
+          for (int k = 0; k < 5; ++k) win[k] = windows->ptr<const int64_t>()[5 * n + k];
+        const bool col_major = windows != nullptr;
+        const int64_t outer = col_major ? win[3] : win[2], inner = col_major ? win[2] : win[3];
+        MRCNN_CHECK_VALUE(win[4] >= 0 && win[4] + outer * inner <= out.numel(), "windows row ", n, " is outside out");
+        const A* mask = masks.ptr<const A>() + n * mh * mw;
+        const auto load = [](A a) { return a; };
+        for (int64_t o = 0; o < outer; ++o)
+          for (int64_t i = 0; i < inner; ++i) {
+            int64_t y, x;
+            detail::window_pixel(win, col_major, o, i, y, x);
+            A v;
+            if constexpr (std::is_same_v<Plan, AlignedPlan>) {
+              v = detail::aligned_pixel<true, A>(p, mask, y, x, load);
+            } else {
+              const A sy = detail::interp_scale<A>(mh + 2 * padding, p.h);
+              const A sx = detail::interp_scale<A>(mw + 2 * padding, p.w);
+              v = detail::pasted_pixel<true>(p, mask, mh, mw, padding, sy, sx, y, x, load);
+            }
+            const int64_t at = win[4] + o * inner + i;
+            if (binary)
+              out.ptr<uint8_t>()[at] = v > thr;
+            else
+              out.ptr<A>()[at] = v;
+          }
+      }
+    });
   });
 }
 

@@ -11,6 +11,7 @@ from .roi_heads import RoIHeads
 from .rpn import RPN
 
 MASK_FORMATS = ("prob", "rle")
+MASK_PASTES = ("aligned", "torchvision")
 
 
 class MaskRCNN(nn.Module):
@@ -32,6 +33,10 @@ class MaskRCNN(nn.Module):
         max_size_train, min_size_test, max_size_test: see resize_shortest_edge.
         size_divisibility: the batch is zero-padded to a multiple of this.
         mask_format: "prob" or "rle" (inference output of the masks, also settable as an attribute).
+        mask_paste: how the predicted masks are pasted into the image (also settable as an attribute):
+            "aligned" (detectron2's convention: the mask covers its box exactly, as the RoIAlign(aligned=True)
+            mask targets do) or "torchvision" (torchvision's paste_masks_in_image bit for bit, for output parity;
+            misaligned with the targets by up to ~1 px). See ops.paste_masks_in_image.
         channels_last: NHWC activations and conv weights (oneDNN / cuDNN run NHWC convolutions, pooling and
             batch norm without layout reorders). state_dict() still returns contiguous (NCHW) tensors.
     """
@@ -39,7 +44,7 @@ class MaskRCNN(nn.Module):
     def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, *, pixel_mean=(0.485, 0.456, 0.406),
                  pixel_std=(0.229, 0.224, 0.225), min_size_train=(800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
-                 mask_format: str = "prob", channels_last: bool = False):
+                 mask_format: str = "prob", mask_paste: str = "aligned", channels_last: bool = False):
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
@@ -54,6 +59,7 @@ class MaskRCNN(nn.Module):
         self.max_size_test = int(max_size_test)
         self.size_divisibility = int(size_divisibility)
         self.mask_format = mask_format
+        self.mask_paste = mask_paste
         self._channels_last = False
         self.channels_last = channels_last
         # checkpoints (safetensors) need contiguous tensors whatever the layout used for speed
@@ -67,12 +73,15 @@ class MaskRCNN(nn.Module):
         if len(backbone.strides) != len(m.anchors.sizes):
             raise ValueError(f"model.anchors.sizes has {len(m.anchors.sizes)} levels but the backbone produces "
                              f"{len(backbone.strides)} feature maps")
+        paste = getattr(m.mask, "paste", "aligned")
+        if paste not in MASK_PASTES:
+            raise ValueError(f"model.mask.paste must be one of {MASK_PASTES}, got {paste!r}")
         res5 = None if m.fpn.enabled else build_res5_head(cfg)
         roi_heads = RoIHeads.from_config(cfg, backbone.out_channels, backbone.strides, res5)
         i = cfg.input
         return cls(backbone, rpn, roi_heads, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std,
                    min_size_train=i.min_size_train, max_size_train=i.max_size_train, min_size_test=i.min_size_test,
-                   max_size_test=i.max_size_test, size_divisibility=i.size_divisibility,
+                   max_size_test=i.max_size_test, size_divisibility=i.size_divisibility, mask_paste=paste,
                    channels_last=getattr(m, "channels_last", False))
 
     @property
@@ -96,6 +105,16 @@ class MaskRCNN(nn.Module):
         if value not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {value!r}")
         self._mask_format = value
+
+    @property
+    def mask_paste(self) -> str:
+        return self._mask_paste
+
+    @mask_paste.setter
+    def mask_paste(self, value: str) -> None:
+        if value not in MASK_PASTES:
+            raise ValueError(f"mask_paste must be one of {MASK_PASTES}, got {value!r}")
+        self._mask_paste = value
 
     def load_backbone_state_dict(self, state_dict: dict) -> None:
         """Loads ImageNet-style ResNet weights (torchvision names: conv1, bn1, layer1..4; fc.* ignored) into
@@ -207,10 +226,11 @@ class MaskRCNN(nn.Module):
             o = {"boxes": boxes, "labels": r["labels"], "scores": r["scores"]}
             if "mask_probs" in r:
                 mp = r["mask_probs"]
+                aligned = self.mask_paste == "aligned"
                 if self.mask_format == "rle":
-                    o["masks_rle"] = ops.paste_masks_rle(mp, boxes, (h0, w0)) if mp.shape[0] else []
+                    o["masks_rle"] = ops.paste_masks_rle(mp, boxes, (h0, w0), aligned=aligned) if mp.shape[0] else []
                 elif mp.shape[0]:
-                    o["masks"] = ops.paste_masks_in_image(mp, boxes, (h0, w0))
+                    o["masks"] = ops.paste_masks_in_image(mp, boxes, (h0, w0), aligned=aligned)
                 else:
                     o["masks"] = mp.new_zeros((0, 1, h0, w0))
             if "keypoints" in r:

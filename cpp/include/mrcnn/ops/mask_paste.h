@@ -1,6 +1,13 @@
 #pragma once
-// Pasting per-box masks into the image (torchvision's paste_masks_in_image semantics, see
-// detail/mask_paste_math.h) and COCO run-length encoding of binary masks.
+// Pasting per-box masks into the image and COCO run-length encoding of binary masks.
+//
+// Two conventions (detail/mask_paste_math.h has the exact arithmetic), chosen by `aligned`:
+//   false: torchvision's paste_masks_in_image (a zero border of `padding`, the box expanded by
+//          (Mw + 2 * padding) / Mw, truncated to integers, bilinear resize); equal to it bit for bit on CPUs with FMA.
+//   true:  the mask covers the continuous box exactly (detectron2's convention, the inverse of the RoIAlign
+//          (aligned=True) that makes the mask targets): image pixel (y, x) is the zero-padded bilinear sample of
+//          the mask at u = (x + 0.5 - x1) * Mw / (x2 - x1) - 0.5, v = (y + 0.5 - y1) * Mh / (y2 - y1) - 0.5.
+//          `padding` is ignored (still checked >= 0); degenerate boxes (x2 <= x1 or y2 <= y1) paste nothing.
 #include <string>
 #include <vector>
 
@@ -13,25 +20,26 @@ namespace mrcnn {
 // written). CPU boxes must be finite (ValueError naming boxes); CUDA boxes are not checked (that would need
 // a device sync): a non-finite CUDA box pastes an all-zero or clamped mask.
 void paste_masks(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                 Stream stream);
+                 bool aligned, Stream stream);
 // As paste_masks followed by `> threshold` (the threshold rounded to the masks' dtype as torch compares),
 // without the float image: out [N, H, W] bool.
 void paste_masks_binary(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                        double threshold, Stream stream);
+                        bool aligned, double threshold, Stream stream);
 
 // CPU tensors: COCO compressed RLE counts strings (pycocotools' "counts") of the thresholded pasted masks
 // of an img_h x img_w image. Only the pixels inside each box are evaluated; runs outside are arithmetic.
 std::vector<std::string> paste_masks_rle(const TensorView& masks, const TensorView& boxes, int64_t img_h,
-                                         int64_t img_w, int64_t padding, double threshold);
+                                         int64_t img_w, int64_t padding, bool aligned, double threshold);
 
 // Device RLE path, step 1 (host): for CPU boxes [N, 4], windows [N, 5] int64 receives each mask's clipped
-// image region (y0, x0, h, w) and its offset in a packed crop buffer; returns the buffer's total size.
-int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_w, int64_t padding, int64_t img_h,
-                            int64_t img_w, const TensorView& windows);
+// image region (y0, x0, h, w) and its offset in a packed crop buffer; returns the buffer's total size. Every pixel
+// outside a mask's window is 0 before thresholding. mask_h, mask_w: the masks' size.
+int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t padding, bool aligned,
+                            int64_t img_h, int64_t img_w, const TensorView& windows);
 // Step 2 (CUDA): crops [total] bool receives every window column-major at its offset (windows on the device).
 void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const TensorView& windows,
-                       const TensorView& crops, int64_t padding, double threshold, int64_t img_h, int64_t img_w,
-                       Stream stream);
+                       const TensorView& crops, int64_t padding, bool aligned, double threshold, int64_t img_h,
+                       int64_t img_w, Stream stream);
 // Step 3 (host): RLE strings from the crops (CPU bool [total], each window column-major) and their windows
 // (CPU int64 [N, 5]); `outside` is the value of the pixels outside the windows (0 > threshold).
 std::vector<std::string> rle_from_crops(const TensorView& crops, const TensorView& windows, int64_t img_h,
@@ -41,23 +49,24 @@ std::vector<std::string> rle_from_crops(const TensorView& crops, const TensorVie
 // a GPU): CPU tensors; windows == nullptr: out [N, H, W] of the masks' dtype (binary = false) or bool (H = img_h,
 // W = img_w); else windows [N, 5] as from paste_masks_windows and out the bool crops [total].
 void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
-                           const TensorView& out, int64_t padding, double threshold, bool binary, int64_t img_h,
-                           int64_t img_w);
+                           const TensorView& out, int64_t padding, bool aligned, double threshold, bool binary,
+                           int64_t img_h, int64_t img_w);
 
 // COCO compressed RLE counts strings of binary masks [N, H, W] (CPU, bool or uint8, non-zero = set).
 std::vector<std::string> rle_encode(const TensorView& masks);
 // The counts string of explicit run lengths (first run = zeros), as pycocotools' rleToString.
 std::string rle_counts_string(const std::vector<uint64_t>& counts);
 
-void paste_masks_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding);
+void paste_masks_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
+                     bool aligned);
 void paste_masks_binary_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out,
-                            int64_t padding, double threshold);
+                            int64_t padding, bool aligned, double threshold);
 void paste_masks_cuda(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                      Stream stream);
+                      bool aligned, Stream stream);
 void paste_masks_binary_cuda(const TensorView& masks, const TensorView& boxes, const TensorView& out,
-                             int64_t padding, double threshold, Stream stream);
+                             int64_t padding, bool aligned, double threshold, Stream stream);
 void paste_masks_crops_cuda(const TensorView& masks, const TensorView& boxes, const TensorView& windows,
-                            const TensorView& crops, int64_t padding, double threshold, int64_t img_h,
+                            const TensorView& crops, int64_t padding, bool aligned, double threshold, int64_t img_h,
                             int64_t img_w, Stream stream);
 
 }  // namespace mrcnn

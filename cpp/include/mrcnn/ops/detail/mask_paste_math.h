@@ -1,6 +1,8 @@
 #pragma once
-// Mask pasting as torchvision.models.detection.roi_heads.paste_masks_in_image does it, one element at a
-// time, shared by the CPU and CUDA kernels:
+// Mask pasting, one element at a time, shared by the CPU and CUDA kernels, in two conventions: torchvision's
+// (below) and the aligned one (further down, "aligned paste").
+//
+// torchvision.models.detection.roi_heads.paste_masks_in_image:
 //   1. expand_masks: the Mh x Mw mask gets a zero border of `padding`, and the box is scaled about its
 //      centre by (Mw + 2 * padding) / Mw (Mw = the mask's last dimension, for both axes, as torchvision);
 //   2. the expanded float box is truncated to int64 (x0, y0, x1, y1), the resized mask is
@@ -212,6 +214,119 @@ MRCNN_HD A pasted_pixel(const PastePlan& p, const T* mask, int64_t mh, int64_t m
   const A v11 = padded_at<A>(mask, mh, mw, pad, ty.i1, tx.i1, load);
   return p.small ? blend_small<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1)
                  : blend_separable<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1);
+}
+
+// ---- aligned paste (detectron2's convention) ----------------------------------------------------
+// The mask M[Mh, Mw] covers the continuous box (x1, y1, x2, y2) (image pixel i covers [i, i + 1), its centre
+// is i + 0.5), as RoIAlign(aligned=True) samples it to make the mask targets. Image pixel (y, x) takes the
+// bilinear sample of M at
+//   u = (x + 0.5 - x1) * Mw / (x2 - x1) - 0.5,   v = (y + 0.5 - y1) * Mh / (y2 - y1) - 0.5
+// with zero padding: a tap with index < 0 or >= Mw (Mh) contributes 0, like F.grid_sample(mode="bilinear",
+// padding_mode="zeros", align_corners=False) on the box-normalised grid. No border, no box expansion, no integer
+// truncation (torchvision's convention above is misaligned with these targets by up to ~1 px). Only pixels with
+// -1 < u < Mw and -1 < v < Mh can be non-zero: the plan holds that window, clipped to the image, and every pixel
+// outside it is 0. A degenerate box (x2 - x1 <= 0 or y2 - y1 <= 0) pastes nothing.
+// Coordinates and weights are computed in double (once per row and column on the CPU, so it costs nothing
+// there); the blend in the accumulation type, x first, then y (blend_separable with fused multiply-adds).
+
+// Mapping of one axis: u(i) = (i + 0.5 - start) * scale - 0.5 for image index i.
+struct AlignedAxis {
+  double start;   // x1 (y1), clamped to +-kPasteCoordLimit
+  double scale;   // mask pixels per image pixel, M / (x2 - x1); 0 for a degenerate box
+  int64_t size;   // M: Mw (Mh)
+};
+
+struct AlignedPlan {
+  AlignedAxis x, y;
+  int64_t cx0, cx1;  // image columns [cx0, cx1) with -1 < u < Mw, clipped to the image (empty when cx0 >= cx1)
+  int64_t cy0, cy1;  // image rows [cy0, cy1) with -1 < v < Mh
+  MRCNN_HD bool empty() const { return cx0 >= cx1 || cy0 >= cy1; }
+};
+
+MRCNN_HD double aligned_clamp_coord(double v) {
+  const double lim = kPasteCoordLimit;
+  return (v >= -lim) ? (v <= lim ? v : lim) : -lim;  // NaN -> -lim (the CPU entry points reject NaN first)
+}
+
+MRCNN_HD AlignedAxis aligned_axis(double a, double b, int64_t size) {
+  AlignedAxis ax;
+  ax.start = aligned_clamp_coord(a);
+  const double len = aligned_clamp_coord(b) - ax.start;
+  const double s = static_cast<double>(size) / len;
+  // s - s == 0 rejects the infinite scale of a (subnormal) sliver and the NaN of len == 0.
+  ax.scale = (len > 0.0 && s - s == 0.0) ? s : 0.0;
+  ax.size = size;
+  return ax;
+}
+
+// The mask coordinate of image index i. Non-decreasing in i (every rounding step is monotone), which the
+// window search relies on.
+MRCNN_HD double aligned_coord(const AlignedAxis& a, int64_t i) {
+  return fused_mul_add(static_cast<double>(i) + 0.5 - a.start, a.scale, -0.5);
+}
+
+// The first index i in [0, n] with u(i) > bound (strict) or u(i) >= bound; n when there is none.
+MRCNN_HD int64_t aligned_first(const AlignedAxis& a, double bound, bool strict, int64_t n) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const double u = aligned_coord(a, mid);
+    if (strict ? u > bound : u >= bound)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+
+// box: (x1, y1, x2, y2) of any float type; mh, mw: the mask size.
+template <class B>
+MRCNN_HD AlignedPlan aligned_plan(const B* box, int64_t mh, int64_t mw, int64_t img_h, int64_t img_w) {
+  AlignedPlan p;
+  p.x = aligned_axis(static_cast<double>(box[0]), static_cast<double>(box[2]), mw);
+  p.y = aligned_axis(static_cast<double>(box[1]), static_cast<double>(box[3]), mh);
+  p.cx0 = p.cx1 = p.cy0 = p.cy1 = 0;
+  if (p.x.scale > 0.0 && p.y.scale > 0.0) {
+    // Searched with the same aligned_coord as the taps, so the window is exactly where a tap is inside.
+    p.cx0 = aligned_first(p.x, -1.0, true, img_w);
+    p.cx1 = aligned_first(p.x, static_cast<double>(mw), false, img_w);
+    p.cy0 = aligned_first(p.y, -1.0, true, img_h);
+    p.cy1 = aligned_first(p.y, static_cast<double>(mh), false, img_h);
+  }
+  return p;
+}
+
+// The two taps of image index i: indices clamped into [0, M) and the weight of a tap outside the mask zeroed,
+// so that table-driven loops need no branch (the clamped index then repeats the other tap's element). Outside
+// the window both weights are 0.
+template <class A> MRCNN_HD Taps<A> aligned_taps(const AlignedAxis& a, int64_t i) {
+  const double hi = static_cast<double>(a.size);
+  double u = aligned_coord(a, i);
+  u = u > -1.0 ? (u < hi ? u : hi) : -1.0;  // keeps the integer conversion in range
+  const double f0 = floor(u);
+  const double f = u - f0;
+  const int64_t k = static_cast<int64_t>(f0);  // -1 .. M
+  Taps<A> t;
+  t.i0 = k < 0 ? 0 : (k < a.size ? k : a.size - 1);
+  t.i1 = k + 1 < a.size ? k + 1 : a.size - 1;  // k + 1 >= 0
+  t.l0 = (k >= 0 && k < a.size) ? static_cast<A>(1.0 - f) : A(0);
+  t.l1 = (k + 1 < a.size) ? static_cast<A>(f) : A(0);
+  return t;
+}
+
+// The aligned value at image pixel (y, x): 0 outside the plan's window. One pixel of the CUDA kernel (the CPU
+// kernels evaluate the same expression from per-row and per-column tables).
+template <bool F, class A, class T, class Load>
+MRCNN_HD A aligned_pixel(const AlignedPlan& p, const T* mask, int64_t y, int64_t x, Load load) {
+  if (y < p.cy0 || y >= p.cy1 || x < p.cx0 || x >= p.cx1) return A(0);
+  const Taps<A> ty = aligned_taps<A>(p.y, y);
+  const Taps<A> tx = aligned_taps<A>(p.x, x);
+  const int64_t mw = p.x.size;
+  const A v00 = load(mask[ty.i0 * mw + tx.i0]);
+  const A v01 = load(mask[ty.i0 * mw + tx.i1]);
+  const A v10 = load(mask[ty.i1 * mw + tx.i0]);
+  const A v11 = load(mask[ty.i1 * mw + tx.i1]);
+  return blend_separable<F>(v00, v01, v10, v11, tx.l0, tx.l1, ty.l0, ty.l1);
 }
 
 // A window of the image (y0, x0, h, w) written row-major (whole images) or column-major (RLE crops): the
