@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The README's 30-minute accuracy runs: the `shapes` preset trained for at most 30 minutes of wall time on the
+# synthetic set generated with seed 0 and, in parallel, on a set generated with seed 1 (one thread each: two
+# single-thread runs on a 2-core machine do more work than one run with two threads), then COCO-evaluated on
+# each set's 200 held-out val images.
+#
+#   bash bench/accuracy_30min.sh [WORKDIR] [SECONDS]      # default /tmp/mrcnn_accuracy, 1800
+#
+# Prints each run's AP table; writes WORKDIR/r{0,1}/metrics.json and WORKDIR/summary.txt.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-/tmp/mrcnn_accuracy}
+budget=${2:-1800}
+venv="${MRCNN_VENV:-$root/.venv}"
+if [ -x "$venv/bin/mrcnn-fast" ]; then cli=("$venv/bin/mrcnn-fast"); else cli=(python -m mrcnn_fast); fi
+mkdir -p "$work"
+for s in 0 1; do
+  [ -f "$work/s$s/val.json" ] || "${cli[@]}" make-shapes "$work/s$s" --train 2000 --val 200 --seed "$s" > /dev/null
+done
+pids=()
+for s in 0 1; do
+  d="$work/s$s"
+  OMP_NUM_THREADS=1 MRCNN_NUM_THREADS=1 "${cli[@]}" train --config shapes \
+    --train-json "$d/train.json" --train-images "$d/train" --val-json "$d/val.json" --val-images "$d/val" \
+    --output "$work/r$s" --time-budget "$budget" --max-iter 20000 --opts train.num_workers=0 \
+    > "$work/r$s.out" 2> "$work/r$s.log" &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+: > "$work/summary.txt"
+for s in 0 1; do
+  echo "== data seed $s ($(grep -o 'iter [0-9]*/[0-9]*' "$work/r$s.log" | tail -1))" | tee -a "$work/summary.txt"
+  tee -a "$work/summary.txt" < "$work/r$s.out"
+done
