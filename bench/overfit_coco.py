@@ -83,7 +83,7 @@ def case_paths(name: str, data_dir: Path) -> tuple[Path, Path]:
 
 
 def case_config(name: str, *, max_iter: int | None = None, size: int = DEFAULT_SIZE, seed: int = 0,
-                eval_period: int = 0):
+                eval_period: int = 0, override: dict | None = None):
     """small_cpu tuned to memorise a few photos: every image in every batch, no flips, shortest side `size`."""
     iters = int(max_iter or DEFAULT_ITERS[name])
     cfg = get_config("small_cpu", {
@@ -96,7 +96,8 @@ def case_config(name: str, *, max_iter: int | None = None, size: int = DEFAULT_S
         "train": {"seed": seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": eval_period,
                   "log_period": 25},
     })
-    return merge(cfg, CASES[name]["overrides"])
+    cfg = merge(cfg, CASES[name]["overrides"])
+    return merge(cfg, override) if override else cfg
 
 
 @torch.no_grad()
@@ -131,7 +132,7 @@ def mask_ceiling(json_path, image_dir, resolution: int = 28, paste: str = "align
 
 
 def run_case(name: str, *, data_dir: Path, output_dir: Path, max_iter: int | None = None, size: int = DEFAULT_SIZE,
-             seed: int = 0, eval_period: int = 0, log=None) -> dict:
+             seed: int = 0, eval_period: int = 0, override: dict | None = None, log=None) -> dict:
     """Trains and evaluates one case; returns {case, metrics, value, target, passed, seconds, iterations, ...}."""
     from mrcnn_fast.engine import train
 
@@ -139,7 +140,7 @@ def run_case(name: str, *, data_dir: Path, output_dir: Path, max_iter: int | Non
         def log(msg):
             print(msg, file=sys.stderr, flush=True)
     json_path, images = case_paths(name, data_dir)
-    cfg = case_config(name, max_iter=max_iter, size=size, seed=seed, eval_period=eval_period)
+    cfg = case_config(name, max_iter=max_iter, size=size, seed=seed, eval_period=eval_period, override=override)
     t0 = time.perf_counter()
     metrics = train(cfg, train_json=json_path, train_images=images, val_json=json_path, val_images=images,
                     output_dir=output_dir, log=log)
@@ -165,11 +166,17 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="shortest image side in training and test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-period", type=int, default=0, help="also evaluate every N iterations (0: at the end)")
+    p.add_argument("--override", default=None, help="JSON of config overrides applied to every case")
     p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temporary folder, removed)")
     p.add_argument("--out", default=None, help="write overfit_coco.json here (default: print only)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core machine more threads stall each other)")
     args = p.parse_args(argv)
+    if args.override is not None:
+        try:
+            args.override = json.loads(args.override)
+        except json.JSONDecodeError as e:
+            p.error(f"--override is not valid JSON: {e}")
     names = [c.strip() for c in args.case.split(",") if c.strip()]
     bad = [c for c in names if c not in CASES]
     if bad:
@@ -186,7 +193,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mrcnn_overfit_") as tmp:
         for name in names:
             r = run_case(name, data_dir=data_dir, output_dir=Path(args.workdir or tmp) / name, max_iter=args.max_iter,
-                         size=args.size, seed=args.seed, eval_period=args.eval_period)
+                         size=args.size, seed=args.seed, eval_period=args.eval_period, override=args.override)
             results.append(r)
             print(f"\n== {name}: {r['iterations']} iterations at {r['size']} px in {r['seconds']:.0f} s "
                   f"(train + eval); {r['metric']} {r['value']:.3f} (target {r['target']}: "
