@@ -55,7 +55,15 @@ def test_mask_loss_softmax_multinomial():
     got = mask_loss(logits, labels, targets, "softmax")
     assert got.item() == pytest.approx(total / 8, rel=1e-12)
     probs = mask_probs(logits, labels, "softmax")
-    torch.testing.assert_close(probs[:, 0], logits.softmax(1)[[0, 1], [2, 3]])
+    sm = logits.softmax(1)
+    for i, k in enumerate([2, 3]):
+        rest = torch.cat([sm[i, :k], sm[i, k + 1:]]).max(0).values
+        torch.testing.assert_close(probs[i, 0], sm[i, k] / (sm[i, k] + rest))
+        # above 0.5 exactly where the detection's class wins the per-pixel argmax
+        assert torch.equal(probs[i, 0] > 0.5, sm[i].argmax(0) == k)
+    # a pixel won by the class at p = 0.4 (the other 0.6 split over three channels) is in the mask
+    z = torch.log(torch.tensor([0.2, 0.2, 0.4, 0.2], dtype=torch.float64))[None, :, None, None]
+    assert mask_probs(z, torch.tensor([2]), "softmax").item() == pytest.approx(0.4 / 0.6)
     torch.testing.assert_close(mask_probs(logits, labels, "sigmoid")[:, 0], logits[[0, 1], [2, 3]].sigmoid())
 
 

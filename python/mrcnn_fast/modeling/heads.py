@@ -169,13 +169,24 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, loss_type: s
 
 
 def mask_probs(mask_logits: Tensor, labels: Tensor, loss_type: str = "sigmoid") -> Tensor:
-    """Mask probabilities of each detection's class: Tensor[D, 1, M, M]."""
+    """Mask probabilities of each detection's class: Tensor[D, 1, M, M].
+
+    softmax: a pixel belongs to the mask when the detection's class wins the per-pixel argmax over all
+    channels (the FCN decision the multinomial loss trains for). As a score that the paste thresholds at 0.5:
+    p_k / (p_k + max_{j != k} p_j), which is > 0.5 exactly where channel k is the argmax (p_k itself can win
+    the argmax below 0.5 when several channels share the rest).
+    """
     d = mask_logits.shape[0]
     agnostic = mask_logits.shape[1] <= (1 if loss_type == "sigmoid" else 2)
     if loss_type == "softmax":
-        mask_logits = mask_logits.softmax(dim=1)
+        probs = mask_logits.softmax(dim=1)
         chan = torch.ones_like(labels) if agnostic else labels
-        return mask_logits[torch.arange(d, device=labels.device), chan][:, None]
+        idx = torch.arange(d, device=labels.device)
+        own = probs[idx, chan]
+        others = probs.clone()
+        others[idx, chan] = -1.0
+        best_other = others.max(dim=1).values
+        return (own / (own + best_other).clamp_min(torch.finfo(own.dtype).tiny))[:, None]
     chan = torch.zeros_like(labels) if agnostic else labels
     return mask_logits[torch.arange(d, device=labels.device), chan][:, None].sigmoid()
 
