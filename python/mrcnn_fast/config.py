@@ -230,10 +230,6 @@ def _preset_shapes() -> Config:
     changes max_iter."""
     cfg = _preset_small_cpu()
     cfg.model.backbone.width = 32
-    # 64 sampled RoIs per image (at most 16 positives) instead of 128: the mask and keypoint heads run on every
-    # positive and cost more than the backbone once the RPN finds the objects (measured from a trained model,
-    # one thread: 280 vs 457 ms per iteration); images hold 2-6 objects, so 16 positives still cover each.
-    cfg.model.roi_heads.batch_size_per_image = 64
     cfg.input.min_size_train = (256,)
     s = cfg.solver
     s.max_iter, s.warmup_iters, s.base_lr, s.clip_grad_norm = 3000, 100, 0.02, 10.0
