@@ -275,6 +275,19 @@ def test_rle_counts_string_matches_pycocotools():
     assert _lib._C.rle_counts_string(big) == ref["counts"]
 
 
+def _window_crops(binary, windows):
+    """binary's pixels inside each window (y0, x0, h, w, offset), column-major and packed, checking that the
+    offsets are the packed positions and that each window holds every set pixel of its mask."""
+    parts = []
+    for n, (y0, x0, h, w, off) in enumerate(windows.tolist()):
+        assert off == sum(p.numel() for p in parts)
+        outside = binary[n].clone()
+        outside[y0:y0 + h, x0:x0 + w] = False
+        assert not outside.any()  # the window holds every set pixel
+        parts.append(binary[n, y0:y0 + h, x0:x0 + w].t().reshape(-1))  # column-major
+    return torch.cat(parts)
+
+
 def test_rle_device_path_host_half():
     """The host half of the CUDA RLE path (windows + column-major crops -> strings), driven from CPU pastes."""
     g = torch.Generator().manual_seed(4)
@@ -283,14 +296,7 @@ def test_rle_device_path_host_half():
     binary = ops.paste_masks_binary(masks, boxes, (H, W))
     windows = torch.empty(15, 5, dtype=torch.int64)
     total = _lib._C.paste_masks_windows(_lib.dl(boxes), 28, 1, H, W, _lib.dl(windows))
-    parts = []
-    for n, (y0, x0, h, w, off) in enumerate(windows.tolist()):
-        assert off == sum(p.numel() for p in parts)
-        outside = binary[n].clone()
-        outside[y0:y0 + h, x0:x0 + w] = False
-        assert not outside.any()  # the window holds every set pixel
-        parts.append(binary[n, y0:y0 + h, x0:x0 + w].t().reshape(-1))  # column-major
-    crops = torch.cat(parts)
+    crops = _window_crops(binary, windows)
     assert crops.numel() == total
     assert not binary[3].any() and windows[3, 2:4].tolist() == [0, 0]
     strs = _lib._C.rle_from_crops(_lib.dl(crops), _lib.dl(windows), H, W, False)
@@ -515,14 +521,7 @@ def test_aligned_cuda_kernel_loop_on_cpu(dtype):
     total = C.paste_masks_windows(dl(boxes), 28, 1, H, W, dl(windows), True, 13)
     crops = torch.empty(total, dtype=torch.bool)
     C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, 0.5, True, H, W, True)
-    parts = []
-    for n, (y0, x0, h, w, off) in enumerate(windows.tolist()):
-        assert off == sum(p.numel() for p in parts)
-        outside = binary[n].clone()
-        outside[y0:y0 + h, x0:x0 + w] = False
-        assert not outside.any()  # the window holds every set pixel
-        parts.append(binary[n, y0:y0 + h, x0:x0 + w].t().reshape(-1))
-    assert torch.equal(crops, torch.cat(parts))
+    assert torch.equal(crops, _window_crops(binary, windows))
     assert windows[0, 2:4].tolist() == [0, 0] and windows[3, 2:4].tolist() == [0, 0]
     strs = C.rle_from_crops(dl(crops), dl(windows), H, W, False)
     assert strs == [r["counts"] for r in ops.paste_masks_rle(masks, boxes, (H, W), aligned=True)]
