@@ -182,18 +182,16 @@ def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) 
     t0 = time.perf_counter()
     reused = (out / FINAL_WEIGHTS).is_file() and (out / "config.json").is_file() and \
         json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
-    if reused:
-        log("final weights with the same config found: evaluating only")
-        model = build_model(cfg)
-        load_weights(model, out / FINAL_WEIGHTS)
-        val = CocoDetection(str(data["val_json"]), str(data["val_images"]), train=False, use_keypoints=False)
-        metrics = evaluate(model, val, iou_types=("bbox", "segm"), log=log)
-    else:
+    if not reused:
         metrics = train(cfg, output_dir=out, log=log, **data)
     seconds = time.perf_counter() - t0
     model = build_model(cfg)
     load_weights(model, out / FINAL_WEIGHTS)
     val = CocoDetection(str(data["val_json"]), str(data["val_images"]), train=False, use_keypoints=False)
+    if reused:
+        log("final weights with the same config found: evaluating only")
+        metrics = evaluate(model, val, iou_types=("bbox", "segm"), log=log)
+        seconds = time.perf_counter() - t0
     metrics = dict(metrics, segm_gt_boxes=gt_box_mask_metrics(model, val))
     print(f"=== {key}: segm AP {_pct(metrics['segm']['AP'])} AP75 {_pct(metrics['segm']['AP75'])} bbox AP "
           f"{_pct(metrics['bbox']['AP'])}; masks on GT boxes AP {_pct(metrics['segm_gt_boxes']['AP'])} AP75 "
