@@ -189,6 +189,28 @@ MRCNN_ALWAYS_INLINE void eval_rows(const PastePlan& p, const Source<A>& src, int
   }
 }
 
+// s.rows (per rows of bw values) transposed into s.padded, so that each column's taps are contiguous
+// (column k at k * per); the callers no longer need the padded rows by then.
+template <class A>
+MRCNN_ALWAYS_INLINE const A* transpose_rows(int64_t per, int64_t bw, Scratch<A>& s) {
+  std::vector<A>& t = s.padded;
+  t.resize(static_cast<size_t>(bw * per));
+  for (int64_t i = 0; i < per; ++i)
+    for (int64_t k = 0; k < bw; ++k) t[k * per + i] = s.rows[i * bw + k];
+  return t.data();
+}
+
+// One transposed column blended along y with the row taps (s.iy0/iy1/wy0/wy1) and thresholded into o[0, ch).
+template <bool F, class A>
+MRCNN_ALWAYS_INLINE void threshold_column(const A* __restrict__ col, int64_t ch, A thr, uint8_t* __restrict__ o,
+                                          const Scratch<A>& s) {
+  const int32_t* __restrict__ iy0 = s.iy0.data();
+  const int32_t* __restrict__ iy1 = s.iy1.data();
+  const A* __restrict__ wy0 = s.wy0.data();
+  const A* __restrict__ wy1 = s.wy1.data();
+  for (int64_t j = 0; j < ch; ++j) o[j] = detail::lerp<F>(col[iy0[j]], col[iy1[j]], wy0[j], wy1[j]) > thr;
+}
+
 // The same values for all clipped rows and columns [xa, xb), thresholded, column-major into s.cols
 // (column k at k * (cy1 - cy0)).
 template <bool F, class A>
@@ -200,27 +222,21 @@ MRCNN_ALWAYS_INLINE void eval_columns(const PastePlan& p, const Source<A>& src, 
   load_padded_rows(src, r0, r1, s);
   const int64_t nrows = r1 - r0 + 1;
   prepare_rows<F>(p, src, nrows, bw, s);
-  // Transposed so that each column's taps are contiguous.
   const int64_t per = p.small ? 2 * nrows : nrows;
-  std::vector<A>& t = s.padded;  // the padded rows are no longer needed
-  t.resize(static_cast<size_t>(bw * per));
-  for (int64_t i = 0; i < per; ++i)
-    for (int64_t k = 0; k < bw; ++k) t[k * per + i] = s.rows[i * bw + k];
+  const A* t = transpose_rows(per, bw, s);
   s.cols.resize(static_cast<size_t>(bw * ch));
-  const int32_t* __restrict__ iy0 = s.iy0.data();
-  const int32_t* __restrict__ iy1 = s.iy1.data();
-  const A* __restrict__ wy0 = s.wy0.data();
-  const A* __restrict__ wy1 = s.wy1.data();
   for (int64_t k = 0; k < bw; ++k) {
-    const A* __restrict__ col = t.data() + k * per;
+    const A* __restrict__ col = t + k * per;
     uint8_t* __restrict__ o = s.cols.data() + k * ch;
     if (!p.small) {
-      for (int64_t j = 0; j < ch; ++j) o[j] = detail::lerp<F>(col[iy0[j]], col[iy1[j]], wy0[j], wy1[j]) > thr;
+      threshold_column<F>(col, ch, thr, o, s);
     } else {
+      const int32_t* __restrict__ iy0 = s.iy0.data();
+      const int32_t* __restrict__ iy1 = s.iy1.data();
       const A wx0 = s.wx0[k], wx1 = s.wx1[k];
       for (int64_t j = 0; j < ch; ++j)
         o[j] = detail::blend_small<F>(col[2 * iy0[j]], col[2 * iy0[j] + 1], col[2 * iy1[j]], col[2 * iy1[j] + 1],
-                                      wx0, wx1, wy0[j], wy1[j]) > thr;
+                                      wx0, wx1, s.wy0[j], s.wy1[j]) > thr;
     }
   }
 }
@@ -297,20 +313,9 @@ MRCNN_ALWAYS_INLINE void aligned_eval_columns(const AlignedPlan& p, const A* mas
   aligned_tables(p, p.cy0, p.cy1, xa, xb, r0, r1, s);
   aligned_blend_rows<F>(mask, p.x.size, r0, r1, bw, s);
   const int64_t nrows = r1 - r0 + 1;
-  std::vector<A>& t = s.padded;  // transposed: each column's rows contiguous
-  t.resize(static_cast<size_t>(bw * nrows));
-  for (int64_t i = 0; i < nrows; ++i)
-    for (int64_t k = 0; k < bw; ++k) t[k * nrows + i] = s.rows[i * bw + k];
+  const A* t = transpose_rows(nrows, bw, s);
   s.cols.resize(static_cast<size_t>(bw * ch));
-  const int32_t* __restrict__ iy0 = s.iy0.data();
-  const int32_t* __restrict__ iy1 = s.iy1.data();
-  const A* __restrict__ wy0 = s.wy0.data();
-  const A* __restrict__ wy1 = s.wy1.data();
-  for (int64_t k = 0; k < bw; ++k) {
-    const A* __restrict__ col = t.data() + k * nrows;
-    uint8_t* __restrict__ o = s.cols.data() + k * ch;
-    for (int64_t j = 0; j < ch; ++j) o[j] = detail::lerp<F>(col[iy0[j]], col[iy1[j]], wy0[j], wy1[j]) > thr;
-  }
+  for (int64_t k = 0; k < bw; ++k) threshold_column<F>(t + k * nrows, ch, thr, s.cols.data() + k * ch, s);
 }
 
 // ---- run lengths ---------------------------------------------------------------------------------
