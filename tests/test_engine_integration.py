@@ -133,3 +133,51 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert re.fullmatch(r"segm AP \d\.\d{4} bbox AP \d\.\d{4} keypoints AP \d\.\d{4}",
                         captured.out.strip().splitlines()[-1])
     assert "[demo] total wall time" in captured.err
+
+
+def test_cpu_bfloat16_autocast_trains_and_resumes_exactly(shapes, tmp_path):
+    """solver.cpu_autocast=bfloat16: the model runs under CPU bfloat16 autocast (the ops take the bfloat16
+    features in float32), losses, weights and checkpoints stay float32, training changes the weights and a
+    killed run resumes bit-exactly as with float32."""
+    cfg = merge(get_config("small_cpu"), cli.parse_opts(TINY_OPTS + ["train.log_period=100",
+                                                                     "solver.cpu_autocast=bfloat16"]))
+    seen = []
+
+    def spy(trainer, done):
+        assert trainer.amp_cpu
+        seen.append(dict(trainer.last_losses))
+
+    kw = dict(train_json=shapes["train_json"], train_images=shapes["train_images"], max_iter=4, log=lambda m: None)
+    train(cfg, output_dir=tmp_path / "straight", hooks=[spy], **kw)
+    assert len(seen) == 4 and all(all(map(torch.isfinite, map(torch.tensor, d.values()))) for d in seen)
+    a = load_file(str(tmp_path / "straight" / ckpt.FINAL_WEIGHTS))
+    assert {v.dtype for v in a.values() if v.is_floating_point()} == {torch.float32}
+
+    def stop(trainer, done):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, output_dir=tmp_path / "resumed", hooks=[stop], **kw)
+    train(cfg, output_dir=tmp_path / "resumed", resume=True, **kw)
+    b = load_file(str(tmp_path / "resumed" / ckpt.FINAL_WEIGHTS))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["fp16", "on", ""])
+def test_cpu_autocast_rejects_unknown_modes(shapes, tmp_path, mode):
+    cfg = merge(get_config("small_cpu"), cli.parse_opts(TINY_OPTS))
+    cfg = merge(cfg, {"solver": {"cpu_autocast": mode}})
+    with pytest.raises(ValueError, match="solver.cpu_autocast must be"):
+        train(cfg, train_json=shapes["train_json"], train_images=shapes["train_images"], output_dir=tmp_path,
+              max_iter=1, log=lambda m: None)
+
+
+def test_cpu_bf16_autocast_modes(monkeypatch):
+    from mrcnn_fast.engine import trainer as tr
+
+    assert tr.cpu_bf16_autocast("bfloat16") and not tr.cpu_bf16_autocast("none")
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: False)
+    assert not tr.cpu_bf16_autocast("auto")
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
+    assert tr.cpu_bf16_autocast("auto")

@@ -139,7 +139,11 @@ class SolverConfig:
     warmup_iters: int = 1000
     warmup_factor: float = 1e-3
     clip_grad_norm: float = 0.0         # 0: off
-    amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True                    # mixed precision on CUDA: float16 autocast + gradient scaling
+    # mixed precision on CPU: "none" | "bfloat16" (bfloat16 autocast; weights, gradients and losses stay
+    # float32) | "auto" (bfloat16 where the CPU has native bfloat16 dot products, avx512_bf16 / amx_bf16:
+    # emulated bfloat16 is slower than float32)
+    cpu_autocast: str = "none"
 
 
 @dataclass

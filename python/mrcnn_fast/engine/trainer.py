@@ -35,6 +35,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU advertises bfloat16 dot-product instructions (x86 avx512_bf16 / amx_bf16, Arm bf16);
+    only Linux's /proc/cpuinfo is read, elsewhere the answer is False."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_bf16_autocast(mode: str) -> bool:
+    """Whether training on CPU runs under bfloat16 autocast for solver.cpu_autocast = mode."""
+    if mode not in ("none", "bfloat16", "auto"):
+        raise ValueError(f"solver.cpu_autocast must be 'none', 'bfloat16' or 'auto', got {mode!r}")
+    return mode == "bfloat16" or (mode == "auto" and cpu_has_native_bf16())
+
+
 def _to_device(obj, device: torch.device):
     if torch.is_tensor(obj):
         return obj.to(device, non_blocking=True)
@@ -154,6 +177,7 @@ class Trainer:
         self.scheduler = LRSchedule.from_config(self.optimizer, s)
         self.amp = bool(s.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_cpu = self.device.type == "cpu" and cpu_bf16_autocast(s.cpu_autocast)
         self.iteration = 0
         self._resume_rng = None
         self.metrics: dict = {}
@@ -247,8 +271,10 @@ class Trainer:
                     raise RuntimeError(f"the training loader ended at iteration {it}; it must be infinite") from None
                 images, targets = _to_device(images, self.device), _to_device(targets, self.device)
                 try:
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp), \
+                            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp_cpu):
                         loss_dict = self.model(images, targets)
+                    loss_dict = {k: v.float() for k, v in loss_dict.items()}
                 except (ValueError, RuntimeError) as e:
                     self._raise_if_diverged(it, e)
                     raise

@@ -24,6 +24,27 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must have a floating dtype ({names} on {t.device.type}), got {t.dtype}")
 
 
+def autocast_input(t):
+    """t as float32 when CPU autocast is on and t is a float16/bfloat16 tensor, else t itself.
+
+    The CPU kernels compute in float32/float64 only; under CPU mixed precision (bfloat16 autocast) the convs
+    before them hand over bfloat16 features, which these ops then take in float32 (torchvision's autocast
+    kernels for roi_align do the same). Explicit low-precision inputs outside autocast still raise in
+    check_float. CUDA tensors pass unchanged: the CUDA kernels take float16/bfloat16 themselves.
+    """
+    if (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+            and _cpu_autocast_on()):
+        return t.float()
+    return t
+
+
+def _cpu_autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:   # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def check_boxes(t: torch.Tensor, name: str, width: int = 4) -> None:
     check_float(t, name)
     if t.dim() != 2 or t.shape[1] != width:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_tensor, real_number
+from ._checks import autocast_input, check_float, check_tensor, real_number
 from .box_coder import DEFAULT_CLAMP, _weights
 
 
@@ -76,6 +76,7 @@ def _levels(v, name: str) -> list[Tensor]:
 def _check(objectness, deltas, anchors, image_sizes):
     objectness, deltas, anchors = (_levels(objectness, "objectness"), _levels(deltas, "deltas"),
                                    _levels(anchors, "anchors"))
+    objectness, deltas = [autocast_input(o) for o in objectness], [autocast_input(d) for d in deltas]
     if not objectness:
         raise ValueError("objectness must hold at least one level")
     if not len(objectness) == len(deltas) == len(anchors):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
 from ._rois import check_batch_indices, convert_boxes_to_rois
-from ._checks import check_float, check_int, check_tensor, pair, positive_float
+from ._checks import autocast_input, check_float, check_int, check_tensor, pair, positive_float
 
 MAX_LEVELS = 8
 _MODES = ("avg", "max")
@@ -239,6 +239,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     Returns:
         Tensor[K, C, oh, ow], in input's memory format.
     """
+    input = autocast_input(input)
     _check_features(input, "input")
     oh, ow = pair(output_size, "output_size")
     mode = _check_mode(mode)
@@ -254,6 +255,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
 
     Args and returns as roi_align (no half-pixel offset, average only).
     """
+    input = autocast_input(input)
     _check_features(input, "input")
     oh, ow = pair(output_size, "output_size")
     sr = _check_sampling_ratio(sampling_ratio)
@@ -265,6 +267,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
 def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[float]]:
     if not isinstance(features, (list, tuple)) or len(features) == 0:
         raise TypeError("features must be a non-empty list of Tensor[N, C, H, W]")
+    features = [autocast_input(f) for f in features]
     if len(features) > MAX_LEVELS:
         raise ValueError(f"features: at most {MAX_LEVELS} levels are supported, got {len(features)}")
     for i, f in enumerate(features):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_same_device, pair
+from ._checks import autocast_input, check_float, check_same_device, pair
 from ._rois import Boxes, check_batch_indices, convert_boxes_to_rois
 
 
@@ -94,6 +94,7 @@ def roi_pool(input: Tensor, boxes: Boxes, output_size, spatial_scale: float = 1.
     Returns:
         Tensor[K, C, oh, ow] (contiguous). Differentiable w.r.t. ``input``.
     """
+    input = autocast_input(input)
     check_float(input, "input")
     if input.dim() != 4:
         raise ValueError(f"input must be a Tensor[N, C, H, W], got shape {list(input.shape)}")
