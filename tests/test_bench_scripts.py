@@ -52,3 +52,45 @@ def test_ablations_bad_arguments(bad, tmp_path):
     with pytest.raises(SystemExit) as e:
         ablations.main(["--out", str(tmp_path)] + bad)
     assert e.value.code != 0
+
+
+def test_error_analysis_match_greedy_by_score_same_class():
+    import torch
+
+    import error_analysis
+
+    m = torch.zeros(3, 8, 8, dtype=torch.bool)
+    m[0, :4, :4] = True     # gt 0 (class 1)
+    m[1, 4:, 4:] = True     # gt 1 (class 2)
+    m[2, :4, 4:] = True     # gt 2: crowd, never matched
+    t = {"boxes": torch.tensor([[0, 0, 4, 4], [4, 4, 8, 8], [4, 0, 8, 4]], dtype=torch.float32),
+         "labels": torch.tensor([1, 2, 1]), "masks": m, "iscrowd": torch.tensor([0, 0, 1])}
+    d = torch.zeros(4, 1, 8, 8)
+    d[0, 0, :4, :4] = 1     # perfect on gt 0 but class 2: skipped
+    d[1, 0, :4, :3] = 1     # IoU 0.75 with gt 0, class 1
+    d[2, 0, :4, :4] = 1     # IoU 1 with gt 0, class 1, lower score than det 1 but the better mask
+    d[3, 0, 4:, 4:] = 1     # gt 1, class 2
+    o = {"boxes": torch.zeros(4, 4), "labels": torch.tensor([2, 1, 1, 2]), "scores": torch.tensor([.9, .8, .7, .6]),
+         "masks": d}
+    assert error_analysis.match(t, o) == [(0, 2), (1, 3)]
+
+
+def test_error_analysis_runs_on_a_trained_model(tmp_path, capsys):
+    import error_analysis
+
+    from mrcnn_fast import cli
+    from mrcnn_fast.config import get_config, merge
+    from mrcnn_fast.data import make_shapes
+    from mrcnn_fast.engine import train
+
+    s = make_shapes(tmp_path / "shapes", n_train=2, n_val=2, seed=3, image_size=(64, 64))
+    opts = ["input.min_size_train=[64]", "input.max_size_train=64", "input.min_size_test=64", "input.max_size_test=64",
+            "solver.ims_per_batch=1", "solver.warmup_iters=1", "train.num_workers=0", "train.checkpoint_period=0",
+            "model.keypoint.num_convs=1", "model.keypoint.conv_dim=8", "model.mask.num_convs=1", "model.mask.conv_dim=8"]
+    cfg = merge(get_config("shapes"), cli.parse_opts(opts))
+    train(cfg, train_json=s["train_json"], train_images=s["train_images"], output_dir=tmp_path / "run", max_iter=2,
+          log=lambda m: None)
+    assert error_analysis.main(["--weights", str(tmp_path / "run" / "model_final.safetensors"),
+                                "--json", str(s["val_json"]), "--images", str(s["val_images"])]) == 0
+    out = capsys.readouterr().out
+    assert "non-crowd instances matched" in out and "box IoU, predicted box" in out
