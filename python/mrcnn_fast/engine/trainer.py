@@ -177,7 +177,8 @@ class Trainer:
         self.scheduler = LRSchedule.from_config(self.optimizer, s)
         self.amp = bool(s.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.amp_cpu = self.device.type == "cpu" and cpu_bf16_autocast(s.cpu_autocast)
+        bf16 = cpu_bf16_autocast(s.cpu_autocast)   # validates the setting on every device
+        self.amp_cpu = self.device.type == "cpu" and bf16
         self.iteration = 0
         self._resume_rng = None
         self.metrics: dict = {}
