@@ -186,10 +186,13 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _check_features(t, name: str) -> None:
+def _check_features(t, name: str) -> Tensor:
+    """t validated as Tensor[N, C, H, W]; under CPU autocast in float32 (see autocast_input)."""
+    t = autocast_input(t)
     check_float(t, name)
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got shape {list(t.shape)}")
+    return t
 
 
 def _check_mode(mode) -> str:
@@ -239,8 +242,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     Returns:
         Tensor[K, C, oh, ow], in input's memory format.
     """
-    input = autocast_input(input)
-    _check_features(input, "input")
+    input = _check_features(input, "input")
     oh, ow = pair(output_size, "output_size")
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
@@ -255,8 +257,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
 
     Args and returns as roi_align (no half-pixel offset, average only).
     """
-    input = autocast_input(input)
-    _check_features(input, "input")
+    input = _check_features(input, "input")
     oh, ow = pair(output_size, "output_size")
     sr = _check_sampling_ratio(sampling_ratio)
     scale = positive_float(spatial_scale, "spatial_scale")
@@ -267,11 +268,9 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
 def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[float]]:
     if not isinstance(features, (list, tuple)) or len(features) == 0:
         raise TypeError("features must be a non-empty list of Tensor[N, C, H, W]")
-    features = [autocast_input(f) for f in features]
     if len(features) > MAX_LEVELS:
         raise ValueError(f"features: at most {MAX_LEVELS} levels are supported, got {len(features)}")
-    for i, f in enumerate(features):
-        _check_features(f, f"features[{i}]")
+    features = [_check_features(f, f"features[{i}]") for i, f in enumerate(features)]
     f0 = features[0]
     for i, f in enumerate(features[1:], 1):
         if f.dtype != f0.dtype:
