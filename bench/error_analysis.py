@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     k = ds.num_keypoints if cfg.model.keypoint.enabled else 0
     sig = COCO_PERSON_SIGMAS if k == 17 else np.full(k, DEFAULT_SIGMA)
     n_gt = n_matched = 0
-    box_iou_pred, box_iou_mask = [], []
+    box_iou_pred, box_iou_mask, side_err = [], [], []
     oks_by_cat, oks_by_occ, err = defaultdict(list), defaultdict(list), {"visible": [], "occluded": []}
     with torch.no_grad():
         for targets, outputs in inference(model, ds):
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
             for j, i in pairs:
                 g = t["boxes"][j:j + 1].float()
                 box_iou_pred.append(box_iou(o["boxes"][i:i + 1].float(), g).item())
+                side_err.append((o["boxes"][i].float() - g[0]).tolist())
                 ys, xs = torch.nonzero(masks[i], as_tuple=True)
                 if len(xs):
                     tight = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
@@ -112,6 +113,11 @@ def main(argv=None) -> int:
     print(f"{n_matched} of {n_gt} non-crowd instances matched (mask IoU > 0.5, same class)")
     print(f"box IoU, predicted box:      {_fractions(np.array(box_iou_pred))}")
     print(f"box IoU, tight box of mask:  {_fractions(np.array(box_iou_mask))}")
+    if side_err:    # a bias here (not just spread) would point at a coordinate-convention error
+        e = np.array(side_err)
+        print("predicted - gt box side (px), x1 y1 x2 y2:  mean " + " ".join(f"{v:+.2f}" for v in e.mean(0)) +
+              "  median " + " ".join(f"{v:+.2f}" for v in np.median(e, 0)) +
+              "  median |.| " + " ".join(f"{v:.2f}" for v in np.median(np.abs(e), 0)))
     if oks_by_cat:
         print("keypoint OKS per instance (fraction above 0.5 / 0.75 / 0.9):")
         groups = [(f"category {c}", v) for c, v in sorted(oks_by_cat.items())]

@@ -168,6 +168,44 @@ def test_c4_model_trains_and_predicts(batch):
         out = model(images)
     assert out[0]["masks"].shape[1:] == (1, 96, 128) and out[0]["boxes"].shape[0] > 0
     assert model.roi_heads._mask_size() == 14
+    model.roi_heads.test_box_refine = 1     # the refinement pass goes through res5 too
+    with torch.no_grad():
+        ref = model(images)
+    assert [o["boxes"].shape for o in ref] == [o["boxes"].shape for o in out]
+    assert not torch.equal(ref[0]["boxes"], out[0]["boxes"]) and ref[0]["masks"].shape == out[0]["masks"].shape
+
+
+def test_box_refine_pass(batch):
+    """test_box_refine=1: each detection gets the detected class's regression applied once more (clipped) and the
+    score sqrt(score * p(class)); checked with a predictor whose outputs do not depend on the features."""
+    from mrcnn_fast import ops
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg({"roi_heads": {"score_thresh_test": 0.0}})).eval()
+    pred = model.roi_heads.box_predictor
+    with torch.no_grad():
+        pred.cls_score.weight.zero_()
+        pred.cls_score.bias.copy_(torch.tensor([0.0, 1.0, 0.5, 1.5]))
+        pred.bbox_pred.weight.zero_()
+        # class c: dx = 0.4 c (x 1/10 by the box weights), dw = -0.5 c (x 1/5): a shift right, a shrink
+        pred.bbox_pred.bias.copy_(torch.tensor([[0.4 * c, 0.2, -0.5 * c, 0.3] for c in range(4)]).reshape(-1))
+    images = [batch[0][0], batch[0][1]]
+    with torch.no_grad():
+        base = model(images)
+        model.roi_heads.test_box_refine = 1
+        ref = model(images)
+    p = torch.softmax(pred.cls_score.bias, 0)
+    for b, r, im in zip(base, ref, images):
+        assert b["boxes"].shape[0] > 0
+        assert torch.equal(b["labels"], r["labels"])
+        deltas = pred.bbox_pred.bias.reshape(4, 4)[b["labels"]]
+        want = ops.clip_boxes(ops.decode_boxes(deltas, b["boxes"], (10.0, 10.0, 5.0, 5.0)).reshape(-1, 4),
+                              tuple(im.shape[1:]))
+        torch.testing.assert_close(r["boxes"], want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(r["scores"], (b["scores"] * p[b["labels"]]).sqrt())
+        assert r["masks"].shape == b["masks"].shape and r["keypoints"].shape == b["keypoints"].shape
+    with pytest.raises(ValueError, match="test_box_refine"):
+        build_model(tiny_cfg({"roi_heads": {"test_box_refine": -1}}))
 
 
 ABLATIONS = [

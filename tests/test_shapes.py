@@ -54,21 +54,48 @@ def test_annotations_consistent(shapes):
         assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
         sizes["small" if a["area"] < 32 ** 2 else "medium" if a["area"] < 96 ** 2 else "large"] += 1
         kp = np.array(a["keypoints"]).reshape(4, 3)
-        assert a["num_keypoints"] == 4 and a["iscrowd"] == 0
+        assert a["num_keypoints"] == (kp[:, 2] > 0).sum() and a["iscrowd"] == 0
         for x, y, v in kp:
-            assert 0 < x < w and 0 < y < h and v in (1, 2)
             vis[int(v)] += 1
-            assert m[int(y), int(x)] == (v == 2)    # visible keypoints lie on the visible mask, occluded ones not
+            if v == 0:      # hidden by a later shape: not labelled
+                assert x == y == 0 and isinstance(seg, dict)
+                continue
+            assert 0 < x < w and 0 < y < h and v == 2
+            assert m[int(y), int(x)]    # labelled keypoints lie on the visible mask
         if isinstance(seg, list):    # an unoccluded shape: the keypoints are its extreme pixels
             assert kp[0, 1] == ys.min() + 0.5 and kp[2, 1] == ys.max() + 0.5
             assert kp[3, 0] == xs.min() + 0.5 and kp[1, 0] == xs.max() + 0.5
             assert (kp[:, 2] == 2).all()
     assert kinds["polygon"] > 0 and kinds["rle"] > 0            # occlusions happen
-    assert min(sizes["small"], sizes["medium"], sizes["large"]) > 0 and vis[1] > 0
+    assert min(sizes["small"], sizes["medium"], sizes["large"]) > 0 and vis[0] > 0 and vis[1] == 0
     per_image = collections.Counter(a["image_id"] for a in data["annotations"])
     assert set(per_image.values()) <= set(range(2, 7)) and len(set(per_image.values())) >= 3
     empty = [im["id"] for im in data["images"] if im["id"] not in per_image]
     assert 1 <= len(empty) <= 4
+
+
+def test_occluded_keypoints_label(tmp_path, shapes):
+    """occluded_keypoints="label" changes only the hidden keypoints: v = 1 at the full shape's extreme pixel."""
+    paths = make_shapes(tmp_path, n_train=40, n_val=8, seed=0, image_size=(192, 224), occluded_keypoints="label")
+    omit = json.loads(Path(shapes["train_json"]).read_text())["annotations"]
+    label = json.loads(Path(paths["train_json"]).read_text())["annotations"]
+    assert len(omit) == len(label)
+    assert _files(Path(paths["train_images"])) == _files(Path(shapes["train_images"]))
+    n_hidden = 0
+    for a, b in zip(omit, label):
+        assert {k: v for k, v in a.items() if k not in ("keypoints", "num_keypoints")} == \
+            {k: v for k, v in b.items() if k not in ("keypoints", "num_keypoints")}
+        ka, kb = np.array(a["keypoints"]).reshape(4, 3), np.array(b["keypoints"]).reshape(4, 3)
+        assert b["num_keypoints"] == 4
+        h = ka[:, 2] == 0
+        n_hidden += int(h.sum())
+        np.testing.assert_array_equal(ka[~h], kb[~h])
+        m = mask_util.decode(b["segmentation"]) if isinstance(b["segmentation"], dict) else None
+        for x, y, v in kb[h]:
+            assert v == 1 and 0 < x < 224 and 0 < y < 192 and not m[int(y), int(x)]
+    assert n_hidden > 0
+    with pytest.raises(ValueError, match="occluded_keypoints"):
+        make_shapes(tmp_path / "bad", n_train=1, n_val=1, occluded_keypoints="hide")
 
 
 def test_rle_instances_are_occluded(shapes):
@@ -101,11 +128,14 @@ def test_loads_and_flips_with_small_cpu_pairs(shapes):
         kp = t["keypoints"]
         if len(kp):
             # still semantically right: "right" is the rightmost, "left" the leftmost point
-            assert (kp[:, 1, 0] >= kp[:, 3, 0]).all() and (kp[:, 0, 1] <= kp[:, 2, 1]).all()
+            lr = (kp[:, 1, 2] > 0) & (kp[:, 3, 2] > 0)
+            tb = (kp[:, 0, 2] > 0) & (kp[:, 2, 2] > 0)
+            assert lr.any() and tb.any()
+            assert (kp[lr, 1, 0] >= kp[lr, 3, 0]).all() and (kp[tb, 0, 1] <= kp[tb, 2, 1]).all()
             flipped = transforms.hflip(img0, t0, cfg.model.keypoint.flip_pairs)[1]
             torch.testing.assert_close(flipped["keypoints"], kp)
             for m, (x, y, v) in zip(t["masks"], kp[:, 1]):
-                assert m[int(y), int(x)] == (v == 2)
+                assert v in (0, 2) and (v == 0 or m[int(y), int(x)])
 
 
 def test_bad_arguments(tmp_path):

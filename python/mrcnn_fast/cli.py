@@ -192,7 +192,7 @@ def cmd_make_shapes(args) -> int:
     if args.size < 32:
         raise UsageError(f"--size must be >= 32, got {args.size}")
     paths = make_shapes(args.out_dir, n_train=args.train, n_val=args.val, seed=args.seed,
-                        image_size=(args.size, args.size))
+                        image_size=(args.size, args.size), occluded_keypoints=args.occluded_keypoints)
     for k, v in paths.items():
         _out(f"{k}: {v}")
     return 0
@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=64, help="validation images (default 64)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    s.add_argument("--occluded-keypoints", choices=["omit", "label"], default="omit",
+                   help="keypoints hidden by a later shape: omit = not labelled (default), label = visibility 1 at "
+                   "the hidden full shape's extreme point")
     s.set_defaults(func=cmd_make_shapes)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> PNGs (CPU, a few minutes)",

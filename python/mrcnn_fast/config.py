@@ -70,6 +70,8 @@ class RoIHeadsConfig:
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
+    test_box_refine: int = 0            # extra box-head passes over the detections at inference (iterative box
+                                        # regression, not in the paper; 0 keeps torchvision / detectron2 parity)
 
 
 @dataclass
@@ -234,6 +236,9 @@ def _preset_shapes() -> Config:
     changes max_iter."""
     cfg = _preset_small_cpu()
     cfg.model.backbone.width = 32
+    # One extra box-head pass at inference: measured on a 30-min model (seed-0 val): bbox AP 0.729 -> 0.758,
+    # keypoints 0.502 -> 0.530, segm 0.810 -> 0.818 (box AP at high IoU is what this preset lacks).
+    cfg.model.roi_heads.test_box_refine = 1
     cfg.input.min_size_train = (256,)
     s = cfg.solver
     s.max_iter, s.warmup_iters, s.base_lr, s.clip_grad_norm = 3000, 100, 0.02, 10.0

@@ -27,6 +27,10 @@ class RoIHeads(nn.Module):
         fg_iou_thresh, bg_iou_thresh: RoI labelling; batch_size_per_image, positive_fraction: RoI sampling.
         box_reg_weights: (wx, wy, ww, wh) of the box encoding.
         score_thresh, nms_thresh, detections_per_image: inference.
+        test_box_refine: extra passes of the box head over the detections at inference (iterative bounding-box
+            regression; 0 = the paper's single pass). Each pass pools the detected boxes again, applies the
+            regression of the detected class and replaces the score by the geometric mean of the score and the
+            pass's probability of that class; masks and keypoints are then predicted on the refined boxes.
     """
 
     def __init__(self, *, box_pooler: RoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
@@ -36,8 +40,10 @@ class RoIHeads(nn.Module):
                  fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, box_reg_weights=(10.0, 10.0, 5.0, 5.0),
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
-                 smooth_l1_beta: float = 1.0 / 9):
+                 smooth_l1_beta: float = 1.0 / 9, test_box_refine: int = 0):
         super().__init__()
+        if isinstance(test_box_refine, bool) or not isinstance(test_box_refine, int) or test_box_refine < 0:
+            raise ValueError(f"test_box_refine must be an int >= 0, got {test_box_refine!r}")
         if mask_loss_type not in ("sigmoid", "softmax"):
             raise ValueError(f"mask_loss_type must be 'sigmoid' or 'softmax', got {mask_loss_type!r}")
         if (mask_head is None) != (mask_pooler is None) and not isinstance(box_head, Res5Head):
@@ -59,6 +65,7 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
         self.smooth_l1_beta = smooth_l1_beta
+        self.test_box_refine = test_box_refine
 
     @property
     def c4(self) -> bool:
@@ -86,7 +93,7 @@ class RoIHeads(nn.Module):
                   fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
                   batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
                   box_reg_weights=r.box_reg_weights, score_thresh=r.score_thresh_test, nms_thresh=r.nms_thresh_test,
-                  detections_per_image=r.detections_per_image)
+                  detections_per_image=r.detections_per_image, test_box_refine=r.test_box_refine)
         mk = m.mask
         if mk.enabled:
             if mk.loss not in ("sigmoid", "softmax"):
@@ -241,13 +248,39 @@ class RoIHeads(nn.Module):
             results.append((b[keep], s[keep], lab[keep]))
         return results
 
+    def _box_outputs(self, feats, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.box_head(self.box_pooler(feats, boxes_to_rois(boxes)))
+        return self.box_predictor(x[0] if self.c4 else x)
+
+    @torch.no_grad()
+    def refine_detections(self, feats, dets, image_sizes):
+        """One pass of iterative box regression over the detections [(boxes Tensor[D, 4], scores Tensor[D],
+        labels Tensor[D]) per image]: the box head sees each detected box as a proposal, its regression for the
+        detected class gives the new box (clipped to the image) and the score becomes
+        sqrt(score * p(class | new pass))."""
+        boxes = [b for b, _, _ in dets]
+        n = sum(b.shape[0] for b in boxes)
+        if n == 0:
+            return dets
+        class_logits, box_regression = self._box_outputs(feats, boxes)
+        boxes_cat = torch.cat(boxes)
+        labels = torch.cat([lab for _, _, lab in dets])
+        rows = torch.arange(n, device=boxes_cat.device)
+        reg = box_regression.to(boxes_cat.dtype).reshape(n, -1, 4)[rows, labels]
+        new = ops.decode_boxes(reg.contiguous(), boxes_cat, self.box_reg_weights).reshape(n, 4)
+        prob = F.softmax(class_logits.to(boxes_cat.dtype), -1)[rows, labels]
+        out, start = [], 0
+        for (b, s, lab), hw in zip(dets, image_sizes):
+            k = b.shape[0]
+            out.append((ops.clip_boxes(new[start:start + k], hw), (s * prob[start:start + k]).sqrt(), lab))
+            start += k
+        return out
+
     def _forward_test(self, feats, proposals, image_sizes):
-        rois = boxes_to_rois(proposals)
-        x = self.box_head(self.box_pooler(feats, rois))
-        if self.c4:
-            x = x[0]
-        class_logits, box_regression = self.box_predictor(x)
+        class_logits, box_regression = self._box_outputs(feats, proposals)
         dets = self.postprocess_boxes(class_logits, box_regression, proposals, image_sizes)
+        for _ in range(self.test_box_refine):
+            dets = self.refine_detections(feats, dets, image_sizes)
         results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in dets]
         det_boxes = [r["boxes"] for r in results]
         counts = [b.shape[0] for b in det_boxes]
