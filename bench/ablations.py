@@ -89,7 +89,8 @@ def build_config(args, variant: str, train_seed: int | None = None):
         train_seed = args.seed
     sz = args.image_size
     cfg = get_config("shapes", {
-        "model": {"keypoint": {"enabled": False}},
+        # no keypoints (not under test); one box-head pass at inference, as in the paper
+        "model": {"keypoint": {"enabled": False}, "roi_heads": {"test_box_refine": 0}},
         "input": {"min_size_train": [sz], "max_size_train": sz, "min_size_test": sz, "max_size_test": sz},
         # the loader runs in this process: worker processes would only compete for the 2 cores
         "train": {"seed": train_seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": 0,
@@ -167,6 +168,19 @@ def gt_box_mask_metrics(model, dataset) -> dict:
     return ev.evaluate()["segm"]
 
 
+def same_config(saved: Path, cfg) -> bool:
+    """Whether the run config saved at `saved` equals cfg. Fields added to the config after that run was saved
+    take their default (each new field's default is the behaviour from before it existed), so adding a field
+    does not invalidate finished runs; any differing value does."""
+    if not saved.is_file():
+        return False
+    try:
+        old = get_config(str(saved))
+    except (ValueError, TypeError, KeyError, OSError):
+        return False
+    return json.loads(json.dumps(to_dict(old))) == json.loads(json.dumps(to_dict(cfg)))
+
+
 def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) -> dict:
     """Trains (or, if its final weights exist in workdir, only re-evaluates) one variant with one training seed."""
     from mrcnn_fast.data import CocoDetection
@@ -180,8 +194,7 @@ def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) 
     out = workdir / key
     log = (lambda m: print(f"[{key}] {m}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    reused = (out / FINAL_WEIGHTS).is_file() and (out / "config.json").is_file() and \
-        json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    reused = (out / FINAL_WEIGHTS).is_file() and same_config(out / "config.json", cfg)
     if not reused:
         metrics = train(cfg, output_dir=out, log=log, **data)
     seconds = time.perf_counter() - t0
@@ -262,8 +275,25 @@ def directions(summary: dict) -> list[tuple[str, bool]]:
             verdict = f"holds on the mean, but within the seed spread ({100 * spread:.1f})"
         out.append((f"- ({group}) {VARIANTS[better][0]} > {VARIANTS[worse][0]} on {IOU_LABELS[iou]} {name}"
                     f"{f' ({note})' if note else ''}: {100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f}) "
-                    f"-> {verdict}", holds))
+                    f"-> {verdict}{paired(summary, better, worse, (iou, name))}", holds))
     return out
+
+
+def paired(summary: dict, better: str, worse: str, metric) -> str:
+    """The comparison run by run: for one training seed both variants start from the same initial weights and
+    see the same batches, so the per-seed difference removes the seed's own effect (which the unpaired
+    worst-vs-best test above counts as noise)."""
+    a = {r["train_seed"]: _metric(r, *metric) for r in summary[better]["runs"]}
+    b = {r["train_seed"]: _metric(r, *metric) for r in summary[worse]["runs"]}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return ""
+    d = [a[k] - b[k] for k in seeds]
+    mean = sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+    wins = sum(x > 0 for x in d)
+    return (f"; paired by training seed: {better} ahead in {wins} of {len(d)} (gap {100 * mean:+.1f} "
+            f"+- {100 * sd:.1f} sd)")
 
 
 def _commit() -> str:

@@ -44,7 +44,38 @@ def test_ablations_directions_logic():
     t, holds = text["- (b) sigmoid / RoIAlign / FCN (baseline) > softmax mask loss on mask AP"]
     assert holds and "every seed" in t
     t, holds = text["- (c) sigmoid / RoIAlign / FCN (baseline) > RoIWarp on mask AP75 (both average bilinear samples"]
-    assert not holds and "does NOT hold" in t
+    assert not holds and "does NOT hold" in t and "ahead in 0 of 2 (gap -3.5 +- 2.1 sd)" in t
+
+
+def test_ablations_paired_by_seed():
+    """Seeds move both variants together: the unpaired test sees overlap, the paired one a win per seed."""
+    def run(variant, seed, ap):
+        m = {"AP": ap, "AP50": ap, "AP75": ap}
+        return {"variant": variant, "train_seed": seed, "metrics": {"segm": m, "bbox": m, "segm_gt_boxes": m}}
+    rows = [run("baseline", 0, 0.40), run("baseline", 1, 0.60), run("baseline", 2, 0.50),
+            run("mlp", 0, 0.38), run("mlp", 1, 0.57), run("mlp", 2, 0.49)]
+    text = [t for t, _ in ablations.directions(ablations.summarize(rows)) if t.startswith("- (e)")][0]
+    assert "within the seed spread" in text and "ahead in 3 of 3 (gap +2.0 +- 1.0 sd)" in text
+    assert ablations.paired(ablations.summarize(rows[:1] + rows[3:4]), "baseline", "mlp", ("segm", "AP")) == ""
+
+
+def test_ablations_reuse_is_default_aware(tmp_path):
+    """A run saved before a config field existed is reused (the field takes its default); a changed value is not."""
+    from mrcnn_fast.config import to_dict
+
+    args = ablations.main.__globals__["argparse"].Namespace(seed=0, image_size=64, max_iter=10, override=None)
+    cfg = ablations.build_config(args, "baseline")
+    saved = json.loads(json.dumps(to_dict(cfg)))
+    path = tmp_path / "config.json"
+    del saved["model"]["roi_heads"]["test_box_refine"], saved["solver"]["cpu_autocast"]
+    path.write_text(json.dumps(saved))
+    assert ablations.same_config(path, cfg)
+    saved["model"]["roi_heads"]["pooler"] = "roi_pool"
+    path.write_text(json.dumps(saved))
+    assert not ablations.same_config(path, cfg)
+    path.write_text("{not json")
+    assert not ablations.same_config(path, cfg)
+    assert not ablations.same_config(tmp_path / "missing.json", cfg)
 
 
 @pytest.mark.parametrize("bad", [["--seeds", "0"], ["--override", "{not json"], ["--only", "zz"]])

@@ -157,3 +157,16 @@ def test_make_shapes_command(capsys, tmp_path):
     assert f"train_json: {tmp_path / 's' / 'train.json'}" in out
     assert len(json.loads((tmp_path / "s" / "val.json").read_text())["images"]) == 1
     _one_line_error(*_run(capsys, "make-shapes", str(tmp_path / "t"), "--train", "-1"), "--train must be >= 0")
+    _one_line_error(*_run(capsys, "make-shapes", str(tmp_path / "t"), "--occluded-keypoints", "guess"),
+                    "invalid choice")
+
+
+def test_make_shapes_occluded_keypoints(capsys, tmp_path):
+    vis = {}
+    for mode in ("omit", "label"):
+        code, _, err = _run(capsys, "make-shapes", str(tmp_path / mode), "--train", "12", "--val", "1", "--size", "128",
+                            "--occluded-keypoints", mode)
+        assert code == 0, err
+        anns = json.loads((tmp_path / mode / "train.json").read_text())["annotations"]
+        vis[mode] = sorted({v for a in anns for v in a["keypoints"][2::3]})
+    assert vis == {"omit": [0, 2], "label": [1, 2]}
