@@ -6,7 +6,8 @@ Each non-crowd ground-truth instance is matched greedily (by score) to the same-
 highest mask IoU above 0.5. Printed for the matched pairs: the box IoU of the predicted box and of the tight box
 of the predicted mask (fractions above 0.75 / 0.85 / 0.9 / 0.95: what AP at high IoU needs), and, for keypoint
 models, the OKS of each instance (COCO's formula with the evaluator's sigmas and the instance's area) per category
-and by the number of occluded (visibility 1) keypoints, plus the keypoint error in units of sqrt(area) for visible
+and by the number of hidden keypoints (visibility 1, or 0 = not labelled, as the shapes set leaves occluded
+ones by default), plus the keypoint error in units of sqrt(area) for visible
 and occluded keypoints. The config is read from config.json beside the weights.
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                 oks = np.exp(-d2 / (2 * area * (2 * sig) ** 2 + np.spacing(1)))[vis].mean()
                 label = int(t["labels"][j])
                 oks_by_cat[names.get(label, str(label))].append(oks)
-                oks_by_occ[int((gk[:, 2] == 1).sum())].append(oks)
+                oks_by_occ[int((gk[:, 2] < 2).sum())].append(oks)
                 for kk in np.flatnonzero(vis):
                     err["occluded" if gk[kk, 2] == 1 else "visible"].append(np.sqrt(d2[kk] / area))
     print(f"{n_matched} of {n_gt} non-crowd instances matched (mask IoU > 0.5, same class)")
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     if oks_by_cat:
         print("keypoint OKS per instance (fraction above 0.5 / 0.75 / 0.9):")
         groups = [(f"category {c}", v) for c, v in sorted(oks_by_cat.items())]
-        groups += [(f"{n} occluded keypoint(s)", v) for n, v in sorted(oks_by_occ.items())]
+        groups += [(f"{n} hidden keypoint(s)", v) for n, v in sorted(oks_by_occ.items())]
         for name, v in groups:
             v = np.array(v)
             print(f"  {name:28s} n={len(v):5d}  mean {v.mean():.3f}  "
