@@ -197,6 +197,9 @@ def test_box_refine_pass(batch):
     p = torch.softmax(pred.cls_score.bias, 0)
     for b, r, im in zip(base, ref, images):
         assert b["boxes"].shape[0] > 0
+        assert bool((r["scores"][:-1] >= r["scores"][1:]).all())     # re-sorted by the new score
+        order = (b["scores"] * p[b["labels"]]).sqrt().argsort(descending=True, stable=True)
+        b = {k: v[order] for k, v in b.items()}
         assert torch.equal(b["labels"], r["labels"])
         deltas = pred.bbox_pred.bias.reshape(4, 4)[b["labels"]]
         want = ops.clip_boxes(ops.decode_boxes(deltas, b["boxes"], (10.0, 10.0, 5.0, 5.0)).reshape(-1, 4),

@@ -256,8 +256,8 @@ class RoIHeads(nn.Module):
     def refine_detections(self, feats, dets, image_sizes):
         """One pass of iterative box regression over the detections [(boxes Tensor[D, 4], scores Tensor[D],
         labels Tensor[D]) per image]: the box head sees each detected box as a proposal, its regression for the
-        detected class gives the new box (clipped to the image) and the score becomes
-        sqrt(score * p(class | new pass))."""
+        detected class gives the new box (clipped to the image; a box that would collapse keeps its old one) and
+        the score becomes sqrt(score * p(class | new pass)). Detections are re-sorted by the new score."""
         boxes = [b for b, _, _ in dets]
         n = sum(b.shape[0] for b in boxes)
         if n == 0:
@@ -272,7 +272,12 @@ class RoIHeads(nn.Module):
         out, start = [], 0
         for (b, s, lab), hw in zip(dets, image_sizes):
             k = b.shape[0]
-            out.append((ops.clip_boxes(new[start:start + k], hw), (s * prob[start:start + k]).sqrt(), lab))
+            nb = ops.clip_boxes(new[start:start + k], hw)
+            ok = ((nb[:, 2] - nb[:, 0]) >= 1e-2) & ((nb[:, 3] - nb[:, 1]) >= 1e-2)
+            nb = torch.where(ok[:, None], nb, b)
+            ns = (s * prob[start:start + k]).sqrt()
+            order = ns.argsort(descending=True, stable=True)
+            out.append((nb[order], ns[order], lab[order]))
             start += k
         return out
 
