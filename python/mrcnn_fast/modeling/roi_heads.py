@@ -12,6 +12,8 @@ from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, R
 from .poolers import RoIPooler, boxes_to_rois
 from .sampling import BalancedSampler, Matcher
 
+_MIN_BOX_SIDE = 1e-2    # detections with a side below this (px) are dropped, refined ones keep their old box
+
 
 class RoIHeads(nn.Module):
     """The second stage. Box branch always; mask and keypoint branches optional.
@@ -242,7 +244,7 @@ class RoIHeads(nn.Module):
             s = s[:, 1:].reshape(-1)
             keep = torch.where(s > self.score_thresh)[0]
             b, s, lab = b[keep], s[keep], lab[keep]
-            keep = ops.remove_small_boxes(b, 1e-2)
+            keep = ops.remove_small_boxes(b, _MIN_BOX_SIDE)
             b, s, lab = b[keep], s[keep], lab[keep]
             keep = ops.batched_nms(b, s, lab, self.nms_thresh)[:self.detections_per_image]
             results.append((b[keep], s[keep], lab[keep]))
@@ -273,7 +275,8 @@ class RoIHeads(nn.Module):
         for (b, s, lab), hw in zip(dets, image_sizes):
             k = b.shape[0]
             nb = ops.clip_boxes(new[start:start + k], hw)
-            ok = ((nb[:, 2] - nb[:, 0]) >= 1e-2) & ((nb[:, 3] - nb[:, 1]) >= 1e-2)
+            ok = torch.zeros(k, dtype=torch.bool, device=nb.device)
+            ok[ops.remove_small_boxes(nb, _MIN_BOX_SIDE)] = True
             nb = torch.where(ok[:, None], nb, b)
             ns = (s * prob[start:start + k]).sqrt()
             order = ns.argsort(descending=True, stable=True)
