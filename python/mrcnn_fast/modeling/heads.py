@@ -191,6 +191,44 @@ def mask_probs(mask_logits: Tensor, labels: Tensor, loss_type: str = "sigmoid") 
     return mask_logits[torch.arange(d, device=labels.device), chan][:, None].sigmoid()
 
 
+def mask_box_edges(probs: Tensor, boxes: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """The box of each predicted mask, to sub-cell precision: where the mask's column / row maxima cross the
+    threshold, linearly interpolated between cell centres (the mask is pasted with bilinear interpolation, so
+    this is where the pasted mask's edge falls).
+
+    Args:
+        probs (Tensor[N, M, M]): mask probabilities over boxes (Tensor[N, 4]), cell (i, j) centred at
+            (x1 + (j + 0.5) w / M, y1 + (i + 0.5) h / M).
+    Returns: (edges Tensor[N, 4] (x1, y1, x2, y2), valid Tensor[N, 4] bool). A side is invalid when the mask is
+    empty or reaches that side of its box (the object may go on beyond it).
+    """
+    n, m = probs.shape[0], probs.shape[-1]
+    if n == 0:
+        return boxes.new_zeros((0, 4)), torch.zeros((0, 4), dtype=torch.bool, device=boxes.device)
+    probs = probs.to(boxes.dtype)
+    rows = torch.arange(n, device=probs.device)
+    cells = torch.arange(m, device=probs.device).expand(n, m)
+
+    def crossings(profile: Tensor):
+        above = profile >= threshold
+        first = torch.where(above, cells, m).min(dim=1).values
+        last = torch.where(above, cells, -1).max(dim=1).values
+        f, l = first.clamp(1, m - 1), last.clamp(0, m - 2)
+        a, b = profile[rows, f - 1], profile[rows, f]
+        lo = (f - 1).to(profile.dtype) + ((threshold - a) / (b - a).clamp_min(1e-6)).clamp(0, 1) + 0.5
+        a, b = profile[rows, l], profile[rows, l + 1]
+        hi = l.to(profile.dtype) + ((a - threshold) / (a - b).clamp_min(1e-6)).clamp(0, 1) + 0.5
+        found = last >= 0
+        return lo, hi, found & (first > 0), found & (last < m - 1)
+
+    xl, xh, vxl, vxh = crossings(probs.amax(dim=1))
+    yl, yh, vyl, vyh = crossings(probs.amax(dim=2))
+    sx = (boxes[:, 2] - boxes[:, 0]) / m
+    sy = (boxes[:, 3] - boxes[:, 1]) / m
+    edges = torch.stack([boxes[:, 0] + xl * sx, boxes[:, 1] + yl * sy, boxes[:, 0] + xh * sx, boxes[:, 1] + yh * sy], 1)
+    return edges, torch.stack([vxl, vyl, vxh, vyh], 1)
+
+
 # ---- keypoint head -------------------------------------------------------------------------------
 
 

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, Res5Head, TwoMLPHead,
-                    fast_rcnn_loss, heatmaps_to_keypoints, keypoint_loss, keypoint_targets, mask_loss, mask_probs,
-                    mask_targets)
+                    fast_rcnn_loss, heatmaps_to_keypoints, keypoint_loss, keypoint_targets, mask_box_edges, mask_loss,
+                    mask_probs, mask_targets)
 from .poolers import RoIPooler, boxes_to_rois
 from .sampling import BalancedSampler, Matcher
 
@@ -33,6 +33,17 @@ class RoIHeads(nn.Module):
             regression; 0 = the paper's single pass). Each pass pools the detected boxes again, applies the
             regression of the detected class and replaces the score by the geometric mean of the score and the
             pass's probability of that class; masks and keypoints are then predicted on the refined boxes.
+        cascade_heads, cascade_predictors, cascade_iou_thresholds: extra box stages (Cascade R-CNN's idea, not in
+            the paper; FPN only). Stage k is trained on stage k-1's regressed boxes (each sampled RoI moved by the
+            regression of its GT class, or of its best foreground class for negatives; GT boxes appended),
+            labelled at cascade_iou_thresholds[k-1], with regression weights box_reg_weights x (k + 1); when
+            stages exist the gradient each stage sends into the features is scaled by 1 / (number of stages).
+            At inference each stage refines the detections once, after the test_box_refine passes, as above.
+        test_mask_box: weight in [0, 1] of the mask-derived box sides at inference (0: off, not in the paper).
+            The mask head is run on each detected box enlarged test_mask_box_expand times about its centre, and
+            every side where the mask's edge lies inside that box is moved to (1 - w) x regressed + w x mask edge.
+            The mask head's targets come from boxes of IoU >= 0.5 around the object, so it segments the whole
+            object in a loose box; its edge is a second, independent estimate of the box.
     """
 
     def __init__(self, *, box_pooler: RoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
@@ -42,10 +53,29 @@ class RoIHeads(nn.Module):
                  fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, box_reg_weights=(10.0, 10.0, 5.0, 5.0),
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
-                 smooth_l1_beta: float = 1.0 / 9, test_box_refine: int = 0):
+                 smooth_l1_beta: float = 1.0 / 9, test_box_refine: int = 0, cascade_heads=(),
+                 cascade_predictors=(), cascade_iou_thresholds=(), test_mask_box: float = 0.0,
+                 test_mask_box_expand: float = 1.25):
         super().__init__()
         if isinstance(test_box_refine, bool) or not isinstance(test_box_refine, int) or test_box_refine < 0:
             raise ValueError(f"test_box_refine must be an int >= 0, got {test_box_refine!r}")
+        cascade_heads, cascade_predictors = list(cascade_heads), list(cascade_predictors)
+        thresholds = [float(t) for t in cascade_iou_thresholds]
+        if not len(cascade_heads) == len(cascade_predictors) == len(thresholds):
+            raise ValueError(f"cascade_heads ({len(cascade_heads)}), cascade_predictors ({len(cascade_predictors)}) "
+                             f"and cascade_iou_thresholds ({len(thresholds)}) must have the same length")
+        if any(not 0.0 < t < 1.0 for t in thresholds):
+            raise ValueError(f"cascade_iou_thresholds must be in (0, 1), got {tuple(cascade_iou_thresholds)!r}")
+        if cascade_heads and isinstance(box_head, Res5Head):
+            raise ValueError("cascade box stages are supported with FPN box heads only (not C4)")
+        if isinstance(test_mask_box, bool) or not isinstance(test_mask_box, (int, float)) \
+                or not 0.0 <= test_mask_box <= 1.0:
+            raise ValueError(f"test_mask_box must be a number in [0, 1], got {test_mask_box!r}")
+        if isinstance(test_mask_box_expand, bool) or not isinstance(test_mask_box_expand, (int, float)) \
+                or not 1.0 <= test_mask_box_expand <= 4.0:
+            raise ValueError(f"test_mask_box_expand must be a number in [1, 4], got {test_mask_box_expand!r}")
+        if test_mask_box > 0 and mask_head is None:
+            raise ValueError("test_mask_box > 0 needs the mask head")
         if mask_loss_type not in ("sigmoid", "softmax"):
             raise ValueError(f"mask_loss_type must be 'sigmoid' or 'softmax', got {mask_loss_type!r}")
         if (mask_head is None) != (mask_pooler is None) and not isinstance(box_head, Res5Head):
@@ -68,6 +98,12 @@ class RoIHeads(nn.Module):
         self.detections_per_image = detections_per_image
         self.smooth_l1_beta = smooth_l1_beta
         self.test_box_refine = test_box_refine
+        self.cascade_heads = nn.ModuleList(cascade_heads)
+        self.cascade_predictors = nn.ModuleList(cascade_predictors)
+        self.cascade_iou_thresholds = tuple(thresholds)
+        self.cascade_matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in thresholds]
+        self.test_mask_box = float(test_mask_box)
+        self.test_mask_box_expand = float(test_mask_box_expand)
 
     @property
     def c4(self) -> bool:
@@ -95,7 +131,16 @@ class RoIHeads(nn.Module):
                   fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
                   batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
                   box_reg_weights=r.box_reg_weights, score_thresh=r.score_thresh_test, nms_thresh=r.nms_thresh_test,
-                  detections_per_image=r.detections_per_image, test_box_refine=r.test_box_refine)
+                  detections_per_image=r.detections_per_image, test_box_refine=r.test_box_refine,
+                  test_mask_box=r.test_mask_box, test_mask_box_expand=r.test_mask_box_expand)
+        thresholds = tuple(r.cascade_iou_thresholds)
+        if thresholds:
+            if res5 is not None:
+                raise ValueError("roi_heads.cascade_iou_thresholds needs the FPN box head (fpn.enabled = true)")
+            kw["cascade_heads"] = [TwoMLPHead(in_channels * r.box_pooler_resolution ** 2, r.box_head_fc_dim)
+                                   for _ in thresholds]
+            kw["cascade_predictors"] = [FastRCNNPredictor(r.box_head_fc_dim, nc) for _ in thresholds]
+            kw["cascade_iou_thresholds"] = thresholds
         mk = m.mask
         if mk.enabled:
             if mk.loss not in ("sigmoid", "softmax"):
@@ -130,8 +175,9 @@ class RoIHeads(nn.Module):
     # ---- training ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_proposals(self, proposals: list[Tensor], targets: list[dict]):
-        """GT boxes appended to the proposals, matched and sampled (positives first in each image).
+    def sample_proposals(self, proposals: list[Tensor], targets: list[dict], matcher: Matcher | None = None):
+        """GT boxes appended to the proposals, matched (by self.matcher unless given) and sampled (positives first
+        in each image).
 
         Returns per image: boxes Tensor[S, 4], labels Tensor[S], matched GT index Tensor[S], number of positives.
         """
@@ -143,7 +189,7 @@ class RoIHeads(nn.Module):
                 labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
                 matched = torch.zeros_like(labels)
             else:
-                matched = self.matcher(ops.box_iou(gt.to(props.dtype), props))
+                matched = (matcher or self.matcher)(ops.box_iou(gt.to(props.dtype), props))
                 labels = gl[matched.clamp(min=0)].to(torch.int64)
                 labels[matched == Matcher.BELOW_LOW] = 0
                 labels[matched == Matcher.BETWEEN] = -1
@@ -153,22 +199,63 @@ class RoIHeads(nn.Module):
             out.append((props[idx], labels[idx], matched[idx], pos.numel()))
         return out
 
-    def _forward_train(self, feats, proposals, targets):
+    @staticmethod
+    @torch.no_grad()
+    def _regression_targets(samples, targets, rois: Tensor, weights) -> tuple[Tensor, Tensor]:
+        """-> (Tensor[S, 4] encoded GT boxes of the positives (zeros elsewhere), Tensor[P] rows of the positives)."""
+        reg_targets = torch.zeros_like(rois[:, 1:])
+        pos_rows, start = [], 0
+        for (b, _, m, npos), t in zip(samples, targets):
+            if npos:
+                reg_targets[start:start + npos] = ops.encode_boxes(t["boxes"][m[:npos]].to(b.dtype), b[:npos], weights)
+            pos_rows.append(torch.arange(start, start + npos, device=rois.device))
+            start += b.shape[0]
+        return reg_targets, torch.cat(pos_rows)
+
+    def _stage_weights(self, stage: int) -> tuple[float, ...]:
+        """Box regression weights of stage 0 (the box head) or cascade stage k >= 1."""
+        return tuple(w * (stage + 1) for w in self.box_reg_weights)
+
+    def _pooled_for_box(self, feats, rois: Tensor) -> Tensor:
+        x = self.box_pooler(feats, rois)
+        if self.cascade_heads:
+            # each stage's gradient into the shared features scaled by 1/stages (forward unchanged)
+            s = 1.0 / (1 + len(self.cascade_heads))
+            x = x * s + x.detach() * (1.0 - s)
+        return x
+
+    def _cascade_losses(self, feats, samples, labels, class_logits, box_regression, targets, image_sizes) -> dict:
+        losses = {}
+        for k in range(1, len(self.cascade_heads) + 1):
+            with torch.no_grad():
+                n = labels.shape[0]
+                # the box each RoI becomes at inference: the regression of its class (GT class for positives,
+                # best foreground class for the rest)
+                cls = torch.where(labels > 0, labels, class_logits[:, 1:].argmax(dim=1) + 1)
+                deltas = box_regression.detach().to(torch.float32).reshape(n, -1, 4)[torch.arange(n), cls]
+                prev = torch.cat([s[0] for s in samples]).to(torch.float32)
+                moved = ops.decode_boxes(deltas.contiguous(), prev, self._stage_weights(k - 1)).reshape(n, 4)
+                moved = [ops.clip_boxes(b, hw).to(s[0].dtype)
+                         for b, hw, s in zip(moved.split([s[0].shape[0] for s in samples]), image_sizes, samples)]
+                samples = self.sample_proposals(moved, targets, self.cascade_matchers[k - 1])
+                labels = torch.cat([s[1] for s in samples])
+                rois = boxes_to_rois([s[0] for s in samples])
+                reg_targets, _ = self._regression_targets(samples, targets, rois, self._stage_weights(k))
+            x = self.cascade_heads[k - 1](self._pooled_for_box(feats, rois))
+            class_logits, box_regression = self.cascade_predictors[k - 1](x)
+            lc, lb = fast_rcnn_loss(class_logits.to(reg_targets.dtype), box_regression.to(reg_targets.dtype), labels,
+                                    reg_targets, self.smooth_l1_beta)
+            losses[f"loss_classifier_stage{k + 1}"] = lc
+            losses[f"loss_box_reg_stage{k + 1}"] = lb
+        return losses
+
+    def _forward_train(self, feats, proposals, targets, image_sizes):
         samples = self.sample_proposals(proposals, targets)
         boxes = [s[0] for s in samples]
         labels = torch.cat([s[1] for s in samples])
         rois = boxes_to_rois(boxes)
-        with torch.no_grad():
-            reg_targets = torch.zeros_like(rois[:, 1:])
-            pos_rows, start = [], 0
-            for (b, _, m, npos), t in zip(samples, targets):
-                if npos:
-                    reg_targets[start:start + npos] = ops.encode_boxes(
-                        t["boxes"][m[:npos]].to(b.dtype), b[:npos], self.box_reg_weights)
-                pos_rows.append(torch.arange(start, start + npos, device=rois.device))
-                start += b.shape[0]
-            pos_rows = torch.cat(pos_rows)
-        x = self.box_head(self.box_pooler(feats, rois))
+        reg_targets, pos_rows = self._regression_targets(samples, targets, rois, self.box_reg_weights)
+        x = self.box_head(self._pooled_for_box(feats, rois))
         res5_out = None
         if self.c4:
             x, res5_out = x
@@ -176,6 +263,9 @@ class RoIHeads(nn.Module):
         loss_cls, loss_box = fast_rcnn_loss(class_logits.to(reg_targets.dtype), box_regression.to(reg_targets.dtype),
                                             labels, reg_targets, self.smooth_l1_beta)
         losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        if self.cascade_heads:
+            losses.update(self._cascade_losses(feats, samples, labels, class_logits, box_regression, targets,
+                                               image_sizes))
 
         if self.mask_head is not None:
             with torch.no_grad():
@@ -250,26 +340,32 @@ class RoIHeads(nn.Module):
             results.append((b[keep], s[keep], lab[keep]))
         return results
 
-    def _box_outputs(self, feats, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
-        x = self.box_head(self.box_pooler(feats, boxes_to_rois(boxes)))
+    def _box_outputs(self, feats, boxes: list[Tensor], stage: int = 0) -> tuple[Tensor, Tensor]:
+        x = self.box_pooler(feats, boxes_to_rois(boxes))
+        if stage:
+            return self.cascade_predictors[stage - 1](self.cascade_heads[stage - 1](x))
+        x = self.box_head(x)
         return self.box_predictor(x[0] if self.c4 else x)
 
     @torch.no_grad()
-    def refine_detections(self, feats, dets, image_sizes):
+    def refine_detections(self, feats, dets, image_sizes, stage: int = 0):
         """One pass of iterative box regression over the detections [(boxes Tensor[D, 4], scores Tensor[D],
-        labels Tensor[D]) per image]: the box head sees each detected box as a proposal, its regression for the
-        detected class gives the new box (clipped to the image; a box that would collapse keeps its old one) and
-        the score becomes sqrt(score * p(class | new pass)). Detections are re-sorted by the new score."""
+        labels Tensor[D]) per image]: the box head (stage 0) or cascade stage `stage` sees each detected box as a
+        proposal, its regression for the detected class gives the new box (clipped to the image; a box that would
+        collapse keeps its old one) and the score becomes sqrt(score * p(class | new pass)). Detections are
+        re-sorted by the new score."""
+        if not 0 <= stage <= len(self.cascade_heads):
+            raise ValueError(f"stage must be in 0..{len(self.cascade_heads)}, got {stage}")
         boxes = [b for b, _, _ in dets]
         n = sum(b.shape[0] for b in boxes)
         if n == 0:
             return dets
-        class_logits, box_regression = self._box_outputs(feats, boxes)
+        class_logits, box_regression = self._box_outputs(feats, boxes, stage)
         boxes_cat = torch.cat(boxes)
         labels = torch.cat([lab for _, _, lab in dets])
         rows = torch.arange(n, device=boxes_cat.device)
         reg = box_regression.to(boxes_cat.dtype).reshape(n, -1, 4)[rows, labels]
-        new = ops.decode_boxes(reg.contiguous(), boxes_cat, self.box_reg_weights).reshape(n, 4)
+        new = ops.decode_boxes(reg.contiguous(), boxes_cat, self._stage_weights(stage)).reshape(n, 4)
         prob = F.softmax(class_logits.to(boxes_cat.dtype), -1)[rows, labels]
         out, start = [], 0
         for (b, s, lab), hw in zip(dets, image_sizes):
@@ -284,11 +380,47 @@ class RoIHeads(nn.Module):
             start += k
         return out
 
+    def _mask_logits(self, feats, rois: Tensor) -> Tensor:
+        if self.c4:
+            return self.mask_head(self.box_head.res5(self.mask_pooler(feats, rois)))
+        return self.mask_head(self.mask_pooler(feats, rois))
+
+    @torch.no_grad()
+    def mask_box_detections(self, feats, dets, image_sizes):
+        """Moves each detected box's sides towards the edges of its mask (see test_mask_box in the class doc).
+        Scores, labels and order are unchanged; a box that would collapse keeps its old one."""
+        boxes = [b for b, _, _ in dets]
+        n = sum(b.shape[0] for b in boxes)
+        if n == 0:
+            return dets
+        b = torch.cat(boxes)
+        labels = torch.cat([lab for _, _, lab in dets])
+        centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2 * self.test_mask_box_expand
+        loose = torch.cat([centre - half, centre + half], 1)
+        probs = mask_probs(self._mask_logits(feats, boxes_to_rois(loose.split([x.shape[0] for x in boxes])))
+                           .to(b.dtype), labels, self.mask_loss_type)[:, 0]
+        edges, valid = mask_box_edges(probs, loose)
+        w = self.test_mask_box
+        fused = torch.where(valid, (1 - w) * b + w * edges, b)
+        out, start = [], 0
+        for (bi, s, lab), hw in zip(dets, image_sizes):
+            k = bi.shape[0]
+            nb = ops.clip_boxes(fused[start:start + k], hw)
+            ok = torch.zeros(k, dtype=torch.bool, device=nb.device)
+            ok[ops.remove_small_boxes(nb, _MIN_BOX_SIDE)] = True
+            out.append((torch.where(ok[:, None], nb, bi), s, lab))
+            start += k
+        return out
+
     def _forward_test(self, feats, proposals, image_sizes):
         class_logits, box_regression = self._box_outputs(feats, proposals)
         dets = self.postprocess_boxes(class_logits, box_regression, proposals, image_sizes)
         for _ in range(self.test_box_refine):
             dets = self.refine_detections(feats, dets, image_sizes)
+        for stage in range(1, len(self.cascade_heads) + 1):
+            dets = self.refine_detections(feats, dets, image_sizes, stage)
+        if self.test_mask_box > 0:
+            dets = self.mask_box_detections(feats, dets, image_sizes)
         results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in dets]
         det_boxes = [r["boxes"] for r in results]
         counts = [b.shape[0] for b in det_boxes]
@@ -299,10 +431,7 @@ class RoIHeads(nn.Module):
                 s = self._mask_size()
                 probs = drois.new_zeros((0, 1, s, s))
             else:
-                if self.c4:
-                    mlog = self.mask_head(self.box_head.res5(self.mask_pooler(feats, drois)))
-                else:
-                    mlog = self.mask_head(self.mask_pooler(feats, drois))
+                mlog = self._mask_logits(feats, drois)
                 probs = mask_probs(mlog.to(drois.dtype), labels, self.mask_loss_type)
             for r, p in zip(results, probs.split(counts)):
                 r["mask_probs"] = p
@@ -322,5 +451,5 @@ class RoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training")
-            return self._forward_train(feats, proposals, targets)
+            return self._forward_train(feats, proposals, targets, image_sizes)
         return self._forward_test(feats, proposals, image_sizes)
