@@ -15,7 +15,7 @@ DIR/ablations.md (a table plus the settings and which of the paper's directions 
 table so any row can be rerun alone.
 
 Scale. Table 2 is COCO at 800 px on 8 GPUs; this runs on 2 CPU cores in about half an hour, so:
-- the `shapes` preset (the demo's recipe: half-width R18-FPN with BN trained from scratch, 256 px single-scale
+- the `shapes` preset (the 30-min recipe: half-width R18-FPN with BN trained from scratch, 256 px single-scale
   input, step schedule, lr 0.02, gradient clipping) with the paper's single box stage (its cascade stages and
   inference-time box refinements off), keypoint head off (not under test), --max-iter iterations;
 - each variant is trained with --seeds training seeds (initial weights, batch order) and the directions are
