@@ -239,7 +239,7 @@ def test_cascade_checkpoint_round_trip(batch, tmp_path):
         load_weights(build_model(tiny_cfg()), path)
 
 
-@pytest.mark.parametrize("thresholds", [[0.0], [1.0], [0.6, 1.2]])
+@pytest.mark.parametrize("thresholds", [[0.0], [1.0], [0.6, 1.2], 0.6, "0.6", ["0.6"], [True], [float("nan")]])
 def test_bad_cascade_thresholds(thresholds):
     with pytest.raises(ValueError, match="cascade_iou_thresholds"):
         build_model(tiny_cfg({"roi_heads": {"cascade_iou_thresholds": thresholds}}))
@@ -250,3 +250,14 @@ def test_cascade_needs_fpn():
                     "roi_heads": {"box_pooler_resolution": 14, "cascade_iou_thresholds": [0.6]}})
     with pytest.raises(ValueError, match="FPN"):
         build_model(cfg)
+
+
+def test_demo_keeps_one_box_stage():
+    """The 4-minute demo drops the preset's cascade stages (they cost it ~15% of its iterations)."""
+    from mrcnn_fast.cli import demo_config
+    from mrcnn_fast.config import get_config
+
+    assert get_config("shapes").model.roi_heads.cascade_iou_thresholds == (0.6, 0.7)
+    r = demo_config(100).model.roi_heads
+    assert tuple(r.cascade_iou_thresholds) == () and r.test_box_refine == 1 and r.test_mask_box == 0.0
+    assert build_model(demo_config(100)).roi_heads.cascade_heads.__len__() == 0

@@ -60,6 +60,10 @@ class RoIHeads(nn.Module):
         if isinstance(test_box_refine, bool) or not isinstance(test_box_refine, int) or test_box_refine < 0:
             raise ValueError(f"test_box_refine must be an int >= 0, got {test_box_refine!r}")
         cascade_heads, cascade_predictors = list(cascade_heads), list(cascade_predictors)
+        if not isinstance(cascade_iou_thresholds, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, (int, float)) for t in cascade_iou_thresholds):
+            raise ValueError(f"cascade_iou_thresholds must be a list of numbers in (0, 1), got "
+                             f"{cascade_iou_thresholds!r}")
         thresholds = [float(t) for t in cascade_iou_thresholds]
         if not len(cascade_heads) == len(cascade_predictors) == len(thresholds):
             raise ValueError(f"cascade_heads ({len(cascade_heads)}), cascade_predictors ({len(cascade_predictors)}) "
