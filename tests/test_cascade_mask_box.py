@@ -158,6 +158,26 @@ def test_cascade_trains_every_stage(batch):
         assert dict(model.roi_heads.named_parameters())[name].grad.abs().sum() > 0, name
 
 
+def test_cascade_trains_on_images_without_annotations(batch):
+    """No GT anywhere: every stage has only negatives, box losses are 0 and every parameter still gets a gradient
+    (DDP without find_unused_parameters)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg({"roi_heads": {"cascade_iou_thresholds": [0.6, 0.7]}})).train()
+    images, targets = batch
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, *im.shape[1:], dtype=torch.uint8), "keypoints": torch.zeros(0, 4, 3)}
+             for im in images]
+    for tg in (empty, [targets[0], empty[1]]):
+        model.zero_grad()
+        losses = model(images, tg)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+        if tg is empty:
+            assert losses["loss_box_reg_stage2"].item() == 0 and losses["loss_box_reg_stage3"].item() == 0
+            assert losses["loss_classifier_stage3"].item() > 0
+        assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def test_cascade_stage_inputs_are_the_regressed_boxes(batch, monkeypatch):
     """Stage 2 is sampled from stage 1's sampled RoIs moved by the regression of their GT class (positives) or
     their best foreground class (negatives), clipped, matched at its own IoU threshold."""
