@@ -236,7 +236,7 @@ class RoIHeads(nn.Module):
                 # the box each RoI becomes at inference: the regression of its class (GT class for positives,
                 # best foreground class for the rest)
                 cls = torch.where(labels > 0, labels, class_logits[:, 1:].argmax(dim=1) + 1)
-                deltas = box_regression.detach().to(torch.float32).reshape(n, -1, 4)[torch.arange(n), cls]
+                deltas = box_regression.detach().to(torch.float32).reshape(n, -1, 4)[torch.arange(n, device=cls.device), cls]
                 prev = torch.cat([s[0] for s in samples]).to(torch.float32)
                 moved = ops.decode_boxes(deltas.contiguous(), prev, self._stage_weights(k - 1)).reshape(n, 4)
                 moved = [ops.clip_boxes(b, hw).to(s[0].dtype)
