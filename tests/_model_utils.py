@@ -76,3 +76,23 @@ def shapes_batch(n: int = 4, size=128, seed: int = 0, per_image: int = 2):
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.bool(), b.bool()
     return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+
+def assert_refined(base: list[dict], refined: list[dict], images, predictor, weights) -> None:
+    """`refined` is `base` after one refinement pass by `predictor` (a FastRCNNPredictor with zero weights, so its
+    outputs are its biases): each detection moved by the bias deltas of its class (box weights `weights`), clipped
+    to its image, score sqrt(score * p(class)), re-sorted by that score."""
+    from mrcnn_fast import ops
+
+    p = torch.softmax(predictor.cls_score.bias, 0)
+    for b, r, im in zip(base, refined, images):
+        assert b["boxes"].shape[0] > 0
+        assert bool((r["scores"][:-1] >= r["scores"][1:]).all())     # re-sorted by the new score
+        order = (b["scores"] * p[b["labels"]]).sqrt().argsort(descending=True, stable=True)
+        b = {k: v[order] for k, v in b.items()}
+        assert torch.equal(b["labels"], r["labels"])
+        deltas = predictor.bbox_pred.bias.reshape(-1, 4)[b["labels"]]
+        want = ops.clip_boxes(ops.decode_boxes(deltas, b["boxes"], weights).reshape(-1, 4), tuple(im.shape[1:]))
+        torch.testing.assert_close(r["boxes"], want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(r["scores"], (b["scores"] * p[b["labels"]]).sqrt())
+        assert r["masks"].shape == b["masks"].shape and r["keypoints"].shape == b["keypoints"].shape

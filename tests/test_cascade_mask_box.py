@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _model_utils import shapes_batch, tiny_cfg
+from _model_utils import assert_refined, shapes_batch, tiny_cfg
 from mrcnn_fast import ops
 from mrcnn_fast.engine import load_weights, save_weights
 from mrcnn_fast.modeling import build_model
@@ -231,17 +231,7 @@ def test_cascade_refines_detections_with_each_stage(batch):
         base = model(images)
         rh.cascade_heads, rh.cascade_predictors = heads, preds
         out = model(images)
-    p = torch.softmax(pred.cls_score.bias, 0)
-    for b, r, im in zip(base, out, images):
-        assert b["boxes"].shape[0] > 0
-        order = (b["scores"] * p[b["labels"]]).sqrt().argsort(descending=True, stable=True)
-        b = {k: v[order] for k, v in b.items()}
-        assert torch.equal(b["labels"], r["labels"])
-        deltas = pred.bbox_pred.bias.reshape(4, 4)[b["labels"]]
-        want = ops.clip_boxes(ops.decode_boxes(deltas, b["boxes"], (20.0, 20.0, 10.0, 10.0)).reshape(-1, 4),
-                              tuple(im.shape[1:]))
-        torch.testing.assert_close(r["boxes"], want, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(r["scores"], (b["scores"] * p[b["labels"]]).sqrt())
+    assert_refined(base, out, images, pred, (20.0, 20.0, 10.0, 10.0))
 
 
 def test_cascade_checkpoint_round_trip(batch, tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from _model_utils import shapes_batch, tiny_cfg
+from _model_utils import assert_refined, shapes_batch, tiny_cfg
 from mrcnn_fast.config import get_config
 from mrcnn_fast.modeling import MaskRCNN, build_model
 
@@ -178,8 +178,6 @@ def test_c4_model_trains_and_predicts(batch):
 def test_box_refine_pass(batch):
     """test_box_refine=1: each detection gets the detected class's regression applied once more (clipped) and the
     score sqrt(score * p(class)); checked with a predictor whose outputs do not depend on the features."""
-    from mrcnn_fast import ops
-
     torch.manual_seed(0)
     model = build_model(tiny_cfg({"roi_heads": {"score_thresh_test": 0.0}})).eval()
     pred = model.roi_heads.box_predictor
@@ -194,19 +192,7 @@ def test_box_refine_pass(batch):
         base = model(images)
         model.roi_heads.test_box_refine = 1
         ref = model(images)
-    p = torch.softmax(pred.cls_score.bias, 0)
-    for b, r, im in zip(base, ref, images):
-        assert b["boxes"].shape[0] > 0
-        assert bool((r["scores"][:-1] >= r["scores"][1:]).all())     # re-sorted by the new score
-        order = (b["scores"] * p[b["labels"]]).sqrt().argsort(descending=True, stable=True)
-        b = {k: v[order] for k, v in b.items()}
-        assert torch.equal(b["labels"], r["labels"])
-        deltas = pred.bbox_pred.bias.reshape(4, 4)[b["labels"]]
-        want = ops.clip_boxes(ops.decode_boxes(deltas, b["boxes"], (10.0, 10.0, 5.0, 5.0)).reshape(-1, 4),
-                              tuple(im.shape[1:]))
-        torch.testing.assert_close(r["boxes"], want, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(r["scores"], (b["scores"] * p[b["labels"]]).sqrt())
-        assert r["masks"].shape == b["masks"].shape and r["keypoints"].shape == b["keypoints"].shape
+    assert_refined(base, ref, images, pred, (10.0, 10.0, 5.0, 5.0))
     with pytest.raises(ValueError, match="test_box_refine"):
         build_model(tiny_cfg({"roi_heads": {"test_box_refine": -1}}))
 

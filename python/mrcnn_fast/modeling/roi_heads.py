@@ -15,6 +15,14 @@ from .sampling import BalancedSampler, Matcher
 _MIN_BOX_SIDE = 1e-2    # detections with a side below this (px) are dropped, refined ones keep their old box
 
 
+def _clip_or_keep(new: Tensor, old: Tensor, image_hw) -> Tensor:
+    """new (Tensor[K, 4]) clipped to the image; rows that the clip collapses (a side < _MIN_BOX_SIDE) keep old."""
+    new = ops.clip_boxes(new, image_hw)
+    ok = torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+    ok[ops.remove_small_boxes(new, _MIN_BOX_SIDE)] = True
+    return torch.where(ok[:, None], new, old)
+
+
 class RoIHeads(nn.Module):
     """The second stage. Box branch always; mask and keypoint branches optional.
 
@@ -374,10 +382,7 @@ class RoIHeads(nn.Module):
         out, start = [], 0
         for (b, s, lab), hw in zip(dets, image_sizes):
             k = b.shape[0]
-            nb = ops.clip_boxes(new[start:start + k], hw)
-            ok = torch.zeros(k, dtype=torch.bool, device=nb.device)
-            ok[ops.remove_small_boxes(nb, _MIN_BOX_SIDE)] = True
-            nb = torch.where(ok[:, None], nb, b)
+            nb = _clip_or_keep(new[start:start + k], b, hw)
             ns = (s * prob[start:start + k]).sqrt()
             order = ns.argsort(descending=True, stable=True)
             out.append((nb[order], ns[order], lab[order]))
@@ -409,10 +414,7 @@ class RoIHeads(nn.Module):
         out, start = [], 0
         for (bi, s, lab), hw in zip(dets, image_sizes):
             k = bi.shape[0]
-            nb = ops.clip_boxes(fused[start:start + k], hw)
-            ok = torch.zeros(k, dtype=torch.bool, device=nb.device)
-            ok[ops.remove_small_boxes(nb, _MIN_BOX_SIDE)] = True
-            out.append((torch.where(ok[:, None], nb, bi), s, lab))
+            out.append((_clip_or_keep(fused[start:start + k], bi, hw), s, lab))
             start += k
         return out
 
