@@ -11,9 +11,21 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 if [ ! -f "$stamp" ]; then
+  # torch 2.14.1 + torchvision with their CUDA libraries take ~5.6 GB in the venv and pip holds the ~3.5 GB of
+  # wheels until it has installed them: say so up front instead of failing half-way with pip's ENOSPC.
+  need_gb=${MRCNN_SETUP_MIN_FREE_GB:-10}
+  for d in "$venv" "${TMPDIR:-/tmp}"; do
+    free_kb=$(df -Pk "$d" | awk 'NR == 2 {print $4}')
+    if [ -n "$free_kb" ] && [ "$free_kb" -lt $(( need_gb * 1024 * 1024 )) ]; then
+      echo "[setup] ERROR: only $(( free_kb / 1024 )) MiB free on the file system of $d; installing torch 2.14.1 +" \
+        "torchvision 0.29.1 needs about ${need_gb} GiB there (set MRCNN_SETUP_MIN_FREE_GB to change the check)" >&2
+      exit 1
+    fi
+  done
   echo "[setup] installing dependencies into $venv (torch 2.14.1 + torchvision 0.29.1, several GB; once)"
   "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  # --no-cache-dir: no second copy of the wheels in pip's cache (halves the peak disk use of a fresh set-up)
+  "$py" -m pip install -q --no-cache-dir "torch==2.14.1" "torchvision==0.29.1"
   "$py" -m pip install -q numpy pycocotools pillow safetensors pyyaml tqdm \
     pytest pytest-benchmark pytest-timeout "scikit-build-core>=0.9" "pybind11>=2.12" ninja "cmake>=3.24"
   touch "$stamp"
