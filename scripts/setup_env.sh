@@ -11,9 +11,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 if [ ! -f "$stamp" ]; then
-  # torch 2.14.1 + torchvision with their CUDA libraries take ~5.6 GB in the venv and pip holds the ~3.5 GB of
-  # wheels until it has installed them: say so up front instead of failing half-way with pip's ENOSPC.
-  need_gb=${MRCNN_SETUP_MIN_FREE_GB:-10}
+  # torch 2.14.1 + torchvision with their CUDA libraries take ~5.6 GB in the venv (peak ~7.3 GB during the
+  # install and build, measured on a fresh clone): say so up front instead of failing half-way with ENOSPC.
+  need_gb=${MRCNN_SETUP_MIN_FREE_GB:-8}
   for d in "$venv" "${TMPDIR:-/tmp}"; do
     free_kb=$(df -Pk "$d" | awk 'NR == 2 {print $4}')
     if [ -n "$free_kb" ] && [ "$free_kb" -lt $(( need_gb * 1024 * 1024 )) ]; then
