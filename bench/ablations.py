@@ -174,14 +174,21 @@ def gt_box_mask_metrics(model, dataset) -> dict:
 def same_config(saved: Path, cfg) -> bool:
     """Whether the run config saved at `saved` equals cfg. Fields added to the config after that run was saved
     take their default (each new field's default is the behaviour from before it existed), so adding a field
-    does not invalidate finished runs; any differing value does."""
+    does not invalidate finished runs; any differing value does. The `data` section is left out: `train` fills
+    it from the training set (its category names), which the data seed of the workdir already fixes."""
     if not saved.is_file():
         return False
     try:
         old = get_config(str(saved))
     except (ValueError, TypeError, KeyError, OSError):
         return False
-    return json.loads(json.dumps(to_dict(old))) == json.loads(json.dumps(to_dict(cfg)))
+
+    def plain(c) -> dict:
+        d = json.loads(json.dumps(to_dict(c)))
+        d.pop("data", None)
+        return d
+
+    return plain(old) == plain(cfg)
 
 
 def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) -> dict:
@@ -321,7 +328,7 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
         f"{os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} run(s) in parallel with {args.threads} "
         f"thread(s) each. Total {total_s / 60:.1f} min (data generation {data_s:.0f} s).",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/ablations.py', *sys.argv[1:]])}`",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/ablations.py', *args.argv])}`",
         "",
         "Mean over training seeds (AP in percent, COCO AP@[.5:.95] on the held-out val split). segm: the detected "
         "masks (the paper's metric). GT-box mask: the mask branch alone, given every ground-truth box with its "
@@ -372,7 +379,8 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
     text = "\n".join(parts)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablations.md").write_text(text)
-    payload = {"commit": _commit(), "argv": sys.argv, "args": vars(args), "total_seconds": total_s,
+    payload = {"commit": _commit(), "argv": ["bench/ablations.py", *args.argv],
+               "args": {k: v for k, v in vars(args).items() if k != "argv"}, "total_seconds": total_s,
                "config_baseline": to_dict(cfg), "results": rows, "directions": [t for t, _ in dirs]}
     (out_dir / "ablations.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return text
@@ -395,7 +403,9 @@ def main(argv=None) -> int:
     p.add_argument("--override", default=None, help="JSON of extra config overrides applied to every variant")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes; default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv
     if min(args.max_iter, args.train, args.val, args.seeds, args.jobs, args.threads) <= 0:
         p.error("--max-iter, --train, --val, --seeds, --jobs and --threads must be positive")
     if args.override:

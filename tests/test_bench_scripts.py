@@ -25,6 +25,9 @@ def test_ablations_report_and_reuse(tmp_path, capsys):
     assert "(b) sigmoid / RoIAlign / FCN (baseline) > softmax mask loss on mask AP" in md
     assert "(b) sigmoid / RoIAlign / FCN (baseline) > softmax mask loss on mask-on-GT-boxes AP" in md
     assert all("segm_gt_boxes" in r["metrics"] for r in payload["results"])
+    # the report names the arguments this run was given (not the calling process's sys.argv)
+    assert "Command: `python bench/ablations.py --max-iter 2" in md and "--only b --out" in md
+    assert payload["argv"][1:] == args
     assert not any(r["reused"] for r in payload["results"])
     # a second call finds the finished runs and only re-evaluates them, with the same numbers
     assert ablations.main(args) == 0

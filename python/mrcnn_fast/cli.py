@@ -81,6 +81,22 @@ def _require_dir(path, what: str) -> str:
     return str(p)
 
 
+def _require_writable_file(path, what: str) -> str:
+    """Checks that a file can be written at path (its folder may not exist yet): a bad --output fails before
+    the work whose result it would hold, not after it."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} is a directory, not a file path: {path}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{what} cannot be written: {parent} is not a directory ({path})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} cannot be written: no write permission in {parent} ({path})")
+    return str(p)
+
+
 def _out(msg: str = "") -> None:
     from .engine import distributed as du
 
@@ -151,11 +167,13 @@ def cmd_eval(args) -> int:
     from .data import CocoDetection
     from .engine import distributed as du
     from .engine import evaluate, load_weights
+    from .evaluation import COCOEvaluator, label_category_ids, prepare_ground_truth
     from .modeling import build_model
 
     weights = _require_file(args.weights, "--weights")
     json_path = _require_file(args.json, "--json")
     images = _require_dir(args.images, "--images")
+    output = _require_writable_file(args.output, "--output") if args.output else None
     cfg, source = _eval_config(args)
     ctx = du.init_distributed(cfg.train.device)
     kp_on = cfg.model.keypoint.enabled
@@ -164,21 +182,31 @@ def cmd_eval(args) -> int:
         # No config with the checkpoint: the data set decides the class count (load_weights checks the rest).
         if cfg.model.roi_heads.num_classes != dataset.num_classes:
             cfg = merge(cfg, {"model": {"roi_heads": {"num_classes": dataset.num_classes}}})
-    elif cfg.model.roi_heads.num_classes != dataset.num_classes:
-        raise ValueError(f"the model ({source}) has {cfg.model.roi_heads.num_classes} classes but {json_path} "
-                         f"has {dataset.num_classes} categories")
+    # Everything about the JSON is checked here, before inference: a mismatch found by the evaluator would
+    # only surface after the whole pass over the images.
+    model_name = f"the model ({source})" if source else "the model"
+    if kp_on and dataset.num_keypoints and dataset.num_keypoints != cfg.model.keypoint.num_keypoints:
+        raise ValueError(f"{model_name} has {cfg.model.keypoint.num_keypoints} keypoints but {json_path} has "
+                         f"{dataset.num_keypoints}")
+    notes: list[str] = []   # shown once the weights load too: a failing run stays a one-line error
+    cat_ids = label_category_ids(dataset.coco, cfg.data.class_names, cfg.model.roi_heads.num_classes,
+                                 source=json_path, model=model_name, log=notes.append)
+    iou_types = ("bbox", "segm") + (("keypoints",) if kp_on and dataset.num_keypoints else ())
+    gt = prepare_ground_truth(dataset.coco, keypoints="keypoints" in iou_types, source=json_path, log=notes.append)
     model = build_model(cfg)
     load_weights(model, weights)
     model.to(ctx.device)
+    for note in notes:
+        _err(f"warning: {note}")
     _err(f"evaluating {weights} on {len(dataset)} images ({ctx.world_size} process(es) on {ctx.device})"
          + (f", config {source}" if source else ""))
-    iou_types = ("bbox", "segm") + (("keypoints",) if kp_on and dataset.num_keypoints else ())
     metrics = evaluate(model, dataset, distributed=ctx.distributed, iou_types=iou_types,
+                       evaluator_factory=lambda types: COCOEvaluator(gt, cat_ids, iou_types=types),
                        num_workers=args.num_workers, log=_err)
-    if args.output and ctx.is_main:
+    if output and ctx.is_main:
         from .engine.checkpoint import atomic_write_text
 
-        atomic_write_text(Path(args.output), json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(Path(output), json.dumps(metrics, indent=2) + "\n")
     _print_metrics(metrics)
     return 0
 
@@ -301,6 +329,11 @@ def cmd_demo(args) -> int:
 
     if args.max_iter is not None and args.max_iter <= 0:
         raise UsageError(f"--max-iter must be positive, got {args.max_iter}")
+    for name in ("train", "val"):   # the demo trains, then evaluates: both sets must have images
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.num_images < 0:
+        raise UsageError(f"--num-images must be >= 0, got {args.num_images}")
     if args.time_budget <= DEMO_RESERVE:
         raise UsageError(f"--time-budget must be > {DEMO_RESERVE:.0f} seconds, got {args.time_budget}")
     t0 = time.perf_counter()

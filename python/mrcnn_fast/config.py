@@ -81,6 +81,10 @@ class RoIHeadsConfig:
     # (1 - w) x regressed + w x mask edge (sub-cell, where the mask crosses 0.5).
     test_mask_box: float = 0.0
     test_mask_box_expand: float = 1.25
+    # Inference: horizontal-flip test-time augmentation (not in the paper; ~2x the inference cost). The backbone
+    # and RPN also run on the mirrored images; boxes, class scores, masks and keypoint heatmaps are the mean of
+    # both views (keypoint.flip_pairs swapped in the mirror). false = the paper.
+    test_flip: bool = False
 
 
 @dataclass
@@ -168,11 +172,23 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    # The training set's categories in label order (label i + 1 is entry i), recorded by `train` in the run's
+    # config.json: evaluation maps the model's labels to an annotation file's category ids by these names, so a
+    # JSON that numbers the same categories differently is scored correctly (and one with other categories is
+    # rejected). () = not recorded (presets, config.json files from before this field): labels then map to the
+    # evaluation JSON's categories in sorted-id order, unchecked.
+    class_names: tuple = ()
+    category_ids: tuple = ()            # the training JSON's ids of those categories (for reference)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _preset_r50_fpn() -> Config:

@@ -28,7 +28,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["COCOEvaluator", "format_table", "METRIC_NAMES", "COCO_PERSON_SIGMAS", "DEFAULT_SIGMA"]
+__all__ = ["COCOEvaluator", "format_table", "prepare_ground_truth", "label_category_ids", "METRIC_NAMES",
+           "COCO_PERSON_SIGMAS", "DEFAULT_SIGMA"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm", "keypoints")
@@ -44,6 +45,199 @@ def _numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _flat_numbers(values) -> np.ndarray | None:
+    """float64 [n] from a flat list of numbers (bools excluded), or None when it is not one."""
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
+def _box_polygon(bbox) -> list[list[float]]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
+# Marks a COCO made by prepare_ground_truth (value: whether keypoints were prepared too), so that the
+# evaluators built from it do not redo the work.
+_PREPARED = "_mrcnn_fast_eval_gt"
+
+
+def prepare_ground_truth(coco_gt: COCO, *, keypoints: bool = False, source: str = "the ground truth",
+                         log=None) -> COCO:
+    """The ground truth COCOeval scores against: every annotation as the data loader (data.CocoDetection)
+    reads it for training, checked before any inference runs.
+
+    pycocotools reads segmentations the loader accepts but treats differently (a 2-point polygon as a box,
+    ``[]`` or a missing key not at all) and crashes in COCOeval after the whole inference pass. Here, as in the
+    loader: polygons with fewer than 3 points are skipped; an instance left with no polygon is dropped; an
+    empty list, null or missing segmentation is replaced by the box. Segmentations or keypoints the loader
+    rejects raise ValueError naming the annotation. With ``keypoints``, instances of keypoint categories
+    without keypoints count as unlabelled (all zero, as the loader reads them) and num_keypoints is derived
+    where missing (COCOeval reads it to ignore unlabelled instances).
+
+    Returns a new COCO over shallow copies of the annotations (coco_gt, shared with the data set, is left
+    as it is). ``log(message)`` gets one line summarising the changes (default: warnings.warn).
+    """
+    if not isinstance(coco_gt, COCO):
+        raise TypeError(f"coco_gt must be a pycocotools COCO, got {type(coco_gt).__name__}")
+    dataset = coco_gt.dataset
+    kpt_len = {c["id"]: len(c["keypoints"]) for c in dataset.get("categories", []) if c.get("keypoints")}
+    counts = {"short": 0, "dropped": 0, "boxed": 0, "no_kp": 0}
+    annotations = []
+    for ann in dataset.get("annotations", []):
+        ann = dict(ann)
+        where = f"{source}: annotation id {ann.get('id')}"
+        info = coco_gt.imgs.get(ann.get("image_id"))
+        if info is None:
+            raise ValueError(f"{where} refers to unknown image id {ann.get('image_id')!r}")
+        if _prepare_segmentation(ann, info["height"], info["width"], where, counts):
+            continue
+        k = kpt_len.get(ann.get("category_id"))
+        if keypoints and k:
+            kp = ann.get("keypoints")
+            if kp is None:
+                ann["keypoints"], ann["num_keypoints"] = [0] * (3 * k), 0
+                counts["no_kp"] += 1
+            else:
+                arr = _flat_numbers(kp)
+                if arr is None or arr.size != 3 * k:
+                    raise ValueError(f"{where} needs 'keypoints' as a flat list of {3 * k} numbers (x, y, v for "
+                                     f"{k} keypoints)")
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"{where} has non-finite keypoints")
+                if "num_keypoints" not in ann:
+                    ann["num_keypoints"] = int((arr[2::3] > 0).sum())
+        annotations.append(ann)
+    notes = []
+    if counts["short"]:
+        notes.append(f"{counts['short']} polygon(s) with fewer than 3 points skipped")
+    if counts["dropped"]:
+        notes.append(f"{counts['dropped']} instance(s) without a valid polygon dropped")
+    if counts["boxed"]:
+        notes.append(f"{counts['boxed']} instance(s) without a segmentation scored with their box as the mask")
+    if counts["no_kp"]:
+        notes.append(f"{counts['no_kp']} instance(s) of keypoint categories without keypoints count as unlabelled")
+    if notes:
+        msg = f"evaluation ground truth of {source}, as the data loader reads it: " + "; ".join(notes)
+        if log is None:
+            import warnings
+
+            warnings.warn(msg, stacklevel=2)
+        else:
+            log(msg)
+    prepared = COCO()
+    prepared.dataset = dict(dataset, annotations=annotations)
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepared.createIndex()
+    setattr(prepared, _PREPARED, bool(keypoints))
+    return prepared
+
+
+def _prepare_segmentation(ann: dict, h: int, w: int, where: str, counts: dict) -> bool:
+    """Puts the loader's reading of ann's segmentation into ann; True when the loader drops the instance."""
+    segm = ann.get("segmentation")
+    if isinstance(segm, list):
+        polys = []
+        for part in segm:
+            arr = _flat_numbers(part)
+            if arr is None:
+                raise ValueError(f"{where}: polygon segmentation must be a list of flat [x1, y1, x2, y2, ...] lists")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{where}: polygon has non-finite coordinates")
+            if arr.size % 2:
+                raise ValueError(f"{where}: polygon has an odd number of coordinates ({arr.size})")
+            if arr.size < 6:
+                counts["short"] += 1
+                continue
+            polys.append(part)
+        if polys:
+            ann["segmentation"] = polys
+            return False
+        if segm:   # only degenerate polygons: the loader drops the instance
+            counts["dropped"] += 1
+            return True
+        segm = None   # [] is box-only data, as a missing segmentation
+    if segm is None:
+        bbox = ann.get("bbox")
+        if _flat_numbers(bbox) is None or len(bbox) != 4:
+            raise ValueError(f"{where} has no segmentation and no 'bbox' = [x, y, w, h] to stand in for it")
+        ann["segmentation"] = _box_polygon(bbox)
+        counts["boxed"] += 1
+        return False
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if not isinstance(segm["size"], list) or list(segm["size"]) != [h, w]:
+            raise ValueError(f"{where}: RLE size {segm['size']} does not match the image's [height, width] = "
+                             f"{[h, w]}")
+        rle_counts = segm["counts"]
+        if isinstance(rle_counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in rle_counts) \
+                    or sum(rle_counts) != h * w:
+                raise ValueError(f"{where}: uncompressed RLE counts must be non-negative ints summing to "
+                                 f"height * width = {h * w}")
+            return False
+        if not isinstance(rle_counts, (str, bytes)):
+            raise ValueError(f"{where}: RLE counts must be a list (uncompressed) or a string (compressed)")
+        try:
+            m = mask_util.decode({"size": [h, w], "counts": rle_counts.encode("ascii")
+                                  if isinstance(rle_counts, str) else rle_counts})
+        except Exception as e:  # pycocotools raises assorted types on malformed strings
+            raise ValueError(f"{where}: cannot decode RLE segmentation: {e}") from e
+        if m.shape[:2] != (h, w):
+            raise ValueError(f"{where}: decoded mask has shape {m.shape[:2]}, expected {(h, w)}")
+        return False
+    raise ValueError(f"{where}: segmentation must be a list of polygons or an RLE dict, got {type(segm).__name__}")
+
+
+def label_category_ids(coco_gt: COCO, class_names: Sequence[str], num_classes: int, *,
+                       source: str = "the evaluation JSON", model: str = "the model", log=None) -> list[int]:
+    """cat_ids for COCOEvaluator: the category id in coco_gt of each model label 1..num_classes.
+
+    With class_names (the training set's category names in label order, config data.class_names) the labels
+    map by name, so a JSON that numbers the same categories differently is scored right; categories missing
+    on either side raise ValueError naming them. Without names (older checkpoints, presets), or when the
+    names are not unique, label i + 1 maps to the i-th category in sorted-id order (only the count is
+    checked) and ``log`` (default warnings.warn) says so.
+    """
+    cats = sorted(coco_gt.dataset.get("categories", []), key=lambda c: c["id"])
+    json_names = [str(c.get("name", c["id"])) for c in cats]   # as data.CocoDetection names them
+    class_names = [str(n) for n in class_names or ()]
+
+    def by_id_order(why: str) -> list[int]:
+        if len(cats) != num_classes:
+            raise ValueError(f"{model} has {num_classes} classes but {source} has {len(cats)} categories")
+        msg = (f"{why}: labels 1..{num_classes} are taken as {source}'s categories in id order "
+               f"({', '.join(json_names)}), unchecked")
+        if log is None:
+            import warnings
+
+            warnings.warn(msg, stacklevel=3)
+        else:
+            log(msg)
+        return [c["id"] for c in cats]
+
+    if not class_names:
+        return by_id_order(f"{model} records no category names (config data.class_names)")
+    if len(class_names) != num_classes:
+        raise ValueError(f"{model}'s config is inconsistent: data.class_names has {len(class_names)} names but "
+                         f"model.roi_heads.num_classes is {num_classes}")
+    if len(set(class_names)) != len(class_names):
+        return by_id_order(f"{model}'s category names are not unique ({', '.join(class_names)})")
+    dup = sorted({n for n in json_names if json_names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{source} has several categories named {dup}: the model's labels cannot be matched "
+                         f"to its categories by name")
+    missing = [n for n in class_names if n not in json_names]
+    unknown = [n for n in json_names if n not in class_names]
+    if missing or unknown:
+        parts = ([f"{source} lacks {missing}"] if missing else []) + \
+                ([f"{source} has categories {unknown} the model was not trained on"] if unknown else [])
+        raise ValueError(f"the categories of {source} are not {model}'s ({', '.join(class_names)}): "
+                         + "; ".join(parts))
+    id_of = {n: c["id"] for n, c in zip(json_names, cats)}
+    return [id_of[n] for n in class_names]
 
 
 class COCOEvaluator:
@@ -65,8 +259,11 @@ class COCOEvaluator:
         bad = [t for t in iou_types if t not in IOU_TYPES]
         if bad or not iou_types:
             raise ValueError(f"iou_types must be a non-empty subset of {IOU_TYPES}, got {tuple(iou_types)}")
-        self.coco_gt = coco_gt
         self.iou_types = tuple(dict.fromkeys(iou_types))
+        prepared = getattr(coco_gt, _PREPARED, None)
+        if prepared is None or ("keypoints" in self.iou_types and not prepared):
+            coco_gt = prepare_ground_truth(coco_gt, keypoints="keypoints" in self.iou_types)
+        self.coco_gt = coco_gt
         self.cat_ids = [int(c) for c in cat_ids]
         unknown = [c for c in self.cat_ids if c not in coco_gt.cats]
         if unknown:
@@ -84,10 +281,6 @@ class COCOEvaluator:
                 if sig.size != self.num_keypoints or not (np.isfinite(sig).all() and (sig > 0).all()):
                     raise ValueError(f"kpt_oks_sigmas must be {self.num_keypoints} positive numbers, got {sig.tolist()}")
             self.kpt_oks_sigmas = sig
-            for ann in coco_gt.anns.values():
-                # COCOeval reads num_keypoints to ignore unlabelled instances; derive it where a set omits it.
-                if "keypoints" in ann and "num_keypoints" not in ann:
-                    ann["num_keypoints"] = int(sum(1 for v in ann["keypoints"][2::3] if v > 0))
         self.coco_evals: dict[str, COCOeval] = {}
         self.reset()
 

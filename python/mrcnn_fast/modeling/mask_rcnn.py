@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..data.transforms import batch_images, resize_shortest_edge
 from .backbone import Backbone, build_res5_head
-from .roi_heads import RoIHeads
+from .roi_heads import RoIHeads, hflip_boxes
 from .rpn import RPN
 
 MASK_FORMATS = ("prob", "rle")
@@ -214,8 +214,24 @@ class MaskRCNN(nn.Module):
         if self.training:
             losses.update(self.roi_heads(feats, proposals, image_sizes, targets))
             return losses
-        results = self.roi_heads(feats, proposals, image_sizes)
+        flipped = None
+        if self.roi_heads.test_flip:
+            flipped, proposals = self._flip_view(batch, image_sizes, proposals)
+        results = self.roi_heads(feats, proposals, image_sizes, flipped_feats=flipped)
         return self.postprocess(results, image_sizes, orig_sizes)
+
+    @torch.no_grad()
+    def _flip_view(self, batch: Tensor, image_sizes, proposals: list[Tensor]):
+        """Test-time flip: the features of the batch with every image mirrored within its own width (the padding
+        stays on the right, where the backbone saw it), and each image's proposals joined by the mirror's
+        proposals mapped back, so that both views nominate boxes and the result is symmetric in the two."""
+        mirrored = batch.clone()
+        for i, (h, w) in enumerate(image_sizes):
+            mirrored[i, :, :h, :w] = batch[i, :, :h, :w].flip(-1)
+        feats = self.backbone(mirrored)
+        props, _ = self.rpn(batch.shape[-2:], feats, image_sizes, None)
+        joined = [torch.cat([p, hflip_boxes(q, float(w))]) for p, q, (_, w) in zip(proposals, props, image_sizes)]
+        return feats, joined
 
     @torch.no_grad()
     def postprocess(self, results: list[dict], image_sizes, orig_sizes) -> list[dict]:

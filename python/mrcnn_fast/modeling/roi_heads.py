@@ -10,9 +10,16 @@ from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, R
                     fast_rcnn_loss, heatmaps_to_keypoints, keypoint_loss, keypoint_targets, mask_box_edges, mask_loss,
                     mask_probs, mask_targets)
 from .poolers import RoIPooler, boxes_to_rois
+from ..data.transforms import flip_permutation
 from .sampling import BalancedSampler, Matcher
 
 _MIN_BOX_SIDE = 1e-2    # detections with a side below this (px) are dropped, refined ones keep their old box
+
+
+def hflip_boxes(boxes: Tensor, width) -> Tensor:
+    """Tensor[..., 4] xyxy boxes mirrored in an image of the given width (a number or a Tensor broadcasting to
+    boxes[..., 0]): x -> width - x, so a box keeps x1 <= x2."""
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
 
 
 def _clip_or_keep(new: Tensor, old: Tensor, image_hw) -> Tensor:
@@ -52,6 +59,12 @@ class RoIHeads(nn.Module):
             every side where the mask's edge lies inside that box is moved to (1 - w) x regressed + w x mask edge.
             The mask head's targets come from boxes of IoU >= 0.5 around the object, so it segments the whole
             object in a loose box; its edge is a second, independent estimate of the box.
+        test_flip: horizontal-flip test-time augmentation (not in the paper). MaskRCNN then also runs the
+            backbone and RPN on the mirrored images and passes the union of both views' proposals together with
+            the mirrored features (`flipped_feats`); every box, mask and keypoint prediction is the mean of the
+            two views (class probabilities, decoded boxes, mask probabilities, keypoint heatmap logits with the
+            keypoints of each of keypoint_flip_pairs swapped).
+        keypoint_flip_pairs: 0-based (left, right) keypoint index pairs a mirror image swaps (test_flip only).
     """
 
     def __init__(self, *, box_pooler: RoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
@@ -63,8 +76,10 @@ class RoIHeads(nn.Module):
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
                  smooth_l1_beta: float = 1.0 / 9, test_box_refine: int = 0, cascade_heads=(),
                  cascade_predictors=(), cascade_iou_thresholds=(), test_mask_box: float = 0.0,
-                 test_mask_box_expand: float = 1.25):
+                 test_mask_box_expand: float = 1.25, test_flip: bool = False, keypoint_flip_pairs=()):
         super().__init__()
+        if not isinstance(test_flip, bool):
+            raise ValueError(f"test_flip must be true or false, got {test_flip!r}")
         if isinstance(test_box_refine, bool) or not isinstance(test_box_refine, int) or test_box_refine < 0:
             raise ValueError(f"test_box_refine must be an int >= 0, got {test_box_refine!r}")
         cascade_heads, cascade_predictors = list(cascade_heads), list(cascade_predictors)
@@ -116,6 +131,15 @@ class RoIHeads(nn.Module):
         self.cascade_matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in thresholds]
         self.test_mask_box = float(test_mask_box)
         self.test_mask_box_expand = float(test_mask_box_expand)
+        self.test_flip = test_flip
+        self.keypoint_flip_perm = None
+        if keypoint_head is not None:
+            k = keypoint_head.kps_score_lowres.out_channels
+            try:
+                self.keypoint_flip_perm = flip_permutation(k, keypoint_flip_pairs)
+            except (TypeError, ValueError) as e:
+                if test_flip:    # only the flip needs them (training checks its own flip_pairs against the data)
+                    raise ValueError(f"keypoint_flip_pairs do not fit the {k} keypoints: {e}") from None
 
     @property
     def c4(self) -> bool:
@@ -144,7 +168,8 @@ class RoIHeads(nn.Module):
                   batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
                   box_reg_weights=r.box_reg_weights, score_thresh=r.score_thresh_test, nms_thresh=r.nms_thresh_test,
                   detections_per_image=r.detections_per_image, test_box_refine=r.test_box_refine,
-                  test_mask_box=r.test_mask_box, test_mask_box_expand=r.test_mask_box_expand)
+                  test_mask_box=r.test_mask_box, test_mask_box_expand=r.test_mask_box_expand,
+                  test_flip=r.test_flip)
         thresholds = tuple(r.cascade_iou_thresholds)
         if thresholds:
             if res5 is not None:
@@ -182,6 +207,7 @@ class RoIHeads(nn.Module):
             kw["keypoint_pooler"] = pooler(kp.pooler_resolution)
             kw["keypoint_head"] = KeypointHead(in_channels, kp.conv_dim, kp.num_convs, kp.num_keypoints)
             kw["keypoint_loss_weight"] = kp.loss_weight
+            kw["keypoint_flip_pairs"] = tuple(tuple(p) for p in kp.flip_pairs)
         return cls(**kw)
 
     # ---- training ---------------------------------------------------------------------------------
@@ -332,16 +358,15 @@ class RoIHeads(nn.Module):
     # ---- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def postprocess_boxes(self, class_logits, box_regression, proposals, image_sizes):
-        """-> per image (boxes Tensor[D, 4], scores Tensor[D], labels Tensor[D])."""
-        counts = [p.shape[0] for p in proposals]
-        props = torch.cat(proposals)
-        scores = F.softmax(class_logits.to(props.dtype), -1)
-        boxes = ops.decode_boxes(box_regression.to(props.dtype), props, self.box_reg_weights)
-        c1 = class_logits.shape[1]
+    def select_detections(self, scores: Tensor, boxes: Tensor, counts, image_sizes):
+        """Per-class score threshold, clipping, small-box removal and class-aware NMS.
+
+        scores: Tensor[N, C + 1] class probabilities; boxes: Tensor[N, C + 1, 4] the box of each class; counts:
+        RoIs per image. -> per image (boxes Tensor[D, 4], scores Tensor[D], labels Tensor[D])."""
+        c1 = scores.shape[1]
         results = []
         for b, s, hw in zip(boxes.split(counts), scores.split(counts), image_sizes):
-            b = ops.clip_boxes(b.reshape(-1, c1, 4)[:, 1:], hw).reshape(-1, 4)
+            b = ops.clip_boxes(b[:, 1:].reshape(-1, 4), hw)
             lab = torch.arange(1, c1, device=b.device).repeat(s.shape[0])
             s = s[:, 1:].reshape(-1)
             keep = torch.where(s > self.score_thresh)[0]
@@ -359,26 +384,47 @@ class RoIHeads(nn.Module):
         x = self.box_head(x)
         return self.box_predictor(x[0] if self.c4 else x)
 
+    @staticmethod
+    def _widths(boxes: list[Tensor], image_sizes, like: Tensor) -> Tensor:
+        """Tensor[N] the width of the image each of the RoIs in boxes lies in."""
+        counts = torch.tensor([b.shape[0] for b in boxes], device=like.device)
+        return like.new_tensor([float(w) for _, w in image_sizes]).repeat_interleave(counts)
+
     @torch.no_grad()
-    def refine_detections(self, feats, dets, image_sizes, stage: int = 0):
+    def box_predictions(self, feats, boxes: list[Tensor], image_sizes, stage: int = 0, flipped_feats=None):
+        """(Tensor[N, C + 1] class probabilities, Tensor[N, C + 1, 4] decoded boxes) of the box head (stage 0) or
+        of cascade stage `stage` for the N boxes; with flipped_feats the mean over the image and its mirror."""
+        cat = torch.cat(boxes)
+        weights = self._stage_weights(stage)
+        logits, reg = self._box_outputs(feats, boxes, stage)
+        probs = F.softmax(logits.to(cat.dtype), -1)
+        decoded = ops.decode_boxes(reg.to(cat.dtype), cat, weights).reshape(cat.shape[0], -1, 4)
+        if flipped_feats is not None:
+            w = self._widths(boxes, image_sizes, cat)
+            mirrored = hflip_boxes(cat, w)
+            logits, reg = self._box_outputs(flipped_feats, list(mirrored.split([b.shape[0] for b in boxes])), stage)
+            probs = (probs + F.softmax(logits.to(cat.dtype), -1)) / 2
+            dec = ops.decode_boxes(reg.to(cat.dtype), mirrored, weights).reshape(cat.shape[0], -1, 4)
+            decoded = (decoded + hflip_boxes(dec, w[:, None])) / 2
+        return probs, decoded
+
+    @torch.no_grad()
+    def refine_detections(self, feats, dets, image_sizes, stage: int = 0, flipped_feats=None):
         """One pass of iterative box regression over the detections [(boxes Tensor[D, 4], scores Tensor[D],
         labels Tensor[D]) per image]: the box head (stage 0) or cascade stage `stage` sees each detected box as a
         proposal, its regression for the detected class gives the new box (clipped to the image; a box that would
         collapse keeps its old one) and the score becomes sqrt(score * p(class | new pass)). Detections are
-        re-sorted by the new score."""
+        re-sorted by the new score. flipped_feats: see test_flip."""
         if not 0 <= stage <= len(self.cascade_heads):
             raise ValueError(f"stage must be in 0..{len(self.cascade_heads)}, got {stage}")
         boxes = [b for b, _, _ in dets]
         n = sum(b.shape[0] for b in boxes)
         if n == 0:
             return dets
-        class_logits, box_regression = self._box_outputs(feats, boxes, stage)
-        boxes_cat = torch.cat(boxes)
+        probs, decoded = self.box_predictions(feats, boxes, image_sizes, stage, flipped_feats)
         labels = torch.cat([lab for _, _, lab in dets])
-        rows = torch.arange(n, device=boxes_cat.device)
-        reg = box_regression.to(boxes_cat.dtype).reshape(n, -1, 4)[rows, labels]
-        new = ops.decode_boxes(reg.contiguous(), boxes_cat, self._stage_weights(stage)).reshape(n, 4)
-        prob = F.softmax(class_logits.to(boxes_cat.dtype), -1)[rows, labels]
+        rows = torch.arange(n, device=labels.device)
+        new, prob = decoded[rows, labels], probs[rows, labels]
         out, start = [], 0
         for (b, s, lab), hw in zip(dets, image_sizes):
             k = b.shape[0]
@@ -395,7 +441,39 @@ class RoIHeads(nn.Module):
         return self.mask_head(self.mask_pooler(feats, rois))
 
     @torch.no_grad()
-    def mask_box_detections(self, feats, dets, image_sizes):
+    def _mask_probs(self, feats, boxes: list[Tensor], labels: Tensor, image_sizes, flipped_feats=None) -> Tensor:
+        """Tensor[N, 1, M, M] mask probabilities of the labelled class in each box (mean over both views with
+        flipped_feats; the mirror's masks are mirrored back)."""
+        cat = torch.cat(boxes)
+        if cat.shape[0] == 0:
+            s = self._mask_size()
+            return cat.new_zeros((0, 1, s, s))
+        probs = mask_probs(self._mask_logits(feats, boxes_to_rois(boxes)).to(cat.dtype), labels, self.mask_loss_type)
+        if flipped_feats is not None:
+            w = self._widths(boxes, image_sizes, cat)
+            mirrored = hflip_boxes(cat, w).split([b.shape[0] for b in boxes])
+            logits = self._mask_logits(flipped_feats, boxes_to_rois(list(mirrored))).to(cat.dtype)
+            probs = (probs + mask_probs(logits, labels, self.mask_loss_type).flip(-1)) / 2
+        return probs
+
+    @torch.no_grad()
+    def _keypoint_maps(self, feats, boxes: list[Tensor], image_sizes, flipped_feats=None) -> Tensor:
+        """Tensor[N, K, S, S] keypoint heatmap logits (mean over both views with flipped_feats: the mirror's maps
+        are mirrored back and its left / right keypoints swapped)."""
+        cat = torch.cat(boxes)
+        k = self.keypoint_head.kps_score_lowres.out_channels
+        if cat.shape[0] == 0:
+            return cat.new_zeros((0, k, 1, 1))
+        maps = self.keypoint_head(self.keypoint_pooler(feats, boxes_to_rois(boxes))).to(cat.dtype)
+        if flipped_feats is not None:
+            w = self._widths(boxes, image_sizes, cat)
+            mirrored = hflip_boxes(cat, w).split([b.shape[0] for b in boxes])
+            fmaps = self.keypoint_head(self.keypoint_pooler(flipped_feats, boxes_to_rois(list(mirrored))))
+            maps = (maps + fmaps.to(cat.dtype)[:, self.keypoint_flip_perm].flip(-1)) / 2
+        return maps
+
+    @torch.no_grad()
+    def mask_box_detections(self, feats, dets, image_sizes, flipped_feats=None):
         """Moves each detected box's sides towards the edges of its mask (see test_mask_box in the class doc).
         Scores, labels and order are unchanged; a box that would collapse keeps its old one."""
         boxes = [b for b, _, _ in dets]
@@ -406,8 +484,8 @@ class RoIHeads(nn.Module):
         labels = torch.cat([lab for _, _, lab in dets])
         centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2 * self.test_mask_box_expand
         loose = torch.cat([centre - half, centre + half], 1)
-        probs = mask_probs(self._mask_logits(feats, boxes_to_rois(loose.split([x.shape[0] for x in boxes])))
-                           .to(b.dtype), labels, self.mask_loss_type)[:, 0]
+        probs = self._mask_probs(feats, list(loose.split([x.shape[0] for x in boxes])), labels, image_sizes,
+                                 flipped_feats)[:, 0]
         edges, valid = mask_box_edges(probs, loose)
         w = self.test_mask_box
         fused = torch.where(valid, (1 - w) * b + w * edges, b)
@@ -418,44 +496,40 @@ class RoIHeads(nn.Module):
             start += k
         return out
 
-    def _forward_test(self, feats, proposals, image_sizes):
-        class_logits, box_regression = self._box_outputs(feats, proposals)
-        dets = self.postprocess_boxes(class_logits, box_regression, proposals, image_sizes)
+    def _forward_test(self, feats, proposals, image_sizes, flipped_feats=None):
+        if flipped_feats is not None and not self.test_flip:
+            raise ValueError("flipped_feats given but test_flip is off")
+        if self.test_flip and flipped_feats is None:
+            raise ValueError("test_flip needs the mirrored images' features (flipped_feats); MaskRCNN passes them")
+        probs, decoded = self.box_predictions(feats, proposals, image_sizes, 0, flipped_feats)
+        dets = self.select_detections(probs, decoded, [p.shape[0] for p in proposals], image_sizes)
         for _ in range(self.test_box_refine):
-            dets = self.refine_detections(feats, dets, image_sizes)
+            dets = self.refine_detections(feats, dets, image_sizes, 0, flipped_feats)
         for stage in range(1, len(self.cascade_heads) + 1):
-            dets = self.refine_detections(feats, dets, image_sizes, stage)
+            dets = self.refine_detections(feats, dets, image_sizes, stage, flipped_feats)
         if self.test_mask_box > 0:
-            dets = self.mask_box_detections(feats, dets, image_sizes)
+            dets = self.mask_box_detections(feats, dets, image_sizes, flipped_feats)
         results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in dets]
         det_boxes = [r["boxes"] for r in results]
         counts = [b.shape[0] for b in det_boxes]
-        drois = boxes_to_rois(det_boxes)
         labels = torch.cat([r["labels"] for r in results])
         if self.mask_head is not None:
-            if drois.shape[0] == 0:
-                s = self._mask_size()
-                probs = drois.new_zeros((0, 1, s, s))
-            else:
-                mlog = self._mask_logits(feats, drois)
-                probs = mask_probs(mlog.to(drois.dtype), labels, self.mask_loss_type)
+            probs = self._mask_probs(feats, det_boxes, labels, image_sizes, flipped_feats)
             for r, p in zip(results, probs.split(counts)):
                 r["mask_probs"] = p
         if self.keypoint_head is not None:
-            k = self.keypoint_head.kps_score_lowres.out_channels
-            if drois.shape[0] == 0:
-                maps = drois.new_zeros((0, k, 1, 1))
-            else:
-                maps = self.keypoint_head(self.keypoint_pooler(feats, drois)).to(drois.dtype)
+            maps = self._keypoint_maps(feats, det_boxes, image_sizes, flipped_feats)
             for r, mp, b in zip(results, maps.split(counts), det_boxes):
                 r["keypoints"], r["keypoints_scores"] = heatmaps_to_keypoints(mp, b)
         return results
 
-    def forward(self, feats: list[Tensor], proposals: list[Tensor], image_sizes, targets: list[dict] | None = None):
+    def forward(self, feats: list[Tensor], proposals: list[Tensor], image_sizes, targets: list[dict] | None = None,
+                *, flipped_feats: list[Tensor] | None = None):
         """Training: dict of losses. Inference: list of per-image dicts (boxes, scores, labels[, mask_probs
-        Tensor[D, 1, M, M]][, keypoints, keypoints_scores]) in the resized image's coordinates."""
+        Tensor[D, 1, M, M]][, keypoints, keypoints_scores]) in the resized image's coordinates.
+        flipped_feats (inference with test_flip): the features of the batch with each image mirrored in place."""
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training")
             return self._forward_train(feats, proposals, targets, image_sizes)
-        return self._forward_test(feats, proposals, image_sizes)
+        return self._forward_test(feats, proposals, image_sizes, flipped_feats)
