@@ -28,6 +28,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .data.coco import _flat_numbers, parse_keypoints
+
 __all__ = ["COCOEvaluator", "format_table", "prepare_ground_truth", "label_category_ids", "METRIC_NAMES",
            "COCO_PERSON_SIGMAS", "DEFAULT_SIGMA"]
 
@@ -45,14 +47,6 @@ def _numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _flat_numbers(values) -> np.ndarray | None:
-    """float64 [n] from a flat list of numbers (bools excluded), or None when it is not one."""
-    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                               for v in values):
-        return None
-    return np.asarray(values, dtype=np.float64)
 
 
 def _box_polygon(bbox) -> list[list[float]]:
@@ -97,19 +91,12 @@ def prepare_ground_truth(coco_gt: COCO, *, keypoints: bool = False, source: str 
             continue
         k = kpt_len.get(ann.get("category_id"))
         if keypoints and k:
-            kp = ann.get("keypoints")
+            kp = parse_keypoints(ann.get("keypoints"), k, where)
             if kp is None:
                 ann["keypoints"], ann["num_keypoints"] = [0] * (3 * k), 0
                 counts["no_kp"] += 1
-            else:
-                arr = _flat_numbers(kp)
-                if arr is None or arr.size != 3 * k:
-                    raise ValueError(f"{where} needs 'keypoints' as a flat list of {3 * k} numbers (x, y, v for "
-                                     f"{k} keypoints)")
-                if not np.isfinite(arr).all():
-                    raise ValueError(f"{where} has non-finite keypoints")
-                if "num_keypoints" not in ann:
-                    ann["num_keypoints"] = int((arr[2::3] > 0).sum())
+            elif "num_keypoints" not in ann:
+                ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
         annotations.append(ann)
     notes = []
     if counts["short"]:

@@ -69,6 +69,19 @@ def _flat_numbers(values) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64)
 
 
+def parse_keypoints(kp, K: int, where: str) -> np.ndarray | None:
+    """float64 [K, 3] (x, y, v) from an annotation's "keypoints" list, None when it has none; a list of the
+    wrong length, non-numbers or non-finite values raise ValueError starting with `where`."""
+    if kp is None:
+        return None
+    arr = _flat_numbers(kp)
+    if arr is None or arr.size != 3 * K:
+        raise ValueError(f"{where} needs 'keypoints' as a flat list of {3 * K} numbers (x, y, v for {K} keypoints)")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{where} has non-finite keypoints")
+    return arr.reshape(K, 3)
+
+
 def load_coco_json(json_path: str | Path) -> dict:
     """Reads and validates a COCO JSON file; every problem raises with the file name in the message."""
     path = Path(json_path)
@@ -325,16 +338,9 @@ class CocoDetection(torch.utils.data.Dataset):
         return target
 
     def _ann_keypoints(self, ann: dict, K: int) -> np.ndarray:
-        kp = ann.get("keypoints")
-        if kp is None:      # an instance of a category without keypoints: all unlabelled
-            return np.zeros((K, 3), dtype=np.float32)
-        arr = _flat_numbers(kp)
-        if arr is None or arr.size != 3 * K:
-            raise ValueError(f"{self.json_path}: annotation id {ann['id']} needs 'keypoints' as a flat list of "
-                             f"{3 * K} numbers (x, y, v for {K} keypoints)")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{self.json_path}: annotation id {ann['id']} has non-finite keypoints")
-        return arr.reshape(K, 3).astype(np.float32)
+        kp = parse_keypoints(ann.get("keypoints"), K, f"{self.json_path}: annotation id {ann['id']}")
+        # None: an instance of a category without keypoints, all unlabelled
+        return np.zeros((K, 3), dtype=np.float32) if kp is None else kp.astype(np.float32)
 
     def _ann_mask(self, ann: dict, h: int, w: int) -> np.ndarray | None:
         """uint8 [h, w] mask of an annotation (polygons, uncompressed or compressed RLE)."""
