@@ -167,7 +167,7 @@ def cmd_eval(args) -> int:
     from .data import CocoDetection
     from .engine import distributed as du
     from .engine import evaluate, load_weights
-    from .evaluation import COCOEvaluator, label_category_ids, prepare_ground_truth
+    from .engine.inference import prepare_evaluation
     from .modeling import build_model
 
     weights = _require_file(args.weights, "--weights")
@@ -184,15 +184,9 @@ def cmd_eval(args) -> int:
             cfg = merge(cfg, {"model": {"roi_heads": {"num_classes": dataset.num_classes}}})
     # Everything about the JSON is checked here, before inference: a mismatch found by the evaluator would
     # only surface after the whole pass over the images.
-    model_name = f"the model ({source})" if source else "the model"
-    if kp_on and dataset.num_keypoints and dataset.num_keypoints != cfg.model.keypoint.num_keypoints:
-        raise ValueError(f"{model_name} has {cfg.model.keypoint.num_keypoints} keypoints but {json_path} has "
-                         f"{dataset.num_keypoints}")
     notes: list[str] = []   # shown once the weights load too: a failing run stays a one-line error
-    cat_ids = label_category_ids(dataset.coco, cfg.data.class_names, cfg.model.roi_heads.num_classes,
-                                 source=json_path, model=model_name, log=notes.append)
-    iou_types = ("bbox", "segm") + (("keypoints",) if kp_on and dataset.num_keypoints else ())
-    gt = prepare_ground_truth(dataset.coco, keypoints="keypoints" in iou_types, source=json_path, log=notes.append)
+    iou_types, evaluator_factory = prepare_evaluation(
+        cfg, dataset, source=json_path, model=f"the model ({source})" if source else "the model", log=notes.append)
     model = build_model(cfg)
     load_weights(model, weights)
     model.to(ctx.device)
@@ -201,7 +195,7 @@ def cmd_eval(args) -> int:
     _err(f"evaluating {weights} on {len(dataset)} images ({ctx.world_size} process(es) on {ctx.device})"
          + (f", config {source}" if source else ""))
     metrics = evaluate(model, dataset, distributed=ctx.distributed, iou_types=iou_types,
-                       evaluator_factory=lambda types: COCOEvaluator(gt, cat_ids, iou_types=types),
+                       evaluator_factory=evaluator_factory,
                        num_workers=args.num_workers, log=_err)
     if output and ctx.is_main:
         from .engine.checkpoint import atomic_write_text

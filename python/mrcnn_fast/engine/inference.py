@@ -32,6 +32,26 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def prepare_evaluation(cfg, dataset, *, source: str, model: str, log: Callable[[str], None]):
+    """Checks an evaluation set against a model config before any inference (or training) runs, so that a bad
+    set fails in seconds: keypoint count, categories (by name, config data.class_names) and ground truth
+    COCOeval can read (evaluation.prepare_ground_truth). `source` names the set and `model` the model in
+    messages; notes go to `log`. -> (iou_types, evaluator_factory) for `evaluate`."""
+    from ..evaluation import COCOEvaluator, label_category_ids, prepare_ground_truth
+
+    kp = cfg.model.keypoint
+    k = int(getattr(dataset, "num_keypoints", 0) or 0)
+    if kp.enabled and k and k != kp.num_keypoints:
+        raise ValueError(f"{model} has {kp.num_keypoints} keypoints but {source} has {k}")
+    if kp.enabled and not k:
+        log(f"keypoint evaluation skipped: no category of {source} declares keypoints")
+    iou_types = ("bbox", "segm") + (("keypoints",) if kp.enabled and k else ())
+    cat_ids = label_category_ids(dataset.coco, cfg.data.class_names, cfg.model.roi_heads.num_classes,
+                                 source=source, model=model, log=log)
+    gt = prepare_ground_truth(dataset.coco, keypoints="keypoints" in iou_types, source=source, log=log)
+    return iou_types, (lambda types: COCOEvaluator(gt, cat_ids, iou_types=types))
+
+
 @torch.no_grad()
 def inference(model: torch.nn.Module, dataset, *, indices: Sequence[int] | None = None, batch_size: int = 1,
               num_workers: int = 0) -> Iterator[tuple[list[dict], list[dict]]]:

@@ -24,7 +24,7 @@ import torch
 from ..config import Config, merge, to_dict
 from . import checkpoint as ckpt
 from . import distributed as du
-from .inference import default_log, evaluate, summary_line
+from .inference import default_log, evaluate, prepare_evaluation, summary_line
 from .solver import LRSchedule, build_optimizer
 
 
@@ -435,7 +435,9 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
     if (val_json is None) != (val_images is None):
         raise ValueError("give both val_json and val_images, or neither")
     val_set = _dataset(val_json, val_images, cfg, train=False) if val_json is not None else None
-    val_eval = _prepare_val(cfg, val_set, val_json, log) if val_set is not None else None
+    if val_set is not None:   # a bad val set fails here, not at the first evaluation
+        val_iou_types, val_factory = prepare_evaluation(cfg, val_set, source=f"the val set {val_json}",
+                                                        model="the training set", log=log)
 
     output_dir = Path(output_dir)
     if resume and (output_dir / ckpt.CONFIG_FILE).exists():
@@ -455,34 +457,14 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
     evaluate_fn = None
     if val_set is not None:
         def evaluate_fn(m):
-            return evaluate(m, val_set, distributed=ctx.distributed, iou_types=val_eval["iou_types"],
-                            evaluator_factory=val_eval["factory"], num_workers=min(cfg.train.num_workers, 2), log=log)
+            return evaluate(m, val_set, distributed=ctx.distributed, iou_types=val_iou_types,
+                            evaluator_factory=val_factory, num_workers=min(cfg.train.num_workers, 2), log=log)
 
     log(f"training on {len(train_set)} images, {ctx.world_size} process(es) on {ctx.device}, "
         f"{cfg.solver.ims_per_batch} images/iteration, {cfg.solver.max_iter} iterations -> {output_dir}")
     trainer = Trainer(cfg, model, loader_fn, output_dir=output_dir, evaluate_fn=evaluate_fn, resume=resume,
                       hooks=hooks, log=log)
     return trainer.train()
-
-
-def _prepare_val(cfg: Config, val_set, val_json, log) -> dict:
-    """Checks the val set against the model (cfg, already fitted to the training set) before any training, so
-    that a bad val set fails in seconds rather than at the first evaluation: keypoint count, categories (by
-    name, see data.class_names) and ground truth COCOeval can read. -> {"iou_types", "factory"} for evaluate."""
-    from ..evaluation import COCOEvaluator, label_category_ids, prepare_ground_truth
-
-    kp = cfg.model.keypoint
-    k = int(getattr(val_set, "num_keypoints", 0) or 0)
-    if kp.enabled and k and k != kp.num_keypoints:
-        raise ValueError(f"the model has {kp.num_keypoints} keypoints (from the training set) but the val set "
-                         f"{val_json} has {k}")
-    if kp.enabled and not k:
-        log(f"keypoint evaluation skipped: no category of the val set {val_json} declares keypoints")
-    iou_types = ("bbox", "segm") + (("keypoints",) if kp.enabled and k else ())
-    cat_ids = label_category_ids(val_set.coco, cfg.data.class_names, cfg.model.roi_heads.num_classes,
-                                 source=f"the val set {val_json}", model="the training set", log=log)
-    gt = prepare_ground_truth(val_set.coco, keypoints="keypoints" in iou_types, source=str(val_json), log=log)
-    return {"iou_types": iou_types, "factory": lambda types: COCOEvaluator(gt, cat_ids, iou_types=types)}
 
 
 def _warn_config_change(path: Path, cfg: Config, log) -> None:
