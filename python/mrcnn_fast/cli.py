@@ -238,7 +238,7 @@ DEMO_STEP = 5 / 6          # the step schedule drops the lr 10x at this fraction
 # refinement pass at inference. 64 RoIs per image instead of 128: on a model that has started learning nearly
 # every sampled positive goes through the mask and keypoint heads, whose 3x3 convs on 14x14 RoI features are
 # most of an iteration (422 -> 221 ms per iteration, trained demo model, 2 threads), so ~40% more iterations fit.
-# Horizontal-flip test-time augmentation (+0.02-0.04 segm AP on every demo model measured, ~5 s more).
+# Horizontal-flip test-time augmentation (+0.014 to +0.041 segm AP on every demo model measured, ~5 s more).
 DEMO_ROI_HEADS = {"cascade_iou_thresholds": [], "test_box_refine": 1, "test_mask_box": 0.0,
                   "batch_size_per_image": 64, "test_flip": True}
 # The keypoint loss (cross-entropy over 56 x 56 cells, ~8 at the start) dominates the early gradients of the
