@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..data.transforms import batch_images, resize_shortest_edge
 from .backbone import Backbone, build_res5_head
-from .roi_heads import RoIHeads, hflip_boxes
+from .roi_heads import RoIHeads, hflip_per_image
 from .rpn import RPN
 
 MASK_FORMATS = ("prob", "rle")
@@ -230,7 +230,7 @@ class MaskRCNN(nn.Module):
             mirrored[i, :, :h, :w] = batch[i, :, :h, :w].flip(-1)
         feats = self.backbone(mirrored)
         props, _ = self.rpn(batch.shape[-2:], feats, image_sizes, None)
-        joined = [torch.cat([p, hflip_boxes(q, float(w))]) for p, q, (_, w) in zip(proposals, props, image_sizes)]
+        joined = [torch.cat([p, q]) for p, q in zip(proposals, hflip_per_image(props, image_sizes))]
         return feats, joined
 
     @torch.no_grad()

@@ -22,6 +22,11 @@ def hflip_boxes(boxes: Tensor, width) -> Tensor:
     return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
 
 
+def hflip_per_image(boxes: list[Tensor], image_sizes) -> list[Tensor]:
+    """Each image's Tensor[..., 4] boxes mirrored within that image's width (image_sizes: (h, w) per image)."""
+    return [hflip_boxes(b, float(w)) for b, (_, w) in zip(boxes, image_sizes)]
+
+
 def _clip_or_keep(new: Tensor, old: Tensor, image_hw) -> Tensor:
     """new (Tensor[K, 4]) clipped to the image; rows that the clip collapses (a side < _MIN_BOX_SIDE) keep old."""
     new = ops.clip_boxes(new, image_hw)
@@ -384,12 +389,6 @@ class RoIHeads(nn.Module):
         x = self.box_head(x)
         return self.box_predictor(x[0] if self.c4 else x)
 
-    @staticmethod
-    def _widths(boxes: list[Tensor], image_sizes, like: Tensor) -> Tensor:
-        """Tensor[N] the width of the image each of the RoIs in boxes lies in."""
-        counts = torch.tensor([b.shape[0] for b in boxes], device=like.device)
-        return like.new_tensor([float(w) for _, w in image_sizes]).repeat_interleave(counts)
-
     @torch.no_grad()
     def box_predictions(self, feats, boxes: list[Tensor], image_sizes, stage: int = 0, flipped_feats=None):
         """(Tensor[N, C + 1] class probabilities, Tensor[N, C + 1, 4] decoded boxes) of the box head (stage 0) or
@@ -400,12 +399,12 @@ class RoIHeads(nn.Module):
         probs = F.softmax(logits.to(cat.dtype), -1)
         decoded = ops.decode_boxes(reg.to(cat.dtype), cat, weights).reshape(cat.shape[0], -1, 4)
         if flipped_feats is not None:
-            w = self._widths(boxes, image_sizes, cat)
-            mirrored = hflip_boxes(cat, w)
-            logits, reg = self._box_outputs(flipped_feats, list(mirrored.split([b.shape[0] for b in boxes])), stage)
+            mirrored = hflip_per_image(boxes, image_sizes)
+            logits, reg = self._box_outputs(flipped_feats, mirrored, stage)
             probs = (probs + F.softmax(logits.to(cat.dtype), -1)) / 2
-            dec = ops.decode_boxes(reg.to(cat.dtype), mirrored, weights).reshape(cat.shape[0], -1, 4)
-            decoded = (decoded + hflip_boxes(dec, w[:, None])) / 2
+            dec = ops.decode_boxes(reg.to(cat.dtype), torch.cat(mirrored), weights).reshape(cat.shape[0], -1, 4)
+            dec = torch.cat(hflip_per_image(dec.split([b.shape[0] for b in boxes]), image_sizes))
+            decoded = (decoded + dec) / 2
         return probs, decoded
 
     @torch.no_grad()
@@ -450,9 +449,7 @@ class RoIHeads(nn.Module):
             return cat.new_zeros((0, 1, s, s))
         probs = mask_probs(self._mask_logits(feats, boxes_to_rois(boxes)).to(cat.dtype), labels, self.mask_loss_type)
         if flipped_feats is not None:
-            w = self._widths(boxes, image_sizes, cat)
-            mirrored = hflip_boxes(cat, w).split([b.shape[0] for b in boxes])
-            logits = self._mask_logits(flipped_feats, boxes_to_rois(list(mirrored))).to(cat.dtype)
+            logits = self._mask_logits(flipped_feats, boxes_to_rois(hflip_per_image(boxes, image_sizes))).to(cat.dtype)
             probs = (probs + mask_probs(logits, labels, self.mask_loss_type).flip(-1)) / 2
         return probs
 
@@ -466,9 +463,8 @@ class RoIHeads(nn.Module):
             return cat.new_zeros((0, k, 1, 1))
         maps = self.keypoint_head(self.keypoint_pooler(feats, boxes_to_rois(boxes))).to(cat.dtype)
         if flipped_feats is not None:
-            w = self._widths(boxes, image_sizes, cat)
-            mirrored = hflip_boxes(cat, w).split([b.shape[0] for b in boxes])
-            fmaps = self.keypoint_head(self.keypoint_pooler(flipped_feats, boxes_to_rois(list(mirrored))))
+            rois = boxes_to_rois(hflip_per_image(boxes, image_sizes))
+            fmaps = self.keypoint_head(self.keypoint_pooler(flipped_feats, rois))
             maps = (maps + fmaps.to(cat.dtype)[:, self.keypoint_flip_perm].flip(-1)) / 2
         return maps
 
