@@ -428,22 +428,30 @@ void backward_roi(const Plans<T>& P, int64_t k, bool max_mode, const T* src, T* 
     return;
   }
   T* __restrict__ row = grow(s.row, size_t(cols.n) * V);
-  T* __restrict__ g = grow(s.acc, size_t(V));
+  // Channels-last: the RoI's gradient slice, bin-major with the block's channels innermost. Gathered once
+  // per RoI channel by channel (grad_out is usually NCHW-contiguous: each channel's bins are one run), not
+  // V strided loads per bin, which missed the cache on every load.
+  T* __restrict__ gt = nullptr;
+  if (kV != 1) {
+    gt = grow(s.acc, size_t(oh) * ow * V);
+    for (int c = 0; c < V; ++c)
+      for (int ph = 0; ph < oh; ++ph)
+        for (int pw = 0; pw < ow; ++pw) gt[(ph * ow + pw) * V + c] = gout[c * gs.c + ph * gs.h + pw * gs.w] / R.count;
+  }
   const Lerp<T>* __restrict__ xs = P.xs.data();
   for (int ph = 0; ph < oh; ++ph) {
     if (yb[ph + 1] == yb[ph]) continue;
     std::fill_n(row, size_t(cols.n) * V, T(0));
     for (int pw = 0; pw < ow; ++pw) {
-      const T* go = gout + ph * gs.h + pw * gs.w;
       if (kV == 1) {
-        const T gv = go[0] / R.count;
+        const T gv = gout[ph * gs.h + pw * gs.w] / R.count;
         for (int64_t i = xb[pw]; i < xb[pw + 1]; ++i) {
           row[xs[i].lo] += gv * xs[i].wlo;
           row[xs[i].hi] += gv * xs[i].whi;
         }
         continue;
       }
-      for (int c = 0; c < V; ++c) g[c] = go[c * gs.c] / R.count;
+      const T* __restrict__ g = gt + (ph * ow + pw) * V;
       for (int64_t i = xb[pw]; i < xb[pw + 1]; ++i) {
         const Lerp<T> x = xs[i];
         T* __restrict__ a = row + int64_t(x.lo) * V;

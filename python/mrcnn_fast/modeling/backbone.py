@@ -211,7 +211,9 @@ class ResNet(nn.Module):
                     FrozenBatchNorm2d.convert(mod)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        # relu(maxpool(x)) == maxpool(relu(x)) exactly, values and gradients (ReLU is monotonic and its
+        # gradient is 0 wherever the window max is <= 0): the ReLU and its backward run on the 4x smaller map.
+        x = self.relu(self.maxpool(self.bn1(self.conv1(x))))
         out = {}
         for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
             feat = f"res{i + 2}"
