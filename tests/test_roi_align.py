@@ -228,6 +228,33 @@ def test_channels_last_equals_nchw(mode):
     torch.testing.assert_close(run(wide)[0], out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["avg", "max", "warp"])
+def test_backward_any_grad_layout(mode):
+    """The backward reads grad_out through its strides (NCHW from a flatten, channels-last, a strided view):
+    every layout of the same gradient gives the same input gradient, bit for bit, on both feature layouts."""
+    g = torch.Generator().manual_seed(16)
+    x = feats(g, (2, 37, 15, 19), torch.float32)  # 37 channels: several channel blocks and a remainder
+    rois = make_rois(g, 2, 30, (30, 38), dtype=torch.float32)
+    go = torch.randn(30, 37, 5, 4, generator=g)
+    layouts = {"nchw": go, "channels_last": go.contiguous(memory_format=torch.channels_last),
+               "strided": torch.randn(30, 37, 5, 8, generator=g)[..., ::2].copy_(go)}
+    assert not layouts["strided"].is_contiguous()
+
+    def grad(t, gout):
+        t = t.detach().requires_grad_()
+        if mode == "warp":
+            out = ops.roi_warp(t, rois, (5, 4), 0.5, 2)
+        else:
+            out = ops.roi_align(t, rois, (5, 4), 0.5, 2, True, mode=mode)
+        out.backward(gout)
+        return t.grad
+
+    ref = grad(x, go)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for name, gout in layouts.items():
+            assert torch.equal(grad(x.contiguous(memory_format=fmt), gout), ref), (fmt, name)
+
+
 def test_backward_deterministic_across_threads():
     g = torch.Generator().manual_seed(7)
     x = feats(g, (2, 18, 30, 40), torch.float32)
