@@ -44,6 +44,33 @@ def test_torchvision_state_dict_loads_and_matches(name, norm):
     assert got["res5"].shape[-2:] == (2, 3)
 
 
+def test_training_gradients_match_torchvision():
+    """Training mode (batch-statistics BN): every parameter's and the input's gradient equals torchvision's
+    ResNet-18 with the same weights (the stem applies its ReLU after the max-pool, which must not change
+    them). A negative stem BN bias makes whole 3x3 windows <= 0, where the two orders must agree."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None).train()
+    _randomise_bn(tv)
+    tv.bn1.bias.data -= 1.5
+    tv.double()
+    ours = ResNet("resnet18", norm="BN", freeze_at=0).double().train()
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expect = IntermediateLayerGetter(tv, RETURN)(xa)
+    got = ours(xb)
+    up = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in expect.items()}
+    sum((expect[k] * up[k]).sum() for k in up).backward()
+    sum((got[k] * up[k]).sum() for k in up).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-9, atol=1e-12)
+    tv_params = dict(tv.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, tv_params[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+    stem = torch.relu(tv.bn1(tv.conv1(x)))
+    assert (torch.nn.functional.max_pool2d(stem, 3, 2, 1) == 0).float().mean() > 0.05  # windows all <= 0 occur
+
+
 @pytest.mark.parametrize("name", ["resnet34", "resnet101", "resnext101_32x8d"])
 def test_parameter_names_and_shapes_match_torchvision(name):
     tv = getattr(torchvision.models, name)(weights=None).state_dict()
