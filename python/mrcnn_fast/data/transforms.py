@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resize_shortest_edge", "hflip", "batch_images", "flip_permutation"]
+__all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images", "flip_permutation"]
 
 
 def _check_image(image, name: str = "image") -> None:
@@ -98,6 +98,12 @@ def flip_permutation(num_keypoints: int, flip_pairs: Sequence[Sequence[int]]) ->
     return perm
 
 
+def hflip_boxes(boxes: torch.Tensor, width) -> torch.Tensor:
+    """Tensor[..., 4] xyxy boxes mirrored in an image of the given width (a number or a Tensor broadcasting to
+    boxes[..., 0]): x -> width - x, so a box keeps x1 <= x2."""
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
+
+
 def hflip(image: torch.Tensor, target: dict | None, flip_pairs: Sequence[Sequence[int]] = ()):
     """Mirrors the image left-right; boxes, masks and keypoints follow.
 
@@ -112,8 +118,7 @@ def hflip(image: torch.Tensor, target: dict | None, flip_pairs: Sequence[Sequenc
         return out, None
     t = dict(target)
     if "boxes" in t:
-        b = t["boxes"]
-        t["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+        t["boxes"] = hflip_boxes(t["boxes"], w)
     if "masks" in t:
         t["masks"] = t["masks"].flip(-1)
     if "keypoints" in t:

@@ -10,16 +10,10 @@ from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, R
                     fast_rcnn_loss, heatmaps_to_keypoints, keypoint_loss, keypoint_targets, mask_box_edges, mask_loss,
                     mask_probs, mask_targets)
 from .poolers import RoIPooler, boxes_to_rois
-from ..data.transforms import flip_permutation
+from ..data.transforms import flip_permutation, hflip_boxes
 from .sampling import BalancedSampler, Matcher
 
 _MIN_BOX_SIDE = 1e-2    # detections with a side below this (px) are dropped, refined ones keep their old box
-
-
-def hflip_boxes(boxes: Tensor, width) -> Tensor:
-    """Tensor[..., 4] xyxy boxes mirrored in an image of the given width (a number or a Tensor broadcasting to
-    boxes[..., 0]): x -> width - x, so a box keeps x1 <= x2."""
-    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
 
 
 def hflip_per_image(boxes: list[Tensor], image_sizes) -> list[Tensor]:
