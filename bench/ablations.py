@@ -6,7 +6,7 @@ Trains one small_cpu Mask R-CNN per variant with mrcnn_fast.engine.train (same d
 initial weights; only the switch under test differs) and COCO-evaluates it on the held-out val split:
 
     (b) mask loss:  sigmoid (per-class binary, the paper)  vs  softmax (multinomial over classes)
-    (c) RoI layer:  RoIAlign (avg)  vs  RoIAlign (max)  vs  RoIWarp  vs  RoIPool   (the paper's claim: mask AP75)
+    (c) RoI layer:  RoIAlign (avg / max)  vs  RoIWarp (avg / max)  vs  RoIPool   (the paper's claim: mask AP75)
     (e) mask head:  FCN (4 conv + deconv)  vs  MLP (3 fc)
 
 The baseline (sigmoid, RoIAlign, FCN) is shared by the three groups. Results are printed and written to
@@ -55,12 +55,13 @@ VARIANTS = {
     "softmax": ("softmax mask loss", {"mask": {"loss": "softmax"}}),
     "roi_align_max": ("RoIAlign (max)", {"roi_heads": {"pooler": "roi_align_max"}}),
     "roi_warp": ("RoIWarp", {"roi_heads": {"pooler": "roi_warp"}}),
+    "roi_warp_max": ("RoIWarp (max)", {"roi_heads": {"pooler": "roi_warp_max"}}),
     "roi_pool": ("RoIPool", {"roi_heads": {"pooler": "roi_pool"}}),
     "mlp": ("MLP mask head", {"mask": {"head": "mlp"}}),
 }
 GROUPS = {
     "b": ("(b) multinomial vs independent masks", ["baseline", "softmax"]),
-    "c": ("(c) RoI layer", ["baseline", "roi_align_max", "roi_warp", "roi_pool"]),
+    "c": ("(c) RoI layer", ["baseline", "roi_align_max", "roi_warp", "roi_warp_max", "roi_pool"]),
     "e": ("(e) mask head", ["baseline", "mlp"]),
 }
 # (group, better, worse, metric, note): the paper's Table 2 directions checked on the measured numbers
@@ -69,6 +70,8 @@ _DIRECTIONS = [
     ("c", "baseline", "roi_warp", "AP75", "both average bilinear samples: alignment alone"),
     ("c", "roi_align_max", "roi_pool", "AP75", "both max-pool: alignment alone"),
     ("c", "roi_warp", "roi_pool", "AP75", ""),
+    ("c", "roi_warp_max", "roi_pool", "AP75", "both max over quantised boxes: bilinear bins alone"),
+    ("c", "roi_align_max", "roi_warp_max", "AP75", "both max over bilinear samples: alignment alone"),
     ("c", "baseline", "roi_pool", "AP75", ""),
     ("c", "roi_align_max", "roi_warp", "AP75", ""),
     ("e", "baseline", "mlp", "AP", ""),

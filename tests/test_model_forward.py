@@ -203,6 +203,7 @@ ABLATIONS = [
     {"mask": {"class_agnostic": True}},
     {"mask": {"class_agnostic": True, "loss": "softmax"}},
     {"roi_heads": {"pooler": "roi_warp"}},
+    {"roi_heads": {"pooler": "roi_warp_max"}},
     {"roi_heads": {"pooler": "roi_pool"}},
     {"roi_heads": {"pooler": "roi_align_max"}},
     {"keypoint": {"enabled": False}, "mask": {"enabled": False}},

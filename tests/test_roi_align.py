@@ -140,6 +140,11 @@ def test_roi_warp_matches_reference(sr):
     torch.testing.assert_close(got, ref_roi_align(x, rois, 3, 3, 0.5, sr, False, quantize=True), rtol=1e-10, atol=1e-12)
     # Rounding changes the result: it is not RoIAlign.
     assert not torch.allclose(got, ops.roi_align(x, rois, 3, 0.5, sr, False))
+    got_max = ops.roi_warp(x, rois, 3, 0.5, sr, mode="max")
+    torch.testing.assert_close(got_max, ref_roi_align(x, rois, 3, 3, 0.5, sr, False, "max", quantize=True),
+                               rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got_max, got)
+    assert not torch.allclose(got_max, ops.roi_align(x, rois, 3, 0.5, sr, False, mode="max"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -200,7 +205,7 @@ def test_empty_rois(device):
 # ---- layouts, determinism -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["avg", "max", "warp"])
+@pytest.mark.parametrize("mode", ["avg", "max", "warp", "warp_max"])
 def test_channels_last_equals_nchw(mode):
     g = torch.Generator().manual_seed(6)
     x = feats(g, (2, 22, 13, 17), torch.float32)  # 22: blocks of 4 planes and a remainder
@@ -209,8 +214,8 @@ def test_channels_last_equals_nchw(mode):
 
     def run(t):
         t = t.detach().requires_grad_()
-        if mode == "warp":
-            out = ops.roi_warp(t, rois, (4, 3), 0.5, 2)
+        if mode.startswith("warp"):
+            out = ops.roi_warp(t, rois, (4, 3), 0.5, 2, mode="max" if mode == "warp_max" else "avg")
         else:
             out = ops.roi_align(t, rois, (4, 3), 0.5, -1, True, mode=mode)
         out.backward(go)
@@ -228,7 +233,7 @@ def test_channels_last_equals_nchw(mode):
     torch.testing.assert_close(run(wide)[0], out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["avg", "max", "warp"])
+@pytest.mark.parametrize("mode", ["avg", "max", "warp", "warp_max"])
 def test_backward_any_grad_layout(mode):
     """The backward reads grad_out through its strides (NCHW from a flatten, channels-last, a strided view):
     every layout of the same gradient gives the same input gradient, bit for bit, on both feature layouts."""
@@ -242,8 +247,8 @@ def test_backward_any_grad_layout(mode):
 
     def grad(t, gout):
         t = t.detach().requires_grad_()
-        if mode == "warp":
-            out = ops.roi_warp(t, rois, (5, 4), 0.5, 2)
+        if mode.startswith("warp"):
+            out = ops.roi_warp(t, rois, (5, 4), 0.5, 2, mode="max" if mode == "warp_max" else "avg")
         else:
             out = ops.roi_align(t, rois, (5, 4), 0.5, 2, True, mode=mode)
         out.backward(gout)
@@ -282,13 +287,13 @@ def test_backward_deterministic_across_threads():
 # ---- gradients -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["avg", "avg_aligned", "max", "warp"])
+@pytest.mark.parametrize("kind", ["avg", "avg_aligned", "max", "warp", "warp_max"])
 def test_gradcheck(kind):
     g = torch.Generator().manual_seed(8)
     x = feats(g, (2, 2, 6, 7)).requires_grad_()
     rois = make_rois(g, 2, 7, (12, 14))
-    if kind == "warp":
-        fn = lambda t: ops.roi_warp(t, rois, (2, 3), 0.5, 2)  # noqa: E731
+    if kind.startswith("warp"):
+        fn = lambda t: ops.roi_warp(t, rois, (2, 3), 0.5, 2, mode="max" if kind == "warp_max" else "avg")  # noqa: E731
     else:
         fn = lambda t: ops.roi_align(t, rois, (2, 3), 0.5, -1, kind == "avg_aligned", mode=kind[:3])  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
@@ -564,14 +569,14 @@ def test_cuda_matches_cpu(dtype, layout):
     rois = make_rois(g, 2, 40, (40, 50), dtype=torch.float32)
     go = torch.randn(40, 6, 5, 4, generator=g).to(dtype)
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
-    modes = ["avg", "max", "warp"] if dtype in (torch.float32, torch.float64) else ["avg", "warp"]
+    modes = ["avg", "max", "warp", "warp_max"] if dtype in (torch.float32, torch.float64) else ["avg", "warp"]
     for mode in modes:
         res = []
         for dev in ("cpu", "cuda"):
             t = x.to(dev).contiguous(memory_format=layout)
             t = (t.float() if dev == "cpu" and dtype in (torch.float16, torch.bfloat16) else t).requires_grad_()
-            if mode == "warp":
-                out = ops.roi_warp(t, rois.to(dev), (5, 4), 0.5, 2)
+            if mode.startswith("warp"):
+                out = ops.roi_warp(t, rois.to(dev), (5, 4), 0.5, 2, mode="max" if mode == "warp_max" else "avg")
             else:
                 out = ops.roi_align(t, rois.to(dev), (5, 4), 0.5, -1, True, mode=mode)
             out.backward(go.to(dev).to(out.dtype))

@@ -61,7 +61,7 @@ class RoIHeadsConfig:
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5
-    pooler: str = "roi_align"           # roi_align | roi_align_max | roi_warp | roi_pool (Table 2c)
+    pooler: str = "roi_align"           # roi_align | roi_align_max | roi_warp | roi_warp_max | roi_pool (Table 2c)
     pooler_sampling_ratio: int = 2      # 0 or -1: adaptive (ceil(roi size / output size))
     pooler_aligned: bool = True         # half-pixel offset (the paper's RoIAlign)
     box_pooler_resolution: int = 7

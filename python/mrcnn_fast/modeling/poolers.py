@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import ops
 
-POOLER_TYPES = ("roi_align", "roi_align_max", "roi_warp", "roi_pool")
+POOLER_TYPES = ("roi_align", "roi_align_max", "roi_warp", "roi_warp_max", "roi_pool")
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
@@ -27,7 +27,8 @@ class RoIPooler(nn.Module):
         strides: stride of each feature level (one level for C4; P2..P5 for FPN, levels assigned by the FPN
             paper's rule k = floor(4 + log2(sqrt(area) / 224)) clamped to the levels).
         pooler_type: roi_align (bilinear, average; the paper) | roi_align_max (bilinear, max) |
-            roi_warp (quantised box, bilinear) | roi_pool (quantised box and bins, max).
+            roi_warp (quantised box, bilinear, average) | roi_warp_max (quantised box, bilinear, max) |
+            roi_pool (quantised box and bins, max).
         sampling_ratio: bilinear samples per bin side (<= 0: adaptive); RoIAlign / RoIWarp only.
         aligned: half-pixel offset for RoIAlign.
     """
@@ -57,8 +58,9 @@ class RoIPooler(nn.Module):
             return ops.roi_align(f, rois, r, scale, self.sampling_ratio, self.aligned)
         if t == "roi_align_max":
             return ops.roi_align(f, rois, r, scale, self.sampling_ratio, self.aligned, mode="max")
-        if t == "roi_warp":
-            return ops.roi_warp(f, rois, r, scale, max(self.sampling_ratio, 1))
+        if t in ("roi_warp", "roi_warp_max"):
+            return ops.roi_warp(f, rois, r, scale, max(self.sampling_ratio, 1),
+                                mode="max" if t == "roi_warp_max" else "avg")
         return ops.roi_pool(f, rois, r, scale)
 
     def forward(self, feats: list[Tensor], rois: Tensor) -> Tensor:

@@ -251,18 +251,22 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     return _roi_align(input, rois, scale, oh, ow, sr, bool(aligned), mode == "max", False)
 
 
-def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2) -> Tensor:
+def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2, *,
+             mode: str = "avg") -> Tensor:
     """RoIWarp (the Mask R-CNN paper's Table 2c baseline): RoI corners rounded on the feature grid
-    (round(x * spatial_scale), sizes forced >= 1), then RoIAlign's bilinear average.
+    (round(x * spatial_scale), sizes forced >= 1), then RoIAlign's bilinear samples, averaged per bin
+    (``mode="avg"``) or max-pooled (``mode="max"``; the paper lists both, 27.1 / 27.2 mask AP).
 
-    Args and returns as roi_align (no half-pixel offset, average only).
+    Args and returns as roi_align (no half-pixel offset). With ``mode="max"`` RoIWarp differs from RoIPool only
+    in the bins: RoIPool also rounds every bin edge and takes the max over whole feature cells.
     """
     input = _check_features(input, "input")
     oh, ow = pair(output_size, "output_size")
+    mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
     scale = positive_float(spatial_scale, "spatial_scale")
     rois = _as_rois(boxes, input)
-    return _roi_align(input, rois, scale, oh, ow, sr, False, False, True)
+    return _roi_align(input, rois, scale, oh, ow, sr, False, mode == "max", True)
 
 
 def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[float]]:
