@@ -113,6 +113,11 @@ def feats(g, shape, dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
+def roi_warp_kind(t, rois, output_size, scale, kind):
+    """ops.roi_warp with 2 samples per bin side; kind "warp" (average) or "warp_max"."""
+    return ops.roi_warp(t, rois, output_size, scale, 2, mode="max" if kind == "warp_max" else "avg")
+
+
 # ---- forward correctness --------------------------------------------------------------------------------
 
 
@@ -215,7 +220,7 @@ def test_channels_last_equals_nchw(mode):
     def run(t):
         t = t.detach().requires_grad_()
         if mode.startswith("warp"):
-            out = ops.roi_warp(t, rois, (4, 3), 0.5, 2, mode="max" if mode == "warp_max" else "avg")
+            out = roi_warp_kind(t, rois, (4, 3), 0.5, mode)
         else:
             out = ops.roi_align(t, rois, (4, 3), 0.5, -1, True, mode=mode)
         out.backward(go)
@@ -248,7 +253,7 @@ def test_backward_any_grad_layout(mode):
     def grad(t, gout):
         t = t.detach().requires_grad_()
         if mode.startswith("warp"):
-            out = ops.roi_warp(t, rois, (5, 4), 0.5, 2, mode="max" if mode == "warp_max" else "avg")
+            out = roi_warp_kind(t, rois, (5, 4), 0.5, mode)
         else:
             out = ops.roi_align(t, rois, (5, 4), 0.5, 2, True, mode=mode)
         out.backward(gout)
@@ -293,7 +298,7 @@ def test_gradcheck(kind):
     x = feats(g, (2, 2, 6, 7)).requires_grad_()
     rois = make_rois(g, 2, 7, (12, 14))
     if kind.startswith("warp"):
-        fn = lambda t: ops.roi_warp(t, rois, (2, 3), 0.5, 2, mode="max" if kind == "warp_max" else "avg")  # noqa: E731
+        fn = lambda t: roi_warp_kind(t, rois, (2, 3), 0.5, kind)  # noqa: E731
     else:
         fn = lambda t: ops.roi_align(t, rois, (2, 3), 0.5, -1, kind == "avg_aligned", mode=kind[:3])  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
@@ -576,7 +581,7 @@ def test_cuda_matches_cpu(dtype, layout):
             t = x.to(dev).contiguous(memory_format=layout)
             t = (t.float() if dev == "cpu" and dtype in (torch.float16, torch.bfloat16) else t).requires_grad_()
             if mode.startswith("warp"):
-                out = ops.roi_warp(t, rois.to(dev), (5, 4), 0.5, 2, mode="max" if mode == "warp_max" else "avg")
+                out = roi_warp_kind(t, rois.to(dev), (5, 4), 0.5, mode)
             else:
                 out = ops.roi_align(t, rois.to(dev), (5, 4), 0.5, -1, True, mode=mode)
             out.backward(go.to(dev).to(out.dtype))
