@@ -87,6 +87,11 @@ DIRECTIONS = [(g, better, worse, (iou, name), note) for iou in IOU_LABELS
 # 2000 iterations and 64 sampled RoIs per image: at 1000 iterations (AP ~25-35) the runs are too noisy to order
 # the variants (bench/results/ablations.md); at 2000 the paper's directions hold seed by seed
 # (bench/results/ablations_2000it.md). One run takes ~10 min with 2 jobs on 2 cores.
+# --head c4: the paper's Table 2 (b, c) network head. RoIs are pooled 14 x 14 from C4 (stride 16) and the
+# backbone's res5 is the box head (7 x 7 after its stride); the mask head is a deconv on that res5 output
+# (14 x 14 masks). One RPN level at stride 16 carries the five FPN anchor sizes.
+C4_HEAD = {"model": {"fpn": {"enabled": False}, "anchors": {"sizes": [[16, 32, 64, 128, 256]]},
+                     "roi_heads": {"box_pooler_resolution": 14}, "mask": {"pooler_resolution": 14}}}
 DEFAULTS = dict(max_iter=2000, train=400, val=100, seed=0, image_size=256, seeds=4, batch_size_per_image=64)
 
 
@@ -108,6 +113,8 @@ def build_config(args, variant: str, train_seed: int | None = None):
         "train": {"seed": train_seed, "num_workers": 0, "checkpoint_period": 0, "eval_period": 0,
                   "log_period": 100},
     })
+    if getattr(args, "head", "fpn") == "c4":
+        cfg = merge(cfg, C4_HEAD)
     cfg = scale_schedule(cfg, args.max_iter)   # the lr step stays at 5/6 of the run
     if args.override:
         cfg = merge(cfg, json.loads(args.override))
@@ -138,6 +145,8 @@ def variant_command(args, variant: str, train_seed: int | None = None) -> str:
         parts += ["--first-train-seed", str(train_seed)]
     if args.image_size != DEFAULTS["image_size"]:
         parts += ["--image-size", str(args.image_size)]
+    if getattr(args, "head", "fpn") != "fpn":
+        parts += ["--head", args.head]
     if args.override:
         parts += ["--override", args.override]
     return " ".join(shlex.quote(p) for p in parts)
@@ -156,8 +165,6 @@ def gt_box_mask_metrics(model, dataset) -> dict:
 
     model.eval()
     rh = model.roi_heads
-    if rh.c4:
-        raise ValueError("gt_box_mask_metrics supports FPN models only")
     ev = COCOEvaluator(dataset.coco, dataset.cat_ids, iou_types=("segm",))
     for i in range(len(dataset)):
         image, t = dataset[i]
@@ -172,7 +179,7 @@ def gt_box_mask_metrics(model, dataset) -> dict:
         if model.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         feats = model.backbone(batch)
-        logits = rh.mask_head(rh.mask_pooler(feats, boxes_to_rois([tt[0]["boxes"]])))
+        logits = rh._mask_logits(feats, boxes_to_rois([tt[0]["boxes"]]))   # C4: through the shared res5
         probs = mask_probs(logits.float(), tt[0]["labels"], rh.mask_loss_type)
         masks = ops.paste_masks_in_image(probs, boxes0, (h0, w0), aligned=model.mask_paste == "aligned")
         ev.process([int(t["image_id"])], [{"boxes": boxes0, "labels": labels, "scores": torch.ones(len(boxes0)),
@@ -363,9 +370,15 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
         f"- data: `make_shapes(n_train={args.train}, n_val={args.val}, seed={args.seed}, "
         f"image_size=({args.image_size}, {args.image_size}))`: 2-6 triangles/rectangles/ellipses per image, "
         "occlusions, textured background; train and val are disjoint images.",
-        f"- model: preset shapes (R18-FPN at width {cfg.model.backbone.width}, BN, trained from scratch, FPN "
-        f"{cfg.model.fpn.out_channels} channels, mask head {cfg.model.mask.num_convs} x conv "
-        f"{cfg.model.mask.conv_dim} + deconv to 28 x 28, mask paste `{getattr(cfg.model.mask, 'paste', 'torchvision')}`, "
+        (f"- model: preset shapes (R18-FPN at width {cfg.model.backbone.width}, BN, trained from scratch, FPN "
+         f"{cfg.model.fpn.out_channels} channels, mask head {cfg.model.mask.num_convs} x conv "
+         f"{cfg.model.mask.conv_dim} + deconv to 28 x 28, " if cfg.model.fpn.enabled else
+         f"- model: preset shapes with the C4 head (R18 at width {cfg.model.backbone.width}, BN, trained from "
+         f"scratch; RoIs pooled {cfg.model.roi_heads.box_pooler_resolution} x "
+         f"{cfg.model.roi_heads.box_pooler_resolution} from C4 (stride 16), res5 as box head, mask head = "
+         f"deconv + 1x1 conv on the res5 output (14 x 14 masks), one RPN level with anchors "
+         f"{list(cfg.model.anchors.sizes[0])}, ")
+        + f"mask paste `{getattr(cfg.model.mask, 'paste', 'torchvision')}`, "
         f"{cfg.model.roi_heads.batch_size_per_image} sampled RoIs per image), "
         f"keypoint head off; inputs at {args.image_size} px (train and test), horizontal flips {cfg.input.hflip_prob}.",
         f"- solver: SGD lr {cfg.solver.base_lr}, momentum {cfg.solver.momentum}, batch {cfg.solver.ims_per_batch}, "
@@ -373,10 +386,14 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
         f"{list(cfg.solver.steps)}, gradient-norm clip {cfg.solver.clip_grad_norm}; training seeds "
         f"{sorted({r['train_seed'] for r in rows})}: for a given seed every variant starts from the same initial "
         "weights of the shared modules and sees the same batches and flips.",
-        "- the FPN pools a RoI from P2 (stride 4) up to P5 by its size; at 256 px most objects (8-140 px) are "
-        "pooled from P2/P3, where RoIPool's and RoIWarp's rounding of box corners to the feature grid (and "
-        "RoIPool's rounding of bin edges) shifts a box by up to 2-4 px, a sizeable fraction of a small object. "
-        "The paper's Table 2c uses a C4 backbone (stride 16), where the effect is larger.",
+        ("- the FPN pools a RoI from P2 (stride 4) up to P5 by its size; at 256 px most objects (8-140 px) are "
+         "pooled from P2/P3, where RoIPool's and RoIWarp's rounding of box corners to the feature grid (and "
+         "RoIPool's rounding of bin edges) shifts a box by up to 2-4 px, a sizeable fraction of a small object. "
+         "The paper's Table 2c uses a C4 backbone (stride 16), where the effect is larger (`--head c4`)."
+         if cfg.model.fpn.enabled else
+         "- C4 (stride 16), as in the paper's Table 2c: RoIPool's and RoIWarp's rounding of box corners to the "
+         "feature grid shifts a box by up to 8 px, and RoIPool's 14 bins over an object of 1-9 feature cells "
+         "repeat cells; at 256 px the detector itself is weak on the smallest objects at this stride."),
         "",
         "## Paper (Table 2, COCO minival, mask AP / AP50 / AP75)",
         "",
@@ -411,6 +428,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
     p.add_argument("--only", default=None, help="comma-separated groups (b, c, e) and/or variants "
                                                 f"({', '.join(VARIANTS)})")
+    p.add_argument("--head", choices=("fpn", "c4"), default="fpn",
+                   help="network head: fpn (default; the shapes preset) or c4 (RoIs from C4, res5 box head: the "
+                        "head of the paper's Table 2 b/c; ~3x slower per iteration)")
     p.add_argument("--override", default=None, help="JSON of extra config overrides applied to every variant")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes; default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")

@@ -36,6 +36,25 @@ def test_ablations_report_and_reuse(tmp_path, capsys):
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in payload["results"]]
 
 
+def test_ablations_c4_head(tmp_path):
+    """--head c4: the paper's Table 2c head (RoIs from C4, res5 box head); the GT-box mask metric goes through the
+    shared res5 too, and every run's command names the head so it can be rerun alone."""
+    args = TINY + ["--only", "roi_pool,roi_warp_max", "--seeds", "1", "--head", "c4", "--out", str(tmp_path / "out"),
+                   "--workdir", str(tmp_path / "w")]
+    assert ablations.main(args) == 0
+    md = (tmp_path / "out" / "ablations.md").read_text()
+    payload = json.loads((tmp_path / "out" / "ablations.json").read_text())
+    assert payload["config_baseline"]["model"]["fpn"]["enabled"] is False
+    assert payload["config_baseline"]["model"]["roi_heads"]["box_pooler_resolution"] == 14
+    assert sorted(r["key"] for r in payload["results"]) == ["roi_pool@seed0", "roi_warp_max@seed0"]
+    for r in payload["results"]:
+        assert 0.0 <= r["metrics"]["segm_gt_boxes"]["AP"] <= 1.0
+        assert r["command"].endswith("--head c4 --override " + ablations.shlex.quote(TINY[-1]))
+        assert json.loads((tmp_path / "w" / "runs" / r["key"] / "config.json").read_text())["model"]["fpn"][
+            "enabled"] is False
+    assert "with the C4 head" in md and "RoIWarp (max) > RoIPool on mask AP75" in md
+
+
 def test_ablations_directions_logic():
     def run(variant, seed, ap, ap75):
         segm = {"AP": ap, "AP50": ap, "AP75": ap75}
@@ -83,7 +102,7 @@ def test_ablations_reuse_is_default_aware(tmp_path):
     assert not ablations.same_config(tmp_path / "missing.json", cfg)
 
 
-@pytest.mark.parametrize("bad", [["--seeds", "0"], ["--override", "{not json"], ["--only", "zz"]])
+@pytest.mark.parametrize("bad", [["--seeds", "0"], ["--override", "{not json"], ["--only", "zz"], ["--head", "c5"]])
 def test_ablations_bad_arguments(bad, tmp_path):
     with pytest.raises(SystemExit) as e:
         ablations.main(["--out", str(tmp_path)] + bad)
