@@ -116,6 +116,47 @@ def test_eval_corrupt_and_mismatched_weights(capsys, coco, tmp_path):
     _one_line_error(*_run(capsys, *argv), "does not match the model", "backbone.nothing")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_eval_bad_image_file_one_line(capsys, coco, tmp_path, workers, damage):
+    """A corrupt or missing image fails with the loader's own message on one line, also when it is read in a
+    DataLoader worker process (which re-raises with the worker's whole traceback as the message)."""
+    import shutil
+
+    from mrcnn_fast.config import get_config
+    from mrcnn_fast.modeling import build_model
+
+    images = tmp_path / "images"
+    shutil.copytree(coco / "images", images)
+    if damage == "corrupt":
+        (images / "2.png").write_bytes(b"not a png")
+    else:
+        (images / "2.png").unlink()
+    cfg = get_config("small_cpu", {"model": {"roi_heads": {"num_classes": 1}}})
+    torch.manual_seed(0)
+    save_weights(build_model(cfg).state_dict(), tmp_path / "w.safetensors")
+    code, out, err = _run(capsys, "eval", "--weights", str(tmp_path / "w.safetensors"), "--json",
+                          str(coco / "ann.json"), "--images", str(images), "--config", "small_cpu",
+                          "--num-workers", str(workers), "--opts", "model.roi_heads.num_classes=1")
+    needles = ["2.png"] + (["corrupt or truncated image", "image id 2"] if damage == "corrupt" else [])
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "error" in line]   # the progress lines before it are fine
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
+    assert errors[0].startswith("mrcnn-fast: error: ") and all(n in errors[0] for n in needles), errors[0]
+    assert "Traceback" not in err and "Caught" not in err and "Original" not in err
+    assert ("data loader worker" in err) == (workers > 0)
+
+
+def test_cli_message_of_worker_errors():
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 3, in f\n    raise ValueError(msg)\nValueError: bad image a.png\n")
+    assert cli._message(wrapped) == "bad image a.png (in a data loader worker)"
+    assert cli._message(ValueError("plain\n  message")) == "plain message"
+    assert cli._message(FileNotFoundError(2, "No such file or directory", "/x/y.png")) == \
+        "[Errno 2] No such file or directory: '/x/y.png'"
+    assert cli._message(ValueError()) == "ValueError"
+
+
 def test_eval_class_count_mismatch_with_stored_config(capsys, coco, tmp_path):
     from mrcnn_fast.config import get_config, to_dict
     from mrcnn_fast.engine.checkpoint import save_config

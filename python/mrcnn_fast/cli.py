@@ -456,6 +456,20 @@ def main(argv=None) -> int:
     return code
 
 
+def _message(e: BaseException) -> str:
+    """One line for the user. An exception raised in a DataLoader worker comes back re-raised with the worker's
+    whole traceback as its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ...");
+    its last line is the worker's own "<Type>: <message>", which is what the user needs."""
+    s = str(e)
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in s:
+        s = f"{e.strerror}: {e.filename}"
+    if s.startswith("Caught ") and "Original Traceback" in s:
+        last = [line for line in s.splitlines() if line.strip()][-1].strip()
+        head, sep, tail = last.partition(": ")
+        s = (tail if sep and head.replace(".", "").replace("_", "").isalnum() else last) + " (in a data loader worker)"
+    return " ".join(s.split()) or type(e).__name__
+
+
 def _report(e: BaseException) -> int:
     from .engine.checkpoint import CheckpointError
 
@@ -468,12 +482,10 @@ def _report(e: BaseException) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        msg = str(e) if not e.filename or str(e.filename) in str(e) else f"{e.strerror}: {e.filename}"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 2
     if isinstance(e, (ValueError, TypeError, CheckpointError, OSError, FloatingPointError, json.JSONDecodeError)):
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, TypeError, CheckpointError)) else 1
     raise e
 
