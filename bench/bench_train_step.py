@@ -183,7 +183,9 @@ def split_table(iters=10, device="cpu", pretrain_iters=0):
             for k, v in t.items():
                 per[name][k].append(v)
     rows = ["preprocess", "backbone", "rpn", "roi_heads", "loss", "backward", "optimizer", "total"]
+    from mrcnn_fast.engine import host_memory
     print(f"\ntrain step, small_cpu (R18-FPN, masks + keypoints), batch {BATCH}x{SIZE}x{SIZE}, {device}, "
+          f"{'freed host memory kept (both models), ' if host_memory._applied else ''}"
           f"{'after ' + str(pretrain_iters) + ' pre-training iterations' if pretrain_iters else 'at initialisation'}, "
           f"{torch.get_num_threads()} threads, {'CPU' if CLOCK is time.process_time else 'wall'} time, "
           f"median of {iters}")
@@ -234,7 +236,14 @@ if __name__ == "__main__":
     ap.add_argument("--pretrain", type=int, default=0, help="train ours this many iterations first (see build_pair)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (a steadier proxy on a shared machine, meaningful with --threads 1)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed host memory (what the Trainer does on CPU, engine/host_memory.py); "
+                         "process-wide, so it applies to both models")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        from mrcnn_fast.engine.host_memory import keep_freed_memory
+        if not keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: not applicable here (needs Linux with glibc)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":

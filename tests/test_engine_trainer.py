@@ -267,3 +267,52 @@ def test_demo_time_budget_stops_at_deadline(monkeypatch):
     assert done <= 16 and clock[0] < 10.0 + 3 * 5.0
     with pytest.raises(ValueError):
         cli.TimeBudget(1.0, calibrate=2, skip=2)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_trainer_keeps_freed_host_memory_when_configured(tmp_path, monkeypatch, keep):
+    from mrcnn_fast.engine import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = merge(small_cfg(), {"train": {"keep_freed_memory": keep}})
+    Trainer(cfg, TinyDetector(), lambda s: loader(TinyDataset(), 4, seed=0, start_iter=s), output_dir=tmp_path)
+    assert calls == ([1] if keep else [])
+
+
+def test_keep_freed_memory_sets_glibc_thresholds():
+    """In fresh processes (the setting is process-wide): an 8 MB block, above glibc's default mmap threshold, is
+    mmapped and its memory returned to the OS when freed without the setting; with it the block comes from the
+    heap and stays there after free. Idempotent; reports False where it does not apply (not Linux/glibc)."""
+    import platform
+
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        from mrcnn_fast.engine import host_memory as hm
+        assert hm.keep_freed_memory() is False
+        return
+    code = (
+        "import ctypes, sys\n"
+        "from mrcnn_fast.engine import host_memory as hm\n"
+        "if sys.argv[1] == 'keep':\n"
+        "    assert hm.keep_freed_memory() is True and hm.keep_freed_memory() is True\n"
+        "class MI(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',\n"
+        "                                                'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "if not hasattr(libc, 'mallinfo2'): print('no-mallinfo2'); sys.exit(0)\n"
+        "libc.mallinfo2.restype = MI\n"
+        "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = (ctypes.c_void_p,)\n"
+        "before = libc.mallinfo2()\n"
+        "p = libc.malloc(8 << 20); ctypes.memset(p, 1, 8 << 20); during = libc.mallinfo2(); libc.free(p)\n"
+        "after = libc.mallinfo2()\n"
+        "print(during.hblkhd - before.hblkhd >= 8 << 20, after.fordblks >= 8 << 20)\n")
+    out = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", code, mode], env=_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[mode] = r.stdout.split()
+        if out[mode] == ["no-mallinfo2"]:
+            pytest.skip("glibc older than 2.33 (no mallinfo2 to observe the heap with)")
+    assert out["default"] == ["True", "False"]   # mmapped, and unmapped again on free
+    assert out["keep"] == ["False", "True"]      # from the heap, and kept free there

@@ -288,3 +288,50 @@ def test_eval_with_no_detections(batch, mask_format):
             assert o["masks"].shape == (0, 1, 96, 128)
         else:
             assert o["masks_rle"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_fc_over_map_is_the_flattened_linear(dtype, layout, n):
+    """The box head's fc6 (and the MLP mask head's fc1) run as a C x H x W convolution on the CPU: same values
+    and gradients as nn.Linear on the flattened map, for any input layout, and empty batches."""
+    from mrcnn_fast.modeling.heads import fc_over_map
+
+    torch.manual_seed(n)
+    fc = torch.nn.Linear(8 * 5 * 5, 16).to(dtype)
+    x = torch.randn(n, 8, 5, 5, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(n, 8, 5, 10, dtype=dtype)[..., ::2]
+    a = x.detach().clone().requires_grad_()
+    b = x.detach().clone().requires_grad_()
+    g = torch.randn(n, 16, dtype=dtype)
+    ya = fc_over_map(a, fc)
+    ya.backward(g)
+    grads_a = [a.grad] + [p.grad.clone() for p in fc.parameters()]
+    fc.zero_grad()
+    yb = fc(b.flatten(1))
+    yb.backward(g)
+    grads_b = [b.grad] + [p.grad for p in fc.parameters()]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert ya.shape == (n, 16)
+    torch.testing.assert_close(ya, yb, **tol)
+    for ga, gb in zip(grads_a, grads_b):
+        assert ga.shape == gb.shape
+        torch.testing.assert_close(ga, gb, **tol)
+    with pytest.raises(RuntimeError):   # a map that does not flatten to in_features fails as nn.Linear would
+        fc_over_map(torch.randn(2, 8, 4, 4, dtype=dtype), fc)
+
+
+def test_fc_over_map_under_cpu_bfloat16_autocast():
+    from mrcnn_fast.modeling.heads import fc_over_map
+
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(4 * 3 * 3, 6)
+    x = torch.randn(5, 4, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fc_over_map(x, fc)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 6)
+    torch.testing.assert_close(y.float(), fc(x.flatten(1)), rtol=0.05, atol=0.05)

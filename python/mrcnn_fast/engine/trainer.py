@@ -24,6 +24,7 @@ import torch
 from ..config import Config, merge, to_dict
 from . import checkpoint as ckpt
 from . import distributed as du
+from . import host_memory
 from .inference import default_log, evaluate, prepare_evaluation, summary_line
 from .solver import LRSchedule, build_optimizer
 
@@ -172,6 +173,8 @@ class Trainer:
         if cfg.train.checkpoint_period < 0 or cfg.train.eval_period < 0:
             raise ValueError("train.checkpoint_period and train.eval_period must be >= 0")
 
+        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
+            host_memory.keep_freed_memory()
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, s)
         self.scheduler = LRSchedule.from_config(self.optimizer, s)
