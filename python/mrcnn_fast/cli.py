@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -465,8 +466,8 @@ def _message(e: BaseException) -> str:
         s = f"{e.strerror}: {e.filename}"
     if s.startswith("Caught ") and "Original Traceback" in s:
         last = [line for line in s.splitlines() if line.strip()][-1].strip()
-        head, sep, tail = last.partition(": ")
-        s = (tail if sep and head.replace(".", "").replace("_", "").isalnum() else last) + " (in a data loader worker)"
+        own = re.fullmatch(r"[\w.]+: (.*)", last)   # "<Type>: <message>"
+        s = (own.group(1) if own else last) + " (in a data loader worker)"
     return " ".join(s.split()) or type(e).__name__
 
 

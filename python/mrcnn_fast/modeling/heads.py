@@ -24,7 +24,6 @@ def fc_over_map(x: Tensor, fc: nn.Linear) -> Tensor:
     return fc(x.flatten(1))
 
 
-
 class TwoMLPHead(nn.Module):
     """FPN box head: flatten -> fc6 -> ReLU -> fc7 -> ReLU (torchvision's names)."""
 
