@@ -554,3 +554,48 @@ def test_bad_keypoint_settings(tmp_path):
         make_set(tmp_path, data)[0]
     with pytest.raises(ValueError, match="flip_prob"):
         make_set(tmp_path, data, flip_prob=1.5)
+
+
+def test_image_modes(tmp_path):
+    """16-bit grey is scaled (PIL's convert would clip it to white), grey / palette / RGBA give RGB, float
+    images are refused by name, and EXIF orientation is applied as detectron2 does."""
+    data, img_dir = mini_coco(tmp_path)
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    Image.fromarray(ref).save(img_dir / "b.png")
+    ds = make_set(tmp_path, data)
+    assert torch.equal(ds[1][0], torch.from_numpy(ref).permute(2, 0, 1).float() / 255)
+
+    g16 = rng.integers(0, 65536, (30, 20), dtype=np.uint16)
+    Image.fromarray(g16).save(img_dir / "b.png")            # a 16-bit PNG ("I;16" or "I" in PIL)
+    img = ds[1][0]
+    expect = torch.from_numpy(np.rint(g16 * (255 / 65535)).astype(np.uint8)).float() / 255
+    assert img.shape == (3, 30, 20) and torch.allclose(img, expect.expand(3, -1, -1), atol=1.5 / 255)
+    assert img.mean() < 0.9 and img.std() > 0.1             # not the clipped, near-white image
+
+    for mode in ("L", "P", "RGBA", "LA", "CMYK"):
+        Image.fromarray(ref).convert(mode).save(img_dir / "b.tif")
+        data["images"][1]["file_name"] = "b.tif"
+        img = make_set(tmp_path, data)[1][0]
+        assert img.shape == (3, 30, 20) and img.dtype == torch.float32, mode
+        if mode == "RGBA":
+            assert torch.equal(img, torch.from_numpy(ref).permute(2, 0, 1).float() / 255)
+
+    Image.fromarray(rng.random((30, 20), dtype=np.float32)).save(img_dir / "b.tif")
+    with pytest.raises(ValueError, match="b.tif.*float"):
+        make_set(tmp_path, data)[1]
+
+    # EXIF orientation 6 (rotate 90 clockwise to display): a 20 x 30 (WxH) file shown as 30 x 20
+    stored = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(img_dir / "r.jpg", exif=exif, quality=100)
+    data["images"][1].update(file_name="r.jpg", width=30, height=20)
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 1]
+    img = make_set(tmp_path, data)[1][0]
+    shown = np.rot90(np.asarray(Image.open(img_dir / "r.jpg").convert("RGB")), k=-1)
+    assert img.shape == (3, 20, 30)
+    assert torch.equal(img, torch.from_numpy(shown.copy()).permute(2, 0, 1).float() / 255)
+    data["images"][1].update(width=20, height=30)             # sizes of the stored (unrotated) file
+    with pytest.raises(ValueError, match="r.jpg is 30x20 .*EXIF orientation.*20x30.*says 20x30"):
+        make_set(tmp_path, data)[1]

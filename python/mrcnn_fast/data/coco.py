@@ -5,8 +5,8 @@ Validation happens in two places, so that a bad file fails with a message that n
     "categories", ids are unique, every annotation points at a known image and category, bboxes are four
     finite numbers, no NaN/Infinity anywhere in the annotations;
   * at __getitem__ (per image, so a 118k-image set does not stat every file up front): the image file exists
-    (FileNotFoundError), decodes (ValueError for corrupt/truncated files) and has the JSON's width/height
-    (ValueError); segmentations and keypoints are well formed (ValueError).
+    (FileNotFoundError), decodes (ValueError for corrupt/truncated files and for float images) and, in its EXIF
+    orientation, has the JSON's width/height (ValueError); 16-bit grey images are scaled to 8 bits; segmentations and keypoints are well formed (ValueError).
 Polygons with fewer than 3 points cannot be rasterised (pycocotools would even read a 2-point polygon as a
 box); they are skipped with a warning, and an instance left with no polygon at all is dropped (warning).
 """
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
@@ -35,6 +35,24 @@ __all__ = ["CocoDetection", "COCO_PERSON_FLIP_PAIRS", "load_coco_json", "coco_fr
 # 0-based indices of the 17 COCO person keypoints swapped by a horizontal flip (left_eye <-> right_eye, ...).
 COCO_PERSON_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _rgb_uint8(im: Image.Image, path) -> np.ndarray:
+    """H x W x 3 uint8 RGB of a decoded image. 16-bit grey (PNG/TIFF "I;16*", "I") is scaled by 255/65535:
+    PIL's own convert("RGB") clips it at 255, which turns almost every 16-bit image white. Alpha is dropped
+    (as detectron2 and torchvision do); float images have no defined range and are refused."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ValueError(f"image file {path}: {mode} pixel values outside 0..65535 "
+                             f"({int(a.min())}..{int(a.max())}); only 8- and 16-bit images are supported")
+        g = np.rint(a.astype(np.float32) * np.float32(255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise ValueError(f"image file {path}: 32-bit float images are not supported (no defined value range); "
+                         f"save it as 8- or 16-bit")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _is_int(v) -> bool:
@@ -279,14 +297,19 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 im.load()
-                rgb = im.convert("RGB")
+                raw_size = im.size
+                # detectron2 reads images in their EXIF orientation (as viewers show them), and so do we
+                if im.getexif().get(0x0112, 1) != 1:
+                    im = ImageOps.exif_transpose(im)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"corrupt or truncated image file {path} (image id {info['id']}): {e}") from e
-        w, h = rgb.size
+        arr = _rgb_uint8(im, path)
+        h, w = arr.shape[:2]
         if (h, w) != (info["height"], info["width"]):
-            raise ValueError(f"image file {path} is {w}x{h} (WxH) but {self.json_path} says "
+            rotated = (" after applying its EXIF orientation (the file itself is "
+                       f"{raw_size[0]}x{raw_size[1]})" if raw_size != (w, h) else "")
+            raise ValueError(f"image file {path} is {w}x{h} (WxH){rotated} but {self.json_path} says "
                              f"{info['width']}x{info['height']} for image id {info['id']}")
-        arr = np.asarray(rgb, dtype=np.uint8)
         # One numpy pass (HWC uint8 -> CHW float32): much cheaper than torch's permuted-float-div chain.
         out = np.empty((3, h, w), dtype=np.float32)
         np.divide(arr.transpose(2, 0, 1), np.float32(255.0), out=out, dtype=np.float32)
