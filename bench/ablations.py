@@ -24,7 +24,9 @@ Scale. Table 2 is COCO at 800 px on 8 GPUs; this runs on 2 CPU cores, ~10 min pe
   checked on the mean over seeds, next to the seed spread: at this scale one run's AP moves by a few points
   with the seed alone;
 - --jobs runs go in parallel, one thread each (on 2 cores, 2 single-thread runs do more work than one run with
-  2 threads); --workdir keeps the runs, and a run whose final weights exist there is only re-evaluated.
+  2 threads); --workdir keeps the runs, and a run whose final weights exist there is only re-evaluated;
+  --include ABLATIONS_JSON adds the runs of an earlier session (same data and schedule, checked) to the table,
+  so seeds measured in separate sessions are averaged together.
 """
 from __future__ import annotations
 
@@ -322,6 +324,32 @@ def paired(summary: dict, better: str, worse: str, metric) -> str:
             f"+- {100 * sd:.1f} sd)")
 
 
+SAME_SETTINGS = ("max_iter", "train", "val", "seed", "image_size", "head", "override")
+
+
+def included_runs(args, path: Path) -> list[dict]:
+    """The runs of an earlier ablations.json, checked to share this run's data and schedule (so that their
+    numbers can be averaged with the ones measured here); each is marked with the file it came from."""
+    try:
+        payload = json.loads(path.read_text())
+        old_args, runs = payload["args"], payload["results"]
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and {"key", "variant", "train_seed", "metrics"}
+                                                 <= set(r) for r in runs):
+            raise KeyError("results")
+    except FileNotFoundError:
+        raise ValueError(f"--include: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--include: {path} is not readable JSON: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"--include: {path} is not an ablations.json (missing or malformed {e})") from None
+    defaults = dict(DEFAULTS, head="fpn", override=None)
+    for k in SAME_SETTINGS:
+        if old_args.get(k, defaults.get(k)) != getattr(args, k):
+            raise ValueError(f"--include: {path} was measured with --{k.replace('_', '-')} {old_args.get(k)!r}, "
+                             f"this run uses {getattr(args, k)!r}: its numbers are not comparable")
+    return [dict(r, included_from=f"{path.name} (commit {payload.get('commit', 'unknown')})") for r in runs]
+
+
 def _commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
@@ -335,7 +363,8 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
     summary = summarize(rows)
     dirs = directions(summary)
     run_lines = [f"| {r['key']} | {_pct(_metric(r, 'segm', 'AP'))} | {_pct(_metric(r, 'segm', 'AP75'))} | "
-                 f"{_pct(_metric(r, 'bbox', 'AP'))} | {r['seconds'] / 60:.1f} min{' (re-evaluated)' if r['reused'] else ''}"
+                 f"{_pct(_metric(r, 'bbox', 'AP'))} | {r['seconds'] / 60:.1f} min{' (re-evaluated)' if r.get('reused') else ''}"
+                 f"{' (from ' + r['included_from'] + ')' if r.get('included_from') else ''}"
                  f" | `{r['command']}` |" for r in rows]
     parts = [
         "# Table 2 ablations (b, c, e) on the synthetic shapes set",
@@ -434,6 +463,9 @@ def main(argv=None) -> int:
     p.add_argument("--override", default=None, help="JSON of extra config overrides applied to every variant")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes; default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")
+    p.add_argument("--include", action="append", default=[], metavar="ABLATIONS_JSON",
+                   help="add the runs of an earlier ablations.json measured with the same settings (data, "
+                        "schedule, head, override) for variant/seed pairs not run here; repeatable")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv
@@ -445,6 +477,10 @@ def main(argv=None) -> int:
         except json.JSONDecodeError as e:
             p.error(f"--override is not valid JSON: {e}")
     _, names = selected(args.only)
+    try:
+        included = [r for f in args.include for r in included_runs(args, Path(f))]
+    except ValueError as e:
+        p.error(str(e))
 
     from mrcnn_fast.data import make_shapes
 
@@ -472,6 +508,12 @@ def main(argv=None) -> int:
             with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
                 futures = [pool.submit(run_variant, args, name, data, workdir / "runs", seed) for name, seed in jobs]
                 rows = [f.result() for f in futures]
+        done = {r["key"] for r in rows}
+        for r in included:
+            if r["key"] not in done and r["variant"] in names:
+                rows.append(r)
+                done.add(r["key"])
+        rows.sort(key=lambda r: (r["train_seed"], names.index(r["variant"])))
         text = write_report(args, rows, Path(args.out), time.perf_counter() - t0, data_s)
     finally:
         if tmp is not None:

@@ -36,7 +36,7 @@ def test_ablations_report_and_reuse(tmp_path, capsys):
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in payload["results"]]
 
 
-def test_ablations_c4_head(tmp_path):
+def test_ablations_c4_head(tmp_path, capsys):
     """--head c4: the paper's Table 2c head (RoIs from C4, res5 box head); the GT-box mask metric goes through the
     shared res5 too, and every run's command names the head so it can be rerun alone."""
     args = TINY + ["--only", "roi_pool,roi_warp_max", "--seeds", "1", "--head", "c4", "--out", str(tmp_path / "out"),
@@ -53,6 +53,33 @@ def test_ablations_c4_head(tmp_path):
         assert json.loads((tmp_path / "w" / "runs" / r["key"] / "config.json").read_text())["model"]["fpn"][
             "enabled"] is False
     assert "with the C4 head" in md and "RoIWarp (max) > RoIPool on mask AP75" in md
+
+    # --include: runs of another session (seed 0 here) join this run's seeds in one table
+    first = tmp_path / "seed0.json"
+    first.write_text((tmp_path / "out" / "ablations.json").read_text())
+    more = [a if a != "1" or i == 0 or args[i - 1] != "--seeds" else "1" for i, a in enumerate(args)]
+    more[more.index("--workdir") + 1] = str(tmp_path / "w2")
+    assert ablations.main(more + ["--first-train-seed", "1", "--include", str(first)]) == 0
+    merged = json.loads((tmp_path / "out" / "ablations.json").read_text())
+    assert [r["key"] for r in merged["results"]] == ["roi_pool@seed0", "roi_warp_max@seed0", "roi_pool@seed1",
+                                                      "roi_warp_max@seed1"]
+    assert [bool(r.get("included_from")) for r in merged["results"]] == [True, True, False, False]
+    assert [r["metrics"] for r in merged["results"][:2]] == [
+        next(r for r in payload["results"] if r["key"] == k)["metrics"] for k in ("roi_pool@seed0", "roi_warp_max@seed0")]
+    md = (tmp_path / "out" / "ablations.md").read_text()
+    assert "| RoIPool | 2 |" in md and "(from seed0.json (commit" in md
+
+    # an included file must exist, parse, be an ablations.json and share the settings
+    bad = tmp_path / "bad.json"
+    for content, match in (("{", "not readable JSON"), ('{"args": {}}', "not an ablations.json"),
+                           (first.read_text().replace('"max_iter": 2', '"max_iter": 3'), "--max-iter 3")):
+        bad.write_text(content)
+        with pytest.raises(SystemExit):
+            ablations.main(more + ["--include", str(bad)])
+        assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablations.main(more + ["--include", str(tmp_path / "nope.json")])
+    assert "nope.json does not exist" in capsys.readouterr().err
 
 
 def test_ablations_directions_logic():
