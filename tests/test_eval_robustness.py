@@ -255,3 +255,61 @@ def test_demo_rejects_empty_sets_up_front(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and f"{flag} must be positive" in err, err
     assert not (tmp_path / "d").exists()
+
+
+def test_keypoint_flip_pairs_follow_the_sets_keypoint_names():
+    """The config's COCO-person flip pairs are not applied by index to a set whose keypoints are others: the
+    left/right pairs of its keypoint names are flipped instead (detectron2 takes a name-based flip map)."""
+    from types import SimpleNamespace
+
+    from mrcnn_fast.engine.trainer import COCO_FLIP_PAIRS, flip_pairs_from_names
+
+    coco = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+            "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+            "right_knee", "left_ankle", "right_ankle"]
+    assert flip_pairs_from_names(coco) == COCO_FLIP_PAIRS
+    assert flip_pairs_from_names(["top", "right", "bottom", "left"]) == ((1, 3),)
+    assert flip_pairs_from_names(["Right Hand", "head", "Left Hand", "leftover"]) == ((0, 2),)
+    assert flip_pairs_from_names(["a", "b"]) == () and flip_pairs_from_names(["x", "X"]) is None
+
+    def adapt(names, **kp):
+        ds = SimpleNamespace(class_names=["hand"], cat_ids=[1], num_classes=1, num_keypoints=len(names),
+                             keypoint_names=names)
+        cfg = get_config("r50_fpn", {"model": {"keypoint": dict(enabled=True, **kp)}})
+        notes = []
+        return adapt_config_to_dataset(cfg, ds, log=notes.append).model.keypoint, notes
+
+    hand = [f"{side}_{part}{i}" for side in ("left", "right") for part in ("finger",) for i in range(10)] + ["wrist"]
+    kp, notes = adapt(hand)   # 21 keypoints: COCO's index pairs would fit, and be wrong
+    assert kp.num_keypoints == 21 and kp.flip_pairs == tuple((i, i + 10) for i in range(10))
+    assert any("left/right pairs" in n for n in notes)
+    kp, notes = adapt([f"p{i}" for i in range(21)])   # nothing mirrored by name: nothing swapped
+    assert kp.flip_pairs == () and any("-> []" in n for n in notes)
+    kp, notes = adapt([f"p{i}" for i in range(17)])   # 17 unnamed: still taken as COCO persons, with a note
+    assert kp.flip_pairs == COCO_FLIP_PAIRS and any("keeping the COCO person flip pairs" in n for n in notes)
+    kp, _ = adapt(coco)
+    assert kp.flip_pairs == COCO_FLIP_PAIRS
+    kp, notes = adapt(hand, flip_pairs=((0, 20),))     # names that pair keypoints win over the config's pairs
+    assert kp.flip_pairs == tuple((i, i + 10) for i in range(10)) and any("-> [(0, 10)" in n for n in notes)
+    kp, notes = adapt([f"p{i}" for i in range(21)], flip_pairs=((0, 20),))   # names say nothing: the config's
+    assert kp.flip_pairs == ((0, 20),) and not any("flip_pairs" in n for n in notes)
+
+
+def test_training_flips_the_pairs_its_keypoint_names_give(tmp_path, shapes, monkeypatch):
+    """train(): the training set flips with the fitted pairs, which config.json records for test-time flips."""
+    names = ["left_top", "right_top", "bottom", "tip"]
+
+    def rename(d):
+        for c in d["categories"]:
+            c["keypoints"] = names
+    js, images = _variant(tmp_path, shapes, rename)
+    seen = []
+    real = CocoDetection.set_flip_pairs
+    monkeypatch.setattr(CocoDetection, "set_flip_pairs", lambda self, p: (seen.append(p), real(self, p))[1])
+    cfg = get_config("small_cpu", {"solver": {"ims_per_batch": 1}, "train": {"num_workers": 0},
+                                   "input": {"min_size_train": [64], "max_size_train": 96}})
+    notes = []
+    train(cfg, output_dir=tmp_path / "out", train_json=js, train_images=images, max_iter=1, log=notes.append)
+    assert seen[-1] == ((0, 1),)            # the preset's (1, 3) are the shapes' right/left vertices
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model"]["keypoint"]["flip_pairs"] == [[0, 1]]
+    assert any("left/right pairs" in n for n in notes)

@@ -256,9 +256,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.use_keypoints = bool(use_keypoints)
         self.num_keypoints = lengths.pop() if self.use_keypoints else 0
         self.keypoint_names = [str(n) for n in kp_cats[0]["keypoints"]] if self.use_keypoints else []
-        self.flip_pairs = tuple(tuple(int(i) for i in p) for p in flip_pairs) if flip_pairs else ()
-        if self.use_keypoints and self.train:
-            flip_permutation(self.num_keypoints, self.flip_pairs)   # raises on pairs that do not fit K
+        self.flip_pairs = ()
+        self.set_flip_pairs(flip_pairs)
 
         self.ids = sorted(self.coco.imgs.keys())
 
@@ -268,6 +267,13 @@ class CocoDetection(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"CocoDetection({str(self.json_path)!r}, images={len(self)}, classes={self.num_classes}, "
                 f"keypoints={self.num_keypoints}, train={self.train})")
+
+    def set_flip_pairs(self, flip_pairs: Sequence[Sequence[int]] | None) -> None:
+        """The 0-based keypoint index pairs a horizontal flip swaps; checked against the set's keypoints."""
+        pairs = tuple(tuple(int(i) for i in p) for p in flip_pairs) if flip_pairs else ()
+        if self.use_keypoints and self.train:
+            flip_permutation(self.num_keypoints, pairs)   # raises on pairs that do not fit K
+        self.flip_pairs = pairs
 
     def __getitem__(self, index):
         seed = None

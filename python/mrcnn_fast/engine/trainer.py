@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..config import Config, merge, to_dict
+from ..config import Config, KeypointHeadConfig, merge, to_dict
 from . import checkpoint as ckpt
 from . import distributed as du
 from . import host_memory
@@ -394,14 +395,58 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
     if kp.enabled and k == 0:
         log("keypoint head disabled: the training set has no keypoints")
         over.setdefault("model", {})["keypoint"] = {"enabled": False}
-    elif kp.enabled and k != kp.num_keypoints:
-        bad = [p for p in kp.flip_pairs if max(p) >= k]
-        if bad:
-            raise ValueError(f"model.keypoint.flip_pairs {bad} do not fit the training set's {k} keypoints; "
-                             f"set model.keypoint.flip_pairs (0-based index pairs)")
-        log(f"keypoint.num_keypoints: {kp.num_keypoints} -> {k} (from the training set)")
-        over.setdefault("model", {})["keypoint"] = {"num_keypoints": k}
+    elif kp.enabled:
+        kp_over = {}
+        pairs = tuple(tuple(int(i) for i in p) for p in kp.flip_pairs)
+        kp_names = [str(n) for n in getattr(dataset, "keypoint_names", None) or ()]
+        named = flip_pairs_from_names(kp_names) if len(kp_names) == k else None
+        if named:
+            # the set's names say which keypoints are mirror images (detectron2 takes its flip map by name too):
+            # they win over index pairs meant for other keypoints (COCO persons, the shapes preset's vertices)
+            if named != pairs:
+                log(f"keypoint.flip_pairs: {list(pairs)} -> {list(named)} (left/right pairs of the training "
+                    f"set's keypoint names)")
+                kp_over["flip_pairs"] = pairs = named
+        elif pairs == COCO_FLIP_PAIRS and named == () and k == 17:
+            log("note: the training set's 17 keypoint names have no left/right pairs; keeping the COCO person "
+                "flip pairs (set model.keypoint.flip_pairs if these are not COCO's keypoints)")
+        elif pairs == COCO_FLIP_PAIRS and named == ():
+            # COCO's index pairs would fit any set of 17+ keypoints and silently swap unrelated ones
+            log(f"keypoint.flip_pairs: {list(pairs)} -> [] (the training set's {k} keypoint names have no "
+                f"left/right pairs; set model.keypoint.flip_pairs to swap some)")
+            kp_over["flip_pairs"] = pairs = ()
+        if k != kp.num_keypoints:
+            bad = [p for p in pairs if max(p) >= k]
+            if bad:
+                raise ValueError(f"model.keypoint.flip_pairs {bad} do not fit the training set's {k} keypoints; "
+                                 f"set model.keypoint.flip_pairs (0-based index pairs)")
+            log(f"keypoint.num_keypoints: {kp.num_keypoints} -> {k} (from the training set)")
+            kp_over["num_keypoints"] = k
+        if kp_over:
+            over.setdefault("model", {})["keypoint"] = kp_over
     return merge(cfg, over) if over else cfg
+
+
+COCO_FLIP_PAIRS = KeypointHeadConfig().flip_pairs
+
+
+def flip_pairs_from_names(names: list[str]) -> tuple[tuple[int, int], ...] | None:
+    """The index pairs of keypoint names that are mirror images by their words: "left_eye" / "right_eye",
+    "Left Hand" / "Right Hand", "top" / "bottom" is not one, a lone "left" / "right" is (a shape's left and right
+    vertex). None when the names are not unique (no reliable map); () when no name has a mirror."""
+    low = [n.strip().lower() for n in names]
+    if len(set(low)) != len(low):
+        return None
+    index = {n: i for i, n in enumerate(low)}
+    pairs = []
+    for i, n in enumerate(low):
+        words = re.split(r"([^a-z0-9]+)", n)
+        if "left" not in words:
+            continue
+        j = index.get("".join("right" if w == "left" else w for w in words))
+        if j is not None and j != i:
+            pairs.append((min(i, j), max(i, j)))
+    return tuple(sorted(set(pairs)))
 
 
 def _dataset(json_path, image_dir, cfg: Config, *, train: bool):
@@ -413,8 +458,8 @@ def _dataset(json_path, image_dir, cfg: Config, *, train: bool):
     # Keypoint head on: use the set's keypoints if it has any (adapt_config_to_dataset turns the head off
     # otherwise); head off: ignore them.
     kw = dict(use_keypoints=None if cfg.model.keypoint.enabled else False)
-    if train:
-        kw.update(flip_prob=cfg.input.hflip_prob, flip_pairs=tuple(map(tuple, cfg.model.keypoint.flip_pairs)))
+    if train:   # the flip pairs are set once the config is fitted to the set's keypoints (train() below)
+        kw.update(flip_prob=cfg.input.hflip_prob, flip_pairs=())
     return CocoDetection(str(json_path), str(image_dir), train=train, **kw)
 
 
@@ -435,6 +480,8 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
                          f"processes ({ctx.world_size})")
     train_set = _dataset(train_json, train_images, cfg, train=True)
     cfg = adapt_config_to_dataset(cfg, train_set, log)
+    if train_set.use_keypoints:
+        train_set.set_flip_pairs(cfg.model.keypoint.flip_pairs)
     if (val_json is None) != (val_images is None):
         raise ValueError("give both val_json and val_images, or neither")
     val_set = _dataset(val_json, val_images, cfg, train=False) if val_json is not None else None
