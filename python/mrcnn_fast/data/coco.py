@@ -52,7 +52,10 @@ def _rgb_uint8(im: Image.Image, path) -> np.ndarray:
     if mode == "F":
         raise ValueError(f"image file {path}: 32-bit float images are not supported (no defined value range); "
                          f"save it as 8- or 16-bit")
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"image file {path}: cannot convert its {mode} pixels to RGB: {e}") from e
 
 
 def _is_int(v) -> bool:
