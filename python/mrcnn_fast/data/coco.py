@@ -6,7 +6,8 @@ Validation happens in two places, so that a bad file fails with a message that n
     finite numbers, no NaN/Infinity anywhere in the annotations;
   * at __getitem__ (per image, so a 118k-image set does not stat every file up front): the image file exists
     (FileNotFoundError), decodes (ValueError for corrupt/truncated files and for float images) and, in its EXIF
-    orientation, has the JSON's width/height (ValueError); 16-bit grey images are scaled to 8 bits; segmentations and keypoints are well formed (ValueError).
+    orientation, has the JSON's width/height (ValueError); 16-bit grey images are scaled to 8 bits;
+    segmentations and keypoints are well formed (ValueError).
 Polygons with fewer than 3 points cannot be rasterised (pycocotools would even read a 2-point polygon as a
 box); they are skipped with a warning, and an instance left with no polygon at all is dropped (warning).
 """
