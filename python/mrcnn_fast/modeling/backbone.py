@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
+from .layers import Conv1x1
+
 # name -> (block, blocks per stage, groups, width per group)
 _ARCHS = {
     "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
@@ -210,10 +213,28 @@ class ResNet(nn.Module):
                 else:
                     FrozenBatchNorm2d.convert(mod)
 
+    def _stem(self, x: Tensor) -> Tensor:
+        """bn1 -> ReLU -> maxpool. relu(maxpool(.)) == maxpool(relu(.)) exactly, values and gradients (ReLU is
+        monotonic and its gradient is 0 wherever the window max is <= 0), so the ReLU runs on the 4x smaller
+        map; on the CPU all three run as one pass (ops.batch_norm_relu_max_pool: the normalised full-size map
+        is never written, its gradient never zero-filled and scattered; bench/results/train_step.md)."""
+        bn, pool = self.bn1, self.maxpool
+        fusable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+                   and type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+                   and not pool.return_indices and x.shape[0] * x.shape[2] * x.shape[3] > 1)
+        if fusable and type(bn) is nn.BatchNorm2d:
+            (running_mean, running_var), kw = _batch_norm_args(bn)
+            return ops.batch_norm_relu_max_pool(x, bn.weight, bn.bias, running_mean, running_var, **kw,
+                                                kernel_size=pool.kernel_size, stride=pool.stride,
+                                                padding=pool.padding)
+        if fusable and type(bn) is FrozenBatchNorm2d:
+            return ops.batch_norm_relu_max_pool(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                training=False, eps=bn.eps, kernel_size=pool.kernel_size,
+                                                stride=pool.stride, padding=pool.padding)
+        return self.relu(pool(bn(x)))
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        # relu(maxpool(x)) == maxpool(relu(x)) exactly, values and gradients (ReLU is monotonic and its
-        # gradient is 0 wherever the window max is <= 0): the ReLU and its backward run on the 4x smaller map.
-        x = self.relu(self.maxpool(self.bn1(self.conv1(x))))
+        x = self._stem(self.conv1(x))
         out = {}
         for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
             feat = f"res{i + 2}"
@@ -225,6 +246,19 @@ class ResNet(nn.Module):
             if len(out) == len(self.out_features):
                 break
         return out
+
+
+def _batch_norm_args(bn: nn.BatchNorm2d):
+    """(running_mean, running_var, training=, momentum=, eps=) exactly as nn.BatchNorm2d.forward passes them to
+    F.batch_norm, including its step counter and cumulative average (momentum=None)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return (bn.running_mean if keep else None, bn.running_var if keep else None), dict(
+        training=training, momentum=factor, eps=bn.eps)
 
 
 class LastLevelMaxPool(nn.Module):
@@ -246,7 +280,7 @@ class FeaturePyramidNetwork(nn.Module):
 
     def __init__(self, in_channels_list, out_channels: int, extra_block: nn.Module | None = None):
         super().__init__()
-        self.inner_blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1)) for c in in_channels_list)
+        self.inner_blocks = nn.ModuleList(nn.Sequential(Conv1x1(c, out_channels)) for c in in_channels_list)
         self.layer_blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels_list)
         self.extra_block = extra_block

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .layers import Conv1x1
 
 # ---- box head ------------------------------------------------------------------------------------
 
@@ -104,7 +105,7 @@ class MaskFCNHead(nn.Module):
             c = conv_dim
         self.convs = nn.ModuleList(convs)
         self.deconv = nn.ConvTranspose2d(c, conv_dim, 2, stride=2)
-        self.predictor = nn.Conv2d(conv_dim, num_outputs, 1)
+        self.predictor = Conv1x1(conv_dim, num_outputs)
         for m in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)

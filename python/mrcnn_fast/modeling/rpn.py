@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .layers import conv1x1
 from .sampling import BalancedSampler, Matcher
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -72,7 +73,7 @@ class RPNHead(nn.Module):
         bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         for f in feats:
             t = F.relu(self.conv(f))
-            y = F.conv2d(t, weight, bias)
+            y = conv1x1(t, weight, bias)
             n, _, h, w = y.shape
             # -> [N, H, W, 5A]: objectness then deltas, each anchor-minor (index (y * W + x) * A + a)
             y = y.permute(0, 2, 3, 1)

@@ -1,5 +1,6 @@
 """Kernels as torch.library custom ops (mrcnn_fast::*), drop-in compatible with torchvision.ops."""
 from .anchors import AnchorGenerator, anchors_for_level, grid_anchors
+from .bn_relu_max_pool import batch_norm_relu_max_pool, channel_moments
 from .box_coder import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
 from .boxes import box_iou
 from .mask_paste import paste_masks_binary, paste_masks_in_image, paste_masks_rle, rle_encode
@@ -15,5 +16,6 @@ __all__ = [
     "AnchorGenerator", "anchors_for_level", "grid_anchors",
     "roi_align", "roi_warp", "multilevel_roi_align", "fpn_level_assign", "MultiScaleRoIAlign",
     "roi_pool", "RoIPool",
+    "batch_norm_relu_max_pool", "channel_moments",
     "paste_masks_in_image", "paste_masks_binary", "paste_masks_rle", "rle_encode",
 ]
