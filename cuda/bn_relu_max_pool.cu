@@ -14,6 +14,22 @@ namespace mp = detail::maxpool;
 // the outputs atomically (so the order of the final sum, unlike the CPU path's, is not fixed).
 constexpr int kLanes = 8;
 
+// Folds the block's kLanes partial sums of channel c (threadIdx.x) and adds them to out_a[c], out_b[c].
+__device__ __forceinline__ void add_lanes(double a, double b, int64_t c, int64_t C, double* out_a, double* out_b) {
+  __shared__ double sa[kLanes][32], sb[kLanes][32];
+  sa[threadIdx.y][threadIdx.x] = a;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int l = 1; l < kLanes; ++l) {
+      a += sa[l][threadIdx.x];
+      b += sb[l][threadIdx.x];
+    }
+    atomicAdd(out_a + c, a);
+    atomicAdd(out_b + c, b);
+  }
+}
+
 template <class T, bool CL>
 __global__ void moments_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t H, int64_t W,
                                double* __restrict__ sum, double* __restrict__ sq) {
@@ -28,18 +44,7 @@ __global__ void moments_kernel(const T* __restrict__ x, int64_t N, int64_t C, in
       b += d * d;
     }
   }
-  __shared__ double sa[kLanes][32], sb[kLanes][32];
-  sa[threadIdx.y][threadIdx.x] = a;
-  sb[threadIdx.y][threadIdx.x] = b;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int l = 1; l < kLanes; ++l) {
-      a += sa[l][threadIdx.x];
-      b += sb[l][threadIdx.x];
-    }
-    atomicAdd(sum + c, a);
-    atomicAdd(sq + c, b);
-  }
+  add_lanes(a, b, c, C, sum, sq);
 }
 
 template <class T>
@@ -110,18 +115,7 @@ __global__ void backward_reduce_kernel(const T* __restrict__ grad, const T* __re
       b += gv * static_cast<double>(x[n * s.batch + c * s.channel + am * s.cell]);
     }
   }
-  __shared__ double sa[kLanes][32], sb[kLanes][32];
-  sa[threadIdx.y][threadIdx.x] = a;
-  sb[threadIdx.y][threadIdx.x] = b;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int l = 1; l < kLanes; ++l) {
-      a += sa[l][threadIdx.x];
-      b += sb[l][threadIdx.x];
-    }
-    atomicAdd(sum_g + c, a);
-    atomicAdd(sum_gx + c, b);
-  }
+  add_lanes(a, b, c, C, sum_g, sum_gx);
 }
 
 // One thread per input element: gathers g' from the windows whose arg-max it is.
@@ -160,17 +154,6 @@ __global__ void backward_input_kernel(const T* __restrict__ grad, const T* __res
     gx[idx] = cb[c] != T(0) ? ca[c] * G + cb[c] * x[idx] + cd[c] : ca[c] * G + cd[c];
   }
 }
-
-#define MRCNN_DISPATCH_CUDA_F32_F64(dtype, name, ...)                                             \
-  [&] {                                                                                          \
-    switch (dtype) {                                                                             \
-      case ::mrcnn::DType::Float32: { using scalar_t = float; return __VA_ARGS__(); }            \
-      case ::mrcnn::DType::Float64: { using scalar_t = double; return __VA_ARGS__(); }           \
-      default:                                                                                   \
-        throw ::mrcnn::TypeError(::mrcnn::detail::str(name, ": unsupported CUDA dtype ",          \
-                                                      ::mrcnn::dtype_name(dtype)));             \
-    }                                                                                            \
-  }()
 
 dim3 reduce_grid(int64_t pixels, int64_t C) {
   const int64_t bx = std::max<int64_t>(1, std::min<int64_t>((pixels + kLanes * 64 - 1) / (kLanes * 64), 1024));

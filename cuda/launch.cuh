@@ -69,3 +69,15 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
                                                       ::mrcnn::dtype_name(dtype)));          \
     }                                                                                         \
   }()
+
+// As MRCNN_DISPATCH_CUDA_FLOAT for kernels that take float32 and float64 only.
+#define MRCNN_DISPATCH_CUDA_F32_F64(dtype, name, ...)                                             \
+  [&] {                                                                                          \
+    switch (dtype) {                                                                             \
+      case ::mrcnn::DType::Float32: { using scalar_t = float; return __VA_ARGS__(); }            \
+      case ::mrcnn::DType::Float64: { using scalar_t = double; return __VA_ARGS__(); }           \
+      default:                                                                                   \
+        throw ::mrcnn::TypeError(::mrcnn::detail::str(name, ": unsupported CUDA dtype ",          \
+                                                      ::mrcnn::dtype_name(dtype)));             \
+    }                                                                                            \
+  }()

@@ -231,3 +231,12 @@ def test_cuda_matches_cpu(channels_last):
     gpu = run_both(*(t.cuda() for t in (x, w, b, rm, rv)), True, 3, 2, 1)[0]
     for a, r in zip(gpu, cpu):
         torch.testing.assert_close(a.cpu(), r, atol=1e-4, rtol=1e-4)
+
+
+def test_double_backward_is_refused():
+    x, w, b, rm, rv = inputs((2, 3, 8, 8), torch.float64)
+    x.requires_grad_()
+    out = ops.batch_norm_relu_max_pool(x, w, b, rm, rv, training=True)
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

@@ -7,6 +7,7 @@
 #include "mrcnn/common/cuda_entry.h"
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
+#include "mrcnn/common/simd.h"
 #include "mrcnn/ops/bn_relu_max_pool.h"
 #include "mrcnn/ops/detail/max_pool_math.h"
 
@@ -15,16 +16,9 @@ namespace {
 
 namespace mp = detail::maxpool;
 
-// The per-row loops run over contiguous channel vectors in the channels-last layout; they are compiled for
-// AVX2 as well and picked at load time (the default x86-64 target has only SSE2). NCHW runs the same code
-// with strided channels, without the clones.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MRCNN_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#define MRCNN_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define MRCNN_SIMD_CLONES
-#define MRCNN_ALWAYS_INLINE inline
-#endif
+// The per-row loops run over contiguous channel vectors in the channels-last layout and are compiled for
+// AVX2 as well (MRCNN_SIMD_CLONES; the baseline x86-64 target has only SSE2). NCHW runs the same code with
+// strided channels, without the clones.
 
 // Reductions split the rows into at most kMaxChunks chunks whose size depends only on the shape; each
 // chunk sums its rows in order into its own partial, and the partials are added in chunk order: the

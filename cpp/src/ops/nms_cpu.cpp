@@ -7,20 +7,14 @@
 #include "mrcnn/common/cuda_entry.h"
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
+#include "mrcnn/common/simd.h"
 #include "mrcnn/ops/detail/box_math.h"
 #include "mrcnn/ops/detail/nms_math.h"
 #include "mrcnn/ops/nms.h"
 #include "nms_cpu_impl.h"
 
-// The IoU loops are the hot spot: compile them for AVX2 as well and pick at load time. FMA is not
-// enabled with it on purpose (contracting inter = w * h into the union would change the rounding).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MRCNN_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#define MRCNN_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define MRCNN_SIMD_CLONES
-#define MRCNN_ALWAYS_INLINE inline
-#endif
+// The IoU loops are the hot spot: compiled for AVX2 as well (MRCNN_SIMD_CLONES). FMA is not enabled with
+// it on purpose (contracting inter = w * h into the union would change the rounding).
 
 namespace mrcnn {
 namespace cpu {

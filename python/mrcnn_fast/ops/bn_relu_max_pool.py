@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._lib import _C, dl, stream
 from ._checks import check_tensor, pair
@@ -109,6 +110,7 @@ class _BatchNormReluMaxPool(torch.autograd.Function):
         return out, argmax
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, _grad_argmax):
         x, out, argmax, mean, invstd, w = ctx.saved_tensors
         kernel, stride, padding = ctx.geometry
