@@ -22,7 +22,8 @@ def test_matches_conv2d(shape, dtype, channels_last):
         y = fn(xi, wi, bi)
         y.backward(torch.ones_like(y))
         grads.append((y.detach(), xi.grad, wi.grad, bi.grad))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    # float32 weight gradients sum up to 3600 unit-size products in a backend-dependent order: ~1e-5 absolute
+    tol = dict(rtol=1e-4, atol=2e-4) if dtype == torch.float32 else {}
     for a, r in zip(*grads):
         torch.testing.assert_close(a, r, **tol)
 
