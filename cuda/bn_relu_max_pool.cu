@@ -98,8 +98,8 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ sc
 }
 
 template <class T, bool CL>
-__global__ void backward_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ out,
-                                       const int32_t* __restrict__ arg, const T* __restrict__ x, int64_t N,
+__global__ void backward_reduce_kernel(const T* __restrict__ grad, const int32_t* __restrict__ arg,
+                                       const T* __restrict__ x, int64_t N,
                                        int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
                                        double* __restrict__ sum_g, double* __restrict__ sum_gx) {
   const mp::Strides s = mp::strides(C, H, W, CL), so = mp::strides(C, OH, OW, CL);
@@ -120,8 +120,8 @@ __global__ void backward_reduce_kernel(const T* __restrict__ grad, const T* __re
 
 // One thread per input element: gathers g' from the windows whose arg-max it is.
 template <class T, bool CL>
-__global__ void backward_input_kernel(const T* __restrict__ grad, const T* __restrict__ out,
-                                      const int32_t* __restrict__ arg, const T* __restrict__ x,
+__global__ void backward_input_kernel(const T* __restrict__ grad, const int32_t* __restrict__ arg,
+                                      const T* __restrict__ x,
                                       const T* __restrict__ ca, const T* __restrict__ cb, const T* __restrict__ cd,
                                       int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
                                       PoolGeometry g, T* __restrict__ gx) {
@@ -206,11 +206,11 @@ void bn_relu_max_pool_forward_cuda(const TensorView& x, const TensorView& scale,
   });
 }
 
-void bn_relu_max_pool_backward_reduce_cuda(const TensorView& grad_out, const TensorView& out,
-                                           const TensorView& argmax, const TensorView& x, const TensorView& sum_g,
-                                           const TensorView& sum_gx, Stream stream) {
+void bn_relu_max_pool_backward_reduce_cuda(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                           const TensorView& sum_g, const TensorView& sum_gx, Stream stream) {
   cuda::DeviceGuard guard(x.device_id);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = out.size(2), OW = out.size(3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = argmax.size(2),
+                OW = argmax.size(3);
   const bool cl = !x.is_contiguous();
   const cudaStream_t st = cuda::as_stream(stream);
   MRCNN_CUDA_CHECK(cudaMemsetAsync(sum_g.ptr<double>(), 0, sizeof(double) * C, st));
@@ -219,9 +219,8 @@ void bn_relu_max_pool_backward_reduce_cuda(const TensorView& grad_out, const Ten
   MRCNN_DISPATCH_CUDA_F32_F64(x.dtype, "bn_relu_max_pool_backward", [&] {
     const dim3 grid = reduce_grid(N * OH * OW, C), block(32, kLanes);
     auto launch = [&](auto kernel) {
-      kernel<<<grid, block, 0, st>>>(grad_out.ptr<scalar_t>(), out.ptr<scalar_t>(), argmax.ptr<int32_t>(),
-                                     x.ptr<scalar_t>(), N, C, H, W, OH, OW, sum_g.ptr<double>(),
-                                     sum_gx.ptr<double>());
+      kernel<<<grid, block, 0, st>>>(grad_out.ptr<scalar_t>(), argmax.ptr<int32_t>(), x.ptr<scalar_t>(), N, C, H,
+                                     W, OH, OW, sum_g.ptr<double>(), sum_gx.ptr<double>());
     };
     if (cl)
       launch(backward_reduce_kernel<scalar_t, true>);
@@ -231,20 +230,20 @@ void bn_relu_max_pool_backward_reduce_cuda(const TensorView& grad_out, const Ten
   });
 }
 
-void bn_relu_max_pool_backward_input_cuda(const TensorView& grad_out, const TensorView& out,
-                                          const TensorView& argmax, const TensorView& x, const TensorView& a,
-                                          const TensorView& b, const TensorView& d, const PoolGeometry& g,
-                                          const TensorView& grad_x, Stream stream) {
+void bn_relu_max_pool_backward_input_cuda(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                          const TensorView& a, const TensorView& b, const TensorView& d,
+                                          const PoolGeometry& g, const TensorView& grad_x, Stream stream) {
   cuda::DeviceGuard guard(x.device_id);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = out.size(2), OW = out.size(3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = argmax.size(2),
+                OW = argmax.size(3);
   const bool cl = !x.is_contiguous();
   MRCNN_DISPATCH_CUDA_F32_F64(x.dtype, "bn_relu_max_pool_backward", [&] {
     constexpr int threads = 256;
     const unsigned blocks = cuda::blocks_for(grad_x.numel(), threads);
     auto launch = [&](auto kernel) {
       kernel<<<blocks, threads, 0, cuda::as_stream(stream)>>>(
-          grad_out.ptr<scalar_t>(), out.ptr<scalar_t>(), argmax.ptr<int32_t>(), x.ptr<scalar_t>(), a.ptr<scalar_t>(),
-          b.ptr<scalar_t>(), d.ptr<scalar_t>(), N, C, H, W, OH, OW, g, grad_x.ptr<scalar_t>());
+          grad_out.ptr<scalar_t>(), argmax.ptr<int32_t>(), x.ptr<scalar_t>(), a.ptr<scalar_t>(), b.ptr<scalar_t>(),
+          d.ptr<scalar_t>(), N, C, H, W, OH, OW, g, grad_x.ptr<scalar_t>());
     };
     if (cl)
       launch(backward_input_kernel<scalar_t, true>);

@@ -138,8 +138,8 @@ def test_opcheck():
     torch.library.opcheck(brmp._forward, (x, scale, shift, [3, 3], [2, 2], [1, 1]))
     out, argmax = brmp._forward(x, scale, shift, [3, 3], [2, 2], [1, 1])
     g = torch.randn_like(out)
-    torch.library.opcheck(brmp._backward_reduce, (g, out, argmax, x, [3, 3], [2, 2], [1, 1]))
-    torch.library.opcheck(brmp._backward_input, (g, out, argmax, x, scale, shift, b, [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(brmp._backward_reduce, (g, argmax, x, [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(brmp._backward_input, (g, argmax, x, scale, shift, b, [3, 3], [2, 2], [1, 1]))
 
 
 def test_bad_inputs():
@@ -177,10 +177,9 @@ def test_core_rejects_mismatched_buffers():
     x, w, b, rm, rv = inputs((2, 3, 8, 8), torch.float32)
     out, argmax = brmp._forward(x, w, b, [3, 3], [2, 2], [1, 1])
     with pytest.raises(ValueError, match="argmax must have x's memory layout"):
-        brmp._backward_reduce(out, out, argmax.contiguous(memory_format=torch.channels_last), x, [3, 3], [2, 2],
-                              [1, 1])
+        brmp._backward_reduce(out, argmax.contiguous(memory_format=torch.channels_last), x, [3, 3], [2, 2], [1, 1])
     with pytest.raises(ValueError, match="grad_out must have shape"):
-        brmp._backward_input(out[:, :, :2].contiguous(), out, argmax, x, w, b, b, [3, 3], [2, 2], [1, 1])
+        brmp._backward_input(out[:, :, :2].contiguous(), argmax, x, w, b, b, [3, 3], [2, 2], [1, 1])
     with pytest.raises(TypeError, match="scale must have dtype float32"):
         brmp._forward(x, w.double(), b, [3, 3], [2, 2], [1, 1])
 

@@ -23,21 +23,20 @@ void bind(py::module_& m) {
     bn_relu_max_pool_forward(X, S, B, geometry(kh, kw, sh, sw, ph, pw), O, A, as_stream(stream));
   });
   m.def("bn_relu_max_pool_backward_reduce",
-        [](py::capsule grad, py::capsule out, py::capsule argmax, py::capsule x, int64_t kh, int64_t kw, int64_t sh,
-           int64_t sw, int64_t ph, int64_t pw, py::capsule sum_g, py::capsule sum_gx, uintptr_t stream) {
-          Borrowed G(grad, "grad_out"), O(out, "out"), A(argmax, "argmax"), X(x, "x"), SG(sum_g, "sum_g"),
-              SX(sum_gx, "sum_gx");
+        [](py::capsule grad, py::capsule argmax, py::capsule x, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+           int64_t ph, int64_t pw, py::capsule sum_g, py::capsule sum_gx, uintptr_t stream) {
+          Borrowed G(grad, "grad_out"), A(argmax, "argmax"), X(x, "x"), SG(sum_g, "sum_g"), SX(sum_gx, "sum_gx");
           py::gil_scoped_release nogil;
-          bn_relu_max_pool_backward_reduce(G, O, A, X, geometry(kh, kw, sh, sw, ph, pw), SG, SX, as_stream(stream));
+          bn_relu_max_pool_backward_reduce(G, A, X, geometry(kh, kw, sh, sw, ph, pw), SG, SX, as_stream(stream));
         });
   m.def("bn_relu_max_pool_backward_input",
-        [](py::capsule grad, py::capsule out, py::capsule argmax, py::capsule x, py::capsule a, py::capsule b,
-           py::capsule d, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, py::capsule grad_x,
+        [](py::capsule grad, py::capsule argmax, py::capsule x, py::capsule a, py::capsule b, py::capsule d,
+           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, py::capsule grad_x,
            uintptr_t stream) {
-          Borrowed G(grad, "grad_out"), O(out, "out"), A(argmax, "argmax"), X(x, "x"), CA(a, "a"), CB(b, "b"),
-              CD(d, "d"), GX(grad_x, "grad_x");
+          Borrowed G(grad, "grad_out"), A(argmax, "argmax"), X(x, "x"), CA(a, "a"), CB(b, "b"), CD(d, "d"),
+              GX(grad_x, "grad_x");
           py::gil_scoped_release nogil;
-          bn_relu_max_pool_backward_input(G, O, A, X, CA, CB, CD, geometry(kh, kw, sh, sw, ph, pw), GX,
+          bn_relu_max_pool_backward_input(G, A, X, CA, CB, CD, geometry(kh, kw, sh, sw, ph, pw), GX,
                                           as_stream(stream));
         });
 }

@@ -38,7 +38,7 @@ Chunks chunks_for(int64_t rows) {
 
 template <class T>
 struct Args {
-  const T *x, *grad, *out, *scale, *shift, *a, *b, *d;
+  const T *x, *grad, *scale, *shift, *a, *b, *d;
   const int32_t* arg;
   T *y, *gx;
   int32_t* arg_out;
@@ -296,16 +296,17 @@ bool uses_x(const T* b, int64_t C) {
   return false;
 }
 
+// x's pointer and sizes; OH, OW from a pooled-shape tensor (out or argmax) when given.
 template <class T>
-Args<T> make_args(const TensorView& x, const TensorView* out) {
+Args<T> make_args(const TensorView& x, const TensorView* pooled) {
   Args<T> p{};
   p.x = x.ptr<T>();
   p.N = x.size(0);
   p.C = x.size(1);
   p.H = x.size(2);
   p.W = x.size(3);
-  p.OH = out ? out->size(2) : 0;
-  p.OW = out ? out->size(3) : 0;
+  p.OH = pooled ? pooled->size(2) : 0;
+  p.OW = pooled ? pooled->size(3) : 0;
   return p;
 }
 
@@ -339,12 +340,11 @@ void bn_relu_max_pool_forward_cpu(const TensorView& x, const TensorView& scale, 
   });
 }
 
-void bn_relu_max_pool_backward_reduce_cpu(const TensorView& grad_out, const TensorView& out,
-                                          const TensorView& argmax, const TensorView& x, const TensorView& sum_g,
-                                          const TensorView& sum_gx) {
+void bn_relu_max_pool_backward_reduce_cpu(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                          const TensorView& sum_g, const TensorView& sum_gx) {
   const bool cl = !x.is_contiguous();
   MRCNN_DISPATCH_CPU_FLOAT(x.dtype, "bn_relu_max_pool_backward", [&] {
-    Args<scalar_t> p = make_args<scalar_t>(x, &out);
+    Args<scalar_t> p = make_args<scalar_t>(x, &argmax);
     p.grad = grad_out.ptr<scalar_t>();
     p.arg = argmax.ptr<int32_t>();
     if (cl)
@@ -354,13 +354,12 @@ void bn_relu_max_pool_backward_reduce_cpu(const TensorView& grad_out, const Tens
   });
 }
 
-void bn_relu_max_pool_backward_input_cpu(const TensorView& grad_out, const TensorView& out,
-                                         const TensorView& argmax, const TensorView& x, const TensorView& a,
-                                         const TensorView& b, const TensorView& d, const PoolGeometry& g,
-                                         const TensorView& grad_x) {
+void bn_relu_max_pool_backward_input_cpu(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                         const TensorView& a, const TensorView& b, const TensorView& d,
+                                         const PoolGeometry& g, const TensorView& grad_x) {
   const bool cl = !x.is_contiguous();
   MRCNN_DISPATCH_CPU_FLOAT(x.dtype, "bn_relu_max_pool_backward", [&] {
-    Args<scalar_t> p = make_args<scalar_t>(x, &out);
+    Args<scalar_t> p = make_args<scalar_t>(x, &argmax);
     p.grad = grad_out.ptr<scalar_t>();
     p.arg = argmax.ptr<int32_t>();
     p.a = a.ptr<scalar_t>();
@@ -424,11 +423,10 @@ void check_pooled(const TensorView& t, const TensorView& x, const PoolGeometry& 
   MRCNN_CHECK_VALUE(t.is_contiguous() == x.is_contiguous(), name, " must have x's memory layout");
 }
 
-void check_backward(const TensorView& grad_out, const TensorView& out, const TensorView& argmax,
-                    const TensorView& x, const PoolGeometry& g) {
+void check_backward(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                    const PoolGeometry& g) {
   check_x(x);
   check_geometry(g);
-  check_pooled(out, x, g, x.dtype, "out");
   check_pooled(argmax, x, g, DType::Int32, "argmax");
   check_pooled(grad_out, x, g, x.dtype, "grad_out");
 }
@@ -466,25 +464,24 @@ void bn_relu_max_pool_forward(const TensorView& x, const TensorView& scale, cons
   }
 }
 
-void bn_relu_max_pool_backward_reduce(const TensorView& grad_out, const TensorView& out, const TensorView& argmax,
-                                      const TensorView& x, const PoolGeometry& g, const TensorView& sum_g,
-                                      const TensorView& sum_gx, Stream stream) {
-  check_backward(grad_out, out, argmax, x, g);
+void bn_relu_max_pool_backward_reduce(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                      const PoolGeometry& g, const TensorView& sum_g, const TensorView& sum_gx,
+                                      Stream stream) {
+  check_backward(grad_out, argmax, x, g);
   check_channel_vec(sum_g, x, DType::Float64, "sum_g");
   check_channel_vec(sum_gx, x, DType::Float64, "sum_gx");
   if (x.size(1) == 0) return;
   if (x.is_cuda()) {
-    MRCNN_IF_CUDA(bn_relu_max_pool_backward_reduce_cuda(grad_out, out, argmax, x, sum_g, sum_gx, stream));
+    MRCNN_IF_CUDA(bn_relu_max_pool_backward_reduce_cuda(grad_out, argmax, x, sum_g, sum_gx, stream));
   } else {
-    bn_relu_max_pool_backward_reduce_cpu(grad_out, out, argmax, x, sum_g, sum_gx);
+    bn_relu_max_pool_backward_reduce_cpu(grad_out, argmax, x, sum_g, sum_gx);
   }
 }
 
-void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorView& out, const TensorView& argmax,
-                                     const TensorView& x, const TensorView& a, const TensorView& b,
-                                     const TensorView& d, const PoolGeometry& g, const TensorView& grad_x,
-                                     Stream stream) {
-  check_backward(grad_out, out, argmax, x, g);
+void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                     const TensorView& a, const TensorView& b, const TensorView& d,
+                                     const PoolGeometry& g, const TensorView& grad_x, Stream stream) {
+  check_backward(grad_out, argmax, x, g);
   check_channel_vec(a, x, x.dtype, "a");
   check_channel_vec(b, x, x.dtype, "b");
   check_channel_vec(d, x, x.dtype, "d");
@@ -496,9 +493,9 @@ void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorVie
   check_same_device(grad_x, x, "grad_x", "x");
   if (grad_x.numel() == 0) return;
   if (x.is_cuda()) {
-    MRCNN_IF_CUDA(bn_relu_max_pool_backward_input_cuda(grad_out, out, argmax, x, a, b, d, g, grad_x, stream));
+    MRCNN_IF_CUDA(bn_relu_max_pool_backward_input_cuda(grad_out, argmax, x, a, b, d, g, grad_x, stream));
   } else {
-    bn_relu_max_pool_backward_input_cpu(grad_out, out, argmax, x, a, b, d, g, grad_x);
+    bn_relu_max_pool_backward_input_cpu(grad_out, argmax, x, a, b, d, g, grad_x);
   }
 }
 

@@ -222,16 +222,14 @@ class ResNet(nn.Module):
         fusable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
                    and type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
                    and not pool.return_indices and x.shape[0] * x.shape[2] * x.shape[3] > 1)
-        if fusable and type(bn) is nn.BatchNorm2d:
+        if not fusable or type(bn) not in (nn.BatchNorm2d, FrozenBatchNorm2d):
+            return self.relu(pool(bn(x)))
+        if type(bn) is nn.BatchNorm2d:
             (running_mean, running_var), kw = _batch_norm_args(bn)
-            return ops.batch_norm_relu_max_pool(x, bn.weight, bn.bias, running_mean, running_var, **kw,
-                                                kernel_size=pool.kernel_size, stride=pool.stride,
-                                                padding=pool.padding)
-        if fusable and type(bn) is FrozenBatchNorm2d:
-            return ops.batch_norm_relu_max_pool(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                training=False, eps=bn.eps, kernel_size=pool.kernel_size,
-                                                stride=pool.stride, padding=pool.padding)
-        return self.relu(pool(bn(x)))
+        else:
+            (running_mean, running_var), kw = (bn.running_mean, bn.running_var), dict(training=False, eps=bn.eps)
+        return ops.batch_norm_relu_max_pool(x, bn.weight, bn.bias, running_mean, running_var, **kw,
+                                            kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self._stem(self.conv1(x))

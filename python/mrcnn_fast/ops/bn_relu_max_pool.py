@@ -13,16 +13,9 @@ from torch.autograd.function import once_differentiable
 
 from .._lib import _C, dl, stream
 from ._checks import check_tensor, pair
+from ._layout import map_layout, memory_format
 
 _FLOATS = (torch.float32, torch.float64)
-
-
-def _channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _fmt(t: Tensor):
-    return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
 def _pooled_shape(x: Tensor, kernel, stride, padding):
@@ -47,8 +40,8 @@ def _(x):
 def _forward(x: Tensor, scale: Tensor, shift: Tensor, kernel: list[int], stride: list[int],
              padding: list[int]) -> tuple[Tensor, Tensor]:
     shape = _pooled_shape(x, kernel, stride, padding)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x))
-    argmax = torch.empty(shape, dtype=torch.int32, device=x.device, memory_format=_fmt(x))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    argmax = torch.empty(shape, dtype=torch.int32, device=x.device, memory_format=memory_format(x))
     _C.bn_relu_max_pool_forward(dl(x), dl(scale.contiguous()), dl(shift.contiguous()), *kernel, *stride, *padding,
                                 dl(out), dl(argmax), stream(x))
     return out, argmax
@@ -57,37 +50,37 @@ def _forward(x: Tensor, scale: Tensor, shift: Tensor, kernel: list[int], stride:
 @_forward.register_fake
 def _(x, scale, shift, kernel, stride, padding):
     shape = _pooled_shape(x, kernel, stride, padding)
-    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x)),
-            torch.empty(shape, dtype=torch.int32, device=x.device, memory_format=_fmt(x)))
+    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x)),
+            torch.empty(shape, dtype=torch.int32, device=x.device, memory_format=memory_format(x)))
 
 
 @torch.library.custom_op("mrcnn_fast::bn_relu_max_pool_backward_reduce", mutates_args=())
-def _backward_reduce(grad: Tensor, out: Tensor, argmax: Tensor, x: Tensor, kernel: list[int], stride: list[int],
+def _backward_reduce(grad: Tensor, argmax: Tensor, x: Tensor, kernel: list[int], stride: list[int],
                      padding: list[int]) -> tuple[Tensor, Tensor]:
     sum_g = torch.empty(x.shape[1], dtype=torch.float64, device=x.device)
     sum_gx = torch.empty_like(sum_g)
-    _C.bn_relu_max_pool_backward_reduce(dl(grad), dl(out), dl(argmax), dl(x), *kernel, *stride, *padding, dl(sum_g),
+    _C.bn_relu_max_pool_backward_reduce(dl(grad), dl(argmax), dl(x), *kernel, *stride, *padding, dl(sum_g),
                                         dl(sum_gx), stream(x))
     return sum_g, sum_gx
 
 
 @_backward_reduce.register_fake
-def _(grad, out, argmax, x, kernel, stride, padding):
+def _(grad, argmax, x, kernel, stride, padding):
     return x.new_empty(x.shape[1], dtype=torch.float64), x.new_empty(x.shape[1], dtype=torch.float64)
 
 
 @torch.library.custom_op("mrcnn_fast::bn_relu_max_pool_backward_input", mutates_args=())
-def _backward_input(grad: Tensor, out: Tensor, argmax: Tensor, x: Tensor, a: Tensor, b: Tensor, d: Tensor,
-                    kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
-    grad_x = torch.empty_like(x, memory_format=_fmt(x))
-    _C.bn_relu_max_pool_backward_input(dl(grad), dl(out), dl(argmax), dl(x), dl(a), dl(b), dl(d), *kernel, *stride,
-                                       *padding, dl(grad_x), stream(x))
+def _backward_input(grad: Tensor, argmax: Tensor, x: Tensor, a: Tensor, b: Tensor, d: Tensor, kernel: list[int],
+                    stride: list[int], padding: list[int]) -> Tensor:
+    grad_x = torch.empty_like(x, memory_format=memory_format(x))
+    _C.bn_relu_max_pool_backward_input(dl(grad), dl(argmax), dl(x), dl(a), dl(b), dl(d), *kernel, *stride, *padding,
+                                       dl(grad_x), stream(x))
     return grad_x
 
 
 @_backward_input.register_fake
-def _(grad, out, argmax, x, a, b, d, kernel, stride, padding):
-    return torch.empty_like(x, memory_format=_fmt(x))
+def _(grad, argmax, x, a, b, d, kernel, stride, padding):
+    return torch.empty_like(x, memory_format=memory_format(x))
 
 
 class _BatchNormReluMaxPool(torch.autograd.Function):
@@ -102,7 +95,7 @@ class _BatchNormReluMaxPool(torch.autograd.Function):
         scale = w * invstd
         shift = b - mean * scale
         out, argmax = _forward(x, scale.to(x.dtype), shift.to(x.dtype), kernel, stride, padding)
-        ctx.save_for_backward(x, out, argmax, mean, invstd, w)
+        ctx.save_for_backward(x, argmax, mean, invstd, w)
         ctx.geometry = (kernel, stride, padding)
         ctx.batch_stats = batch_stats
         ctx.param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
@@ -112,10 +105,10 @@ class _BatchNormReluMaxPool(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_argmax):
-        x, out, argmax, mean, invstd, w = ctx.saved_tensors
+        x, argmax, mean, invstd, w = ctx.saved_tensors
         kernel, stride, padding = ctx.geometry
-        grad_out = grad_out.contiguous(memory_format=_fmt(out))
-        sum_g, sum_gx = _backward_reduce(grad_out, out, argmax, x, kernel, stride, padding)
+        grad_out = grad_out.contiguous(memory_format=memory_format(x))
+        sum_g, sum_gx = _backward_reduce(grad_out, argmax, x, kernel, stride, padding)
         s = invstd * (sum_gx - mean * sum_g)  # sum of g' * x_hat over the map
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -128,7 +121,7 @@ class _BatchNormReluMaxPool(torch.autograd.Function):
                 b = torch.zeros_like(a)
                 d = torch.zeros_like(a)
             dt = x.dtype
-            grad_x = _backward_input(grad_out, out, argmax, x, a.to(dt), b.to(dt), d.to(dt), kernel, stride, padding)
+            grad_x = _backward_input(grad_out, argmax, x, a.to(dt), b.to(dt), d.to(dt), kernel, stride, padding)
         if ctx.needs_input_grad[1]:
             grad_w = s.to(ctx.param_dtype)
         if ctx.needs_input_grad[2]:
@@ -139,7 +132,7 @@ class _BatchNormReluMaxPool(torch.autograd.Function):
 def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of x: Tensor[N, C, H, W] over (N, H, W), as float64 Tensor[C] each."""
     _check_x(x)
-    return _channel_moments(_layout(x).detach())
+    return _channel_moments(map_layout(x).detach())
 
 
 def _check_x(x) -> None:
@@ -161,10 +154,6 @@ def _pads(padding) -> tuple[int, int]:
     if len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p):
         raise TypeError(f"padding must be an int or a pair of ints, got {padding!r}")
     return p
-
-
-def _layout(x: Tensor) -> Tensor:
-    return x if (x.is_contiguous() or _channels_last(x)) else x.contiguous()
 
 
 def batch_norm_relu_max_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -202,7 +191,7 @@ def batch_norm_relu_max_pool(x: Tensor, weight: Tensor | None, bias: Tensor | No
             raise ValueError(f"{name} and x must be on the same device, got {t.device} and {x.device}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
-    x = _layout(x)
+    x = map_layout(x)
     if training:
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if n < 2:

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._rois import check_batch_indices, convert_boxes_to_rois
 from ._checks import autocast_input, check_float, check_int, check_tensor, pair, positive_float
+from ._layout import is_channels_last, map_layout
+from ._rois import check_batch_indices, convert_boxes_to_rois
 
 MAX_LEVELS = 8
 _MODES = ("avg", "max")
@@ -25,26 +26,15 @@ _MODES = ("avg", "max")
 
 # ---- layout helpers --------------------------------------------------------------------------------
 
-def _is_cl(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _layout(t: Tensor) -> Tensor:
-    """t itself if NCHW-contiguous or channels-last (no copy), else a contiguous copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
-
-
 def _layouts(ts: list[Tensor]) -> list[Tensor]:
     """All levels in one layout: channels-last if every level is, else NCHW-contiguous."""
-    if all(t.is_contiguous(memory_format=torch.channels_last) for t in ts) and any(_is_cl(t) for t in ts):
+    if all(t.is_contiguous(memory_format=torch.channels_last) for t in ts) and any(is_channels_last(t) for t in ts):
         return list(ts)
     return [t.contiguous() for t in ts]
 
 
 def _pooled(like: Tensor, k: int, h: int, w: int) -> Tensor:
-    fmt = torch.channels_last if _is_cl(like) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     return torch.empty((k, like.shape[1], h, w), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
@@ -63,7 +53,7 @@ def _grad_dtype(t: Tensor) -> torch.dtype:
 @torch.library.custom_op("mrcnn_fast::roi_align", mutates_args=())
 def _roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                sampling_ratio: int, aligned: bool, max_mode: bool, quantize: bool) -> Tensor:
-    input = _layout(input)
+    input = map_layout(input)
     rois = rois.to(_roi_dtype(input.dtype)).contiguous()
     out = _pooled(input, rois.shape[0], pooled_height, pooled_width)
     _C.roi_align_forward(dl(input), dl(rois), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
@@ -73,14 +63,14 @@ def _roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height:
 
 @_roi_align.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, max_mode, quantize):
-    return _pooled(_layout(input), rois.shape[0], pooled_height, pooled_width)
+    return _pooled(map_layout(input), rois.shape[0], pooled_height, pooled_width)
 
 
 @torch.library.custom_op("mrcnn_fast::roi_align_backward", mutates_args=())
 def _roi_align_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                         pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool,
                         quantize: bool) -> Tensor:
-    input = _layout(input)
+    input = map_layout(input)
     rois = rois.to(_roi_dtype(input.dtype)).contiguous()
     grad_input = torch.empty_like(input, dtype=_grad_dtype(input))  # keeps input's strides; the core fills it
     _C.roi_align_backward(dl(grad), dl(input), dl(rois), spatial_scale, pooled_height, pooled_width,
@@ -90,7 +80,7 @@ def _roi_align_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
 
 @_roi_align_backward.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, max_mode, quantize):
-    return torch.empty_like(_layout(input))
+    return torch.empty_like(map_layout(input))
 
 
 def _roi_align_setup(ctx, inputs, output):

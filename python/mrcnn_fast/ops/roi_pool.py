@@ -8,18 +8,14 @@ from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
 from ._checks import autocast_input, check_float, check_same_device, pair
+from ._layout import is_channels_last, map_layout
 from ._rois import Boxes, check_batch_indices, convert_boxes_to_rois
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("mrcnn_fast::roi_pool", mutates_args=())
 def _roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
               pooled_width: int) -> tuple[Tensor, Tensor]:
-    if not (input.is_contiguous() or _is_channels_last(input)):
-        input = input.contiguous()
+    input = map_layout(input)
     rois = rois.contiguous()
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     out = input.new_empty(shape)
@@ -61,7 +57,7 @@ def _setup_context(ctx, inputs, output):
     input, rois = inputs[0], inputs[1]
     ctx.save_for_backward(rois, output[1])
     ctx.input_shape = tuple(input.shape)
-    ctx.channels_last = _is_channels_last(input)
+    ctx.channels_last = is_channels_last(input)
 
 
 def _backward(ctx, grad_out, grad_argmax):

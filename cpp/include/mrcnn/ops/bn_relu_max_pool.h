@@ -26,43 +26,38 @@ void bn_relu_max_pool_forward(const TensorView& x, const TensorView& scale, cons
                               const PoolGeometry& g, const TensorView& out, const TensorView& argmax,
                               Stream stream);
 
-// Backward (out, argmax from the forward; the backward reads only argmax != -1 cells, so out is used for its
-// shape): part 1: per-channel sums over the pooled grid of g' = grad_out where argmax != -1, else 0:
-// sum_g[c] = sum g', sum_gx[c] = sum g' * x[argmax]. grad_out: out's shape, dtype and layout.
+// Backward (argmax from the forward; -1 marks the cells the ReLU cut, so out itself is not needed): part 1:
+// per-channel sums over the pooled grid of g' = grad_out where argmax != -1, else 0:
+// sum_g[c] = sum g', sum_gx[c] = sum g' * x[argmax]. grad_out: argmax's shape and layout, x's dtype.
 // sum_g, sum_gx: [C] contiguous float64, overwritten (zeros for an empty batch); on the CPU the sum order is
 // fixed as in channel_moments (CUDA adds block partials atomically).
-void bn_relu_max_pool_backward_reduce(const TensorView& grad_out, const TensorView& out, const TensorView& argmax,
-                                      const TensorView& x, const PoolGeometry& g, const TensorView& sum_g,
-                                      const TensorView& sum_gx, Stream stream);
+void bn_relu_max_pool_backward_reduce(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                      const PoolGeometry& g, const TensorView& sum_g, const TensorView& sum_gx,
+                                      Stream stream);
 
 // Backward, part 2: grad_x = a[c] * G + b[c] * x + d[c], where G at an input cell is the sum of g' over the
 // windows whose arg-max is that cell (a gather: every element written once, no zero fill, no atomics).
 // a, b, d: [C] contiguous, x's dtype. grad_x: x's shape, dtype and layout.
-void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorView& out, const TensorView& argmax,
-                                     const TensorView& x, const TensorView& a, const TensorView& b,
-                                     const TensorView& d, const PoolGeometry& g, const TensorView& grad_x,
-                                     Stream stream);
+void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                     const TensorView& a, const TensorView& b, const TensorView& d,
+                                     const PoolGeometry& g, const TensorView& grad_x, Stream stream);
 
 void channel_moments_cpu(const TensorView& x, const TensorView& mean, const TensorView& var);
 void bn_relu_max_pool_forward_cpu(const TensorView& x, const TensorView& scale, const TensorView& shift,
                                   const PoolGeometry& g, const TensorView& out, const TensorView& argmax);
-void bn_relu_max_pool_backward_reduce_cpu(const TensorView& grad_out, const TensorView& out,
-                                          const TensorView& argmax, const TensorView& x, const TensorView& sum_g,
-                                          const TensorView& sum_gx);
-void bn_relu_max_pool_backward_input_cpu(const TensorView& grad_out, const TensorView& out,
-                                         const TensorView& argmax, const TensorView& x, const TensorView& a,
-                                         const TensorView& b, const TensorView& d, const PoolGeometry& g,
-                                         const TensorView& grad_x);
+void bn_relu_max_pool_backward_reduce_cpu(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                          const TensorView& sum_g, const TensorView& sum_gx);
+void bn_relu_max_pool_backward_input_cpu(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                         const TensorView& a, const TensorView& b, const TensorView& d,
+                                         const PoolGeometry& g, const TensorView& grad_x);
 void channel_moments_cuda(const TensorView& x, const TensorView& mean, const TensorView& var, Stream stream);
 void bn_relu_max_pool_forward_cuda(const TensorView& x, const TensorView& scale, const TensorView& shift,
                                    const PoolGeometry& g, const TensorView& out, const TensorView& argmax,
                                    Stream stream);
-void bn_relu_max_pool_backward_reduce_cuda(const TensorView& grad_out, const TensorView& out,
-                                           const TensorView& argmax, const TensorView& x, const TensorView& sum_g,
-                                           const TensorView& sum_gx, Stream stream);
-void bn_relu_max_pool_backward_input_cuda(const TensorView& grad_out, const TensorView& out,
-                                          const TensorView& argmax, const TensorView& x, const TensorView& a,
-                                          const TensorView& b, const TensorView& d, const PoolGeometry& g,
-                                          const TensorView& grad_x, Stream stream);
+void bn_relu_max_pool_backward_reduce_cuda(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                           const TensorView& sum_g, const TensorView& sum_gx, Stream stream);
+void bn_relu_max_pool_backward_input_cuda(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
+                                          const TensorView& a, const TensorView& b, const TensorView& d,
+                                          const PoolGeometry& g, const TensorView& grad_x, Stream stream);
 
 }  // namespace mrcnn
