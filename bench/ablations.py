@@ -99,7 +99,7 @@ DEFAULTS = dict(max_iter=2000, train=400, val=100, seed=0, image_size=256, seeds
 
 def build_config(args, variant: str, train_seed: int | None = None):
     """The shapes preset at the ablation scale (see the module docstring) plus the variant's switch."""
-    from mrcnn_fast.cli import scale_schedule
+    from mrcnn_fast.config import scale_schedule
 
     if train_seed is None:
         train_seed = args.seed

@@ -25,7 +25,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from mrcnn_fast.cli import load_config  # noqa: E402
+from mrcnn_fast.config import get_config  # noqa: E402
 from mrcnn_fast.data import CocoDetection  # noqa: E402
 from mrcnn_fast.engine import load_weights  # noqa: E402
 from mrcnn_fast.engine.inference import inference  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(str(Path(args.weights).parent / "config.json"))
+    cfg = get_config(str(Path(args.weights).parent / "config.json"))
     ds = CocoDetection(args.json, args.images, train=False,
                        use_keypoints=None if cfg.model.keypoint.enabled else False)
     model = build_model(cfg)

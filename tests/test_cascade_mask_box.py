@@ -264,14 +264,14 @@ def test_cascade_needs_fpn():
 
 def test_demo_keeps_one_box_stage():
     """The 4-minute demo drops the preset's cascade stages (they cost it ~15% of its iterations)."""
-    from mrcnn_fast.cli import demo_config
+    from mrcnn_fast.demo import demo_config
     from mrcnn_fast.config import get_config
 
     assert get_config("shapes").model.roi_heads.cascade_iou_thresholds == (0.6, 0.7)
     r = demo_config(100).model.roi_heads
     assert tuple(r.cascade_iou_thresholds) == () and r.test_box_refine == 1 and r.test_mask_box == 0.0
     assert build_model(demo_config(100)).roi_heads.cascade_heads.__len__() == 0
-    # the demo's other choices (cli.DEMO_ROI_HEADS): 64 RoIs per image, flip TTA, quarter keypoint loss
+    # the demo's other choices (demo.DEMO_ROI_HEADS): 64 RoIs per image, flip TTA, quarter keypoint loss
     cfg = demo_config(100)
     assert r.batch_size_per_image == 64 and r.test_flip is True and cfg.model.keypoint.loss_weight == 0.25
     assert get_config("shapes").model.roi_heads.test_flip is False

@@ -178,9 +178,10 @@ def test_hook_can_change_run_length(tmp_path):
 def test_demo_time_budget_hook(tmp_path, seconds, expect):
     import time
 
-    from mrcnn_fast.cli import TimeBudget
+    from mrcnn_fast.engine.hooks import TimeBudget
 
-    budget = TimeBudget(time.perf_counter() + seconds, calibrate=4, skip=2, min_iter=8, max_iter=20)
+    budget = TimeBudget(time.perf_counter() + seconds, calibrate=4, skip=2, min_iter=8, max_iter=20,
+                        step_fractions=(5 / 6,))
     cfg = merge(small_cfg(max_iter=1000), {"solver": {"schedule": "step", "steps": [900]}})
     t = _trainer(tmp_path, cfg=cfg, hooks=[budget])
     t.train()
@@ -213,10 +214,10 @@ def test_demo_time_budget_follows_a_slowing_run(monkeypatch):
     speed must still end the run within the deadline, close to it, and never move a step already passed."""
     import types
 
-    import mrcnn_fast.cli as cli
+    from mrcnn_fast.engine import hooks
 
     clock = [0.0]
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: clock[0])
 
     class FakeTrainer:
         def __init__(self):
@@ -230,7 +231,7 @@ def test_demo_time_budget_follows_a_slowing_run(monkeypatch):
             self.max_iter, self.cfg.solver.steps = n, tuple(steps)
 
     tr = FakeTrainer()
-    budget = cli.TimeBudget(60.0, calibrate=20, skip=5, recheck=10, min_iter=10, max_iter=3000)
+    budget = hooks.TimeBudget(60.0, calibrate=20, skip=5, recheck=10, min_iter=10, max_iter=3000)
     done = 0
     while done < tr.max_iter:
         clock[0] += 0.1 if done < 150 else 0.2
@@ -247,10 +248,10 @@ def test_demo_time_budget_follows_a_slowing_run(monkeypatch):
 def test_demo_time_budget_stops_at_deadline(monkeypatch):
     import types
 
-    import mrcnn_fast.cli as cli
+    from mrcnn_fast.engine import hooks
 
     clock = [0.0]
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: clock[0])
     tr = types.SimpleNamespace(max_iter=1000, cfg=types.SimpleNamespace(solver=types.SimpleNamespace(schedule="cosine")))
 
     def set_max_iter(n, *, steps=None):
@@ -258,7 +259,7 @@ def test_demo_time_budget_stops_at_deadline(monkeypatch):
         tr.max_iter = n
 
     tr.set_max_iter = set_max_iter
-    budget = cli.TimeBudget(10.0, calibrate=4, skip=1, recheck=2, min_iter=4, max_iter=1000)
+    budget = hooks.TimeBudget(10.0, calibrate=4, skip=1, recheck=2, min_iter=4, max_iter=1000)
     done = 0
     while done < tr.max_iter:
         clock[0] += 0.5 if done < 10 else 5.0   # a sudden 10x slow-down (machine got loaded)
@@ -266,7 +267,7 @@ def test_demo_time_budget_stops_at_deadline(monkeypatch):
         budget(tr, done)
     assert done <= 16 and clock[0] < 10.0 + 3 * 5.0
     with pytest.raises(ValueError):
-        cli.TimeBudget(1.0, calibrate=2, skip=2)
+        hooks.TimeBudget(1.0, calibrate=2, skip=2)
 
 
 @pytest.mark.parametrize("keep", [True, False])

@@ -122,7 +122,9 @@ def _print_metrics(metrics: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
+    from .config import scale_schedule
     from .engine import train
+    from .engine.hooks import TimeBudget
 
     train_json = _require_file(args.train_json, "--train-json")
     train_images = _require_dir(args.train_images, "--train-images")
@@ -140,7 +142,7 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     hooks = []
     if args.time_budget is not None:
-        hooks.append(budget_hook(cfg, t0 + args.time_budget, max_iter=cfg.solver.max_iter))
+        hooks.append(TimeBudget(t0 + args.time_budget, min_iter=min(100, cfg.solver.max_iter), log=_err))
         _err(f"time budget: training stops after at most {args.time_budget:.0f} s (at most "
              f"{cfg.solver.max_iter} iterations; the schedule is scaled to the length that fits)")
     metrics = train(cfg, train_json=train_json, train_images=train_images, output_dir=args.output,
@@ -221,114 +223,8 @@ def cmd_make_shapes(args) -> int:
     return 0
 
 
-# The demo's budget: a fresh 2-core CPU machine, <= 5 minutes end to end (data, training, evaluation, PNGs).
-# Training runs as many iterations as fit: the speed measured over the first iterations (during warm-up)
-# sets max_iter, capped at DEMO_MAX_ITER. --max-iter fixes the count instead (reproducible runs).
-DEMO_TRAIN_IMAGES = 400
-DEMO_VAL_IMAGES = 48
-DEMO_MAX_ITER = 3000
-DEMO_TIME_BUDGET = 290.0   # seconds from the demo's start; leaves margin under 5 minutes (imports etc.)
-DEMO_RESERVE = 20.0        # seconds kept for the final evaluation, checkpoints and PNGs (measured: ~10 s)
-
-
-DEMO_STEP = 5 / 6          # the step schedule drops the lr 10x at this fraction of the run
-
-
-# The `shapes` preset's cascade stages cost ~15% of the iterations; a 4-min run does not repay that (fresh clone,
-# 465772c: segm AP 0.494 in 742 iterations with them, vs 0.559 / 0.572 in ~870 without): one box stage with one
-# refinement pass at inference. 64 RoIs per image instead of 128: on a model that has started learning nearly
-# every sampled positive goes through the mask and keypoint heads, whose 3x3 convs on 14x14 RoI features are
-# most of an iteration (422 -> 221 ms per iteration, trained demo model, 2 threads), so ~40% more iterations fit.
-# Horizontal-flip test-time augmentation (+0.014 to +0.041 segm AP on every demo model measured, ~5 s more).
-DEMO_ROI_HEADS = {"cascade_iou_thresholds": [], "test_box_refine": 1, "test_mask_box": 0.0,
-                  "batch_size_per_image": 64, "test_flip": True}
-# The keypoint loss (cross-entropy over 56 x 56 cells, ~8 at the start) dominates the early gradients of the
-# shared backbone and delays the masks; a quarter weight let the masks start learning earlier in the runs measured.
-DEMO_KEYPOINT_LOSS_WEIGHT = 0.25
-
-
-def demo_config(max_iter: int):
-    """The `shapes` preset with DEMO_ROI_HEADS and max_iter iterations, the lr step at DEMO_STEP of them."""
-    from .config import get_config, merge
-
-    return merge(get_config("shapes"), {"model": {"roi_heads": DEMO_ROI_HEADS,
-                                                  "keypoint": {"loss_weight": DEMO_KEYPOINT_LOSS_WEIGHT}},
-                                        "solver": {"max_iter": max_iter, "steps": [round(max_iter * DEMO_STEP)]}})
-
-
-class TimeBudget:
-    """Training hook: sets max_iter so that training ends by `deadline` (a time.perf_counter() value).
-
-    The speed is first measured over iterations skip..calibrate (the first iterations pay one-off costs), then
-    re-measured every `recheck` iterations over the latest window only: an iteration gets slower as the RPN
-    learns (more positive RoIs reach the mask and keypoint heads), so an early estimate alone overshoots.
-    Steps of a step schedule that are still ahead move to the same fractions of the new length; steps already
-    passed stay where they were. Changed during warm-up, the schedule is as if the run had started with the
-    new length. Training stops at once if the deadline has passed (never below `min_iter`).
-    """
-
-    def __init__(self, deadline: float, *, calibrate: int = 40, skip: int = 5, recheck: int = 25,
-                 min_iter: int = 100, max_iter: int = DEMO_MAX_ITER, safety: float = 0.95,
-                 step_fractions=(DEMO_STEP,), log=None):
-        if not 0 <= skip < calibrate or recheck <= 0 or not 0 < safety <= 1:
-            raise ValueError(f"TimeBudget needs 0 <= skip < calibrate, recheck > 0, 0 < safety <= 1; got "
-                             f"skip={skip} calibrate={calibrate} recheck={recheck} safety={safety}")
-        self.deadline, self.calibrate, self.skip, self.recheck = deadline, calibrate, skip, recheck
-        self.step_fractions, self.min_iter, self.cap, self.safety, self.log = step_fractions, min_iter, max_iter, safety, log
-        self.mark: tuple[int, float] | None = None   # (iteration, time) the current speed window starts at
-        self.chosen: int | None = None
-
-    def __call__(self, trainer, done: int) -> None:
-        now = time.perf_counter()
-        if done == self.skip:
-            self.mark = (done, now)
-            return
-        if self.mark is None or done < self.calibrate or (done - self.calibrate) % self.recheck:
-            return
-        start, t_start = self.mark
-        rate = (done - start) / max(now - t_start, 1e-6)
-        self.mark = (done, now)
-        n = done + int(rate * max(self.deadline - now, 0.0) * self.safety)
-        n = max(self.min_iter, done, min(self.cap, n))
-        first = self.chosen is None
-        self.chosen = n
-        if n == trainer.max_iter:
-            return
-        steps = None
-        if trainer.cfg.solver.schedule == "step":
-            old = list(trainer.cfg.solver.steps)
-            new = [max(round(n * f), done + 1) for f in self.step_fractions]
-            steps = [o if o <= done else min(nw, n) for o, nw in zip(old, new)] if len(old) == len(new) else new
-        trainer.set_max_iter(n, steps=steps)
-        if self.log is not None and (first or (done - self.calibrate) % (4 * self.recheck) == 0):
-            self.log(f"[demo] {rate:.2f} it/s: training for {n} iterations to fit the time budget")
-
-
-def scale_schedule(cfg, max_iter: int):
-    """cfg with max_iter iterations; a step schedule's steps keep their fractions of the run."""
-    from .config import merge
-
-    s = cfg.solver
-    over = {"max_iter": int(max_iter)}
-    if s.schedule == "step" and s.steps:
-        over["steps"] = [max(1, round(x * max_iter / s.max_iter)) for x in s.steps]
-    return merge(cfg, {"solver": over})
-
-
-def budget_hook(cfg, deadline: float, *, max_iter: int) -> TimeBudget:
-    """A TimeBudget for cfg's schedule: its steps keep their fractions of the run when the length changes."""
-    s = cfg.solver
-    fractions = tuple(x / s.max_iter for x in s.steps) if s.schedule == "step" else ()
-    return TimeBudget(deadline, min_iter=min(100, max_iter), max_iter=max_iter, step_fractions=fractions,
-                      log=lambda m: _err(m.replace("[demo] ", "")))
-
-
 def cmd_demo(args) -> int:
-    from .config import get_config
-    from .data import CocoDetection, make_shapes
-    from .engine import load_weights, train
-    from .modeling import build_model
-    from .visualize import save_predictions
+    from .demo import run_demo
 
     if args.max_iter is not None and args.max_iter <= 0:
         raise UsageError(f"--max-iter must be positive, got {args.max_iter}")
@@ -337,43 +233,19 @@ def cmd_demo(args) -> int:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.num_images < 0:
         raise UsageError(f"--num-images must be >= 0, got {args.num_images}")
-    if args.time_budget <= DEMO_RESERVE:
-        raise UsageError(f"--time-budget must be > {DEMO_RESERVE:.0f} seconds, got {args.time_budget}")
-    t0 = time.perf_counter()
-    out = Path(args.output)
-    cfg = demo_config(args.max_iter or DEMO_MAX_ITER)
-    if args.opts:
-        from .config import merge
-
-        cfg = merge(cfg, parse_opts(args.opts))
-    _err(f"[demo] synthetic shapes: {args.train} train / {args.val} val images -> {out / 'data'}")
-    paths = make_shapes(out / "data", n_train=args.train, n_val=args.val, seed=args.seed)
-    hooks = []
-    if args.max_iter is None:
-        hooks.append(TimeBudget(t0 + args.time_budget - DEMO_RESERVE, log=_err))
-        length = f"as many iterations as fit in {args.time_budget:.0f} s (at most {cfg.solver.max_iter})"
-    else:
-        length = f"{cfg.solver.max_iter} iterations"
-    _err(f"[demo] data ready in {time.perf_counter() - t0:.0f} s; training small_cpu (R18-FPN at half width, "
-         f"masks + keypoints) for {length}")
-    metrics = train(cfg, train_json=paths["train_json"], train_images=paths["train_images"],
-                    output_dir=out / "train", val_json=paths["val_json"], val_images=paths["val_images"],
-                    hooks=hooks, log=_err)
-    cfg = get_config(str(out / "train" / "config.json"))   # the trained model's config (incl. its length)
-    t_train = time.perf_counter()
-    val = CocoDetection(paths["val_json"], paths["val_images"], train=False)
-    model = build_model(cfg)
-    load_weights(model, out / "train" / "model_final.safetensors")
-    pngs = save_predictions(model, val, out / "predictions", num_images=args.num_images)
-    _err(f"[demo] wrote {len(pngs)} PNGs with masks, boxes, labels, scores and keypoints to {out / 'predictions'} "
-         f"({time.perf_counter() - t_train:.0f} s)")
-    _err(f"[demo] total wall time {time.perf_counter() - t0:.0f} s")
-    _print_metrics(metrics)
+    result = run_demo(args.output, max_iter=args.max_iter, time_budget=args.time_budget, train_images=args.train,
+                      val_images=args.val, seed=args.seed, num_images=args.num_images,
+                      overrides=parse_opts(args.opts), log=_err)
+    _print_metrics(result.metrics)
+    for line in result.notes:
+        _err(line)
     return 0
 
 
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_MAX_ITER, DEMO_TIME_BUDGET, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
+
     p = _Parser(prog=PROG, description="Fast Mask R-CNN: train, evaluate, synthetic data, demo.")
     from . import __version__
 
@@ -424,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_make_shapes)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> PNGs (CPU, a few minutes)",
-                       description="Generate the shapes set, train the small_cpu model, evaluate it and draw "
-                       "its predictions.")
+                       description="Generate the shapes set, train the shapes recipe (R18-FPN at half width), "
+                       "evaluate it and draw its predictions.")
     d.add_argument("--output", default="demo_out", help="folder for data, run and PNGs (default demo_out)")
     d.add_argument("--max-iter", type=int, help="training iterations (default: as many as fit in --time-budget, "
                    f"at most {DEMO_MAX_ITER})")
