@@ -169,7 +169,7 @@ def cmd_eval(args) -> int:
     from .engine import distributed as du
     from .engine import evaluate, load_weights
     from .engine.inference import prepare_evaluation
-    from .modeling import build_model
+    from .modeling import build_model, inference_model
 
     weights = _require_file(args.weights, "--weights")
     json_path = _require_file(args.json, "--json")
@@ -195,7 +195,7 @@ def cmd_eval(args) -> int:
         _err(f"warning: {note}")
     _err(f"evaluating {weights} on {len(dataset)} images ({ctx.world_size} process(es) on {ctx.device})"
          + (f", config {source}" if source else ""))
-    metrics = evaluate(model, dataset, distributed=ctx.distributed, iou_types=iou_types,
+    metrics = evaluate(inference_model(model, cfg), dataset, distributed=ctx.distributed, iou_types=iou_types,
                        evaluator_factory=evaluator_factory,
                        num_workers=args.num_workers, log=_err)
     if output and ctx.is_main:
@@ -327,7 +327,7 @@ def cmd_demo(args) -> int:
     from .config import get_config
     from .data import CocoDetection, make_shapes
     from .engine import load_weights, train
-    from .modeling import build_model
+    from .modeling import build_model, inference_model
     from .visualize import save_predictions
 
     if args.max_iter is not None and args.max_iter <= 0:
@@ -364,7 +364,7 @@ def cmd_demo(args) -> int:
     val = CocoDetection(paths["val_json"], paths["val_images"], train=False)
     model = build_model(cfg)
     load_weights(model, out / "train" / "model_final.safetensors")
-    pngs = save_predictions(model, val, out / "predictions", num_images=args.num_images)
+    pngs = save_predictions(inference_model(model, cfg), val, out / "predictions", num_images=args.num_images)
     _err(f"[demo] wrote {len(pngs)} PNGs with masks, boxes, labels, scores and keypoints to {out / 'predictions'} "
          f"({time.perf_counter() - t_train:.0f} s)")
     _err(f"[demo] total wall time {time.perf_counter() - t0:.0f} s")
