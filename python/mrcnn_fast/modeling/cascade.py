@@ -84,7 +84,8 @@ class CascadeRoIHeads(RoIHeads):
         s = 1.0 / self.num_box_stages
         return x * s + x.detach() * (1.0 - s)
 
-    def _later_box_stage_losses(self, feats, samples, labels, class_logits, box_regression, targets, image_sizes) -> dict:
+    def _later_box_stage_losses(self, feats, samples, labels, class_logits, box_regression, targets,
+                                image_sizes) -> dict:
         losses = {}
         for k in range(1, self.num_box_stages):
             with torch.no_grad():
@@ -92,7 +93,8 @@ class CascadeRoIHeads(RoIHeads):
                 # the box each RoI becomes at inference: the regression of its class (GT class for positives,
                 # best foreground class for the rest)
                 cls = torch.where(labels > 0, labels, class_logits[:, 1:].argmax(dim=1) + 1)
-                deltas = box_regression.detach().to(torch.float32).reshape(n, -1, 4)[torch.arange(n, device=cls.device), cls]
+                rows = torch.arange(n, device=cls.device)
+                deltas = box_regression.detach().to(torch.float32).reshape(n, -1, 4)[rows, cls]
                 prev = torch.cat([s[0] for s in samples]).to(torch.float32)
                 moved = ops.decode_boxes(deltas.contiguous(), prev, self.box_stage_weights(k - 1)).reshape(n, 4)
                 moved = [ops.clip_boxes(b, hw).to(s[0].dtype)
@@ -108,7 +110,6 @@ class CascadeRoIHeads(RoIHeads):
             losses[f"loss_classifier_stage{k + 1}"] = lc
             losses[f"loss_box_reg_stage{k + 1}"] = lb
         return losses
-
 
 
 class CascadeRefinement:

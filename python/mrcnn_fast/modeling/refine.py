@@ -41,7 +41,8 @@ def refine_boxes(predictor: "RoIPredictor", dets: Detections, image_sizes, stage
     labels = pack(dets.labels, dets.counts, n)
     rows = torch.arange(n, device=labels.device)
     new, prob = decoded[rows, labels], probs[rows, labels]
-    boxes, scores, out_labels = torch.zeros_like(dets.boxes), torch.zeros_like(dets.scores), torch.zeros_like(dets.labels)
+    boxes, scores = torch.zeros_like(dets.boxes), torch.zeros_like(dets.scores)
+    out_labels = torch.zeros_like(dets.labels)
     start = 0
     for i, (k, hw) in enumerate(zip(counts, image_sizes)):
         nb = clip_or_keep(new[start:start + k], dets.boxes[i, :k], hw)
