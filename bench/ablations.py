@@ -162,8 +162,8 @@ def gt_box_mask_metrics(model, dataset) -> dict:
     the RoI layer / mask loss / mask head effect with far less run-to-run noise than the detected-mask AP."""
     from mrcnn_fast import ops
     from mrcnn_fast.evaluation import COCOEvaluator
-    from mrcnn_fast.modeling.heads import mask_probs
     from mrcnn_fast.modeling.poolers import boxes_to_rois
+    from mrcnn_fast.modeling.postprocess import mask_probs
 
     model.eval()
     rh = model.roi_heads
@@ -181,7 +181,7 @@ def gt_box_mask_metrics(model, dataset) -> dict:
         if model.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         feats = model.backbone(batch)
-        logits = rh._mask_logits(feats, boxes_to_rois([tt[0]["boxes"]]))   # C4: through the shared res5
+        logits = rh.mask_logits(rh.pool_mask_features(feats, boxes_to_rois([tt[0]["boxes"]])))   # C4: via res5
         probs = mask_probs(logits.float(), tt[0]["labels"], rh.mask_loss_type)
         masks = ops.paste_masks_in_image(probs, boxes0, (h0, w0), aligned=model.mask_paste == "aligned")
         ev.process([int(t["image_id"])], [{"boxes": boxes0, "labels": labels, "scores": torch.ones(len(boxes0)),
@@ -214,7 +214,7 @@ def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) 
     from mrcnn_fast.data import CocoDetection
     from mrcnn_fast.engine import evaluate, load_weights, train
     from mrcnn_fast.engine.checkpoint import FINAL_WEIGHTS
-    from mrcnn_fast.modeling import build_model
+    from mrcnn_fast.modeling import build_model, inference_model
 
     torch.set_num_threads(args.threads)
     cfg = build_config(args, variant, train_seed)
@@ -231,7 +231,7 @@ def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) 
     val = CocoDetection(str(data["val_json"]), str(data["val_images"]), train=False, use_keypoints=False)
     if reused:
         log("final weights with the same config found: evaluating only")
-        metrics = evaluate(model, val, iou_types=("bbox", "segm"), log=log)
+        metrics = evaluate(inference_model(model, cfg), val, iou_types=("bbox", "segm"), log=log)
         seconds = time.perf_counter() - t0
     metrics = dict(metrics, segm_gt_boxes=gt_box_mask_metrics(model, val))
     print(f"=== {key}: segm AP {_pct(metrics['segm']['AP'])} AP75 {_pct(metrics['segm']['AP75'])} bbox AP "

@@ -30,7 +30,7 @@ from mrcnn_fast.data import CocoDetection  # noqa: E402
 from mrcnn_fast.engine import load_weights  # noqa: E402
 from mrcnn_fast.engine.inference import inference  # noqa: E402
 from mrcnn_fast.evaluation import COCO_PERSON_SIGMAS, DEFAULT_SIGMA  # noqa: E402
-from mrcnn_fast.modeling import build_model  # noqa: E402
+from mrcnn_fast.modeling import build_model, inference_model  # noqa: E402
 from mrcnn_fast.ops import box_iou  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     box_iou_pred, box_iou_mask, side_err = [], [], []
     oks_by_cat, oks_by_occ, err = defaultdict(list), defaultdict(list), {"visible": [], "occluded": []}
     with torch.no_grad():
-        for targets, outputs in inference(model, ds):
+        for targets, outputs in inference(inference_model(model, cfg), ds):
             t, o = targets[0], outputs[0]
             n_gt += int((t["iscrowd"] == 0).sum())
             pairs = match(t, o)

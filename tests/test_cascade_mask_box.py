@@ -5,8 +5,8 @@ import torch
 from _model_utils import assert_refined, shapes_batch, tiny_cfg
 from mrcnn_fast import ops
 from mrcnn_fast.engine import load_weights, save_weights
-from mrcnn_fast.modeling import build_model
-from mrcnn_fast.modeling.heads import mask_box_edges
+from mrcnn_fast.modeling import CascadeRoIHeads, FlipTTA, MaskBoxRefinement, build_model, inference_model
+from mrcnn_fast.modeling.refine import mask_box_edges
 from mrcnn_fast.modeling.roi_heads import RoIHeads
 
 STAGE_LOSSES = {"loss_classifier_stage2", "loss_box_reg_stage2", "loss_classifier_stage3", "loss_box_reg_stage3"}
@@ -82,16 +82,21 @@ def test_mask_box_moves_sides_to_the_mask_edges(batch, monkeypatch):
     with torch.no_grad():
         base = model(images)
     seen = []
+    rh = model.roi_heads
+    pool = rh.pool_mask_features
 
-    def fixed_mask_logits(feats, rois):
+    def recording_pool(feats, rois):
         seen.append(rois.clone())
-        logits = torch.full((rois.shape[0], 4, 28, 28), -10.0)
+        return pool(feats, rois)
+
+    def fixed_mask_logits(features):
+        logits = torch.full((features.shape[0], 4, 28, 28), -10.0)
         logits[:, :, 5:21, 3:26] = 10.0           # cells 5..20 (y) and 3..25 (x): edges at 5, 21 and 3, 26
         return logits
 
-    rh = model.roi_heads
-    monkeypatch.setattr(rh, "_mask_logits", fixed_mask_logits)
-    rh.test_mask_box, rh.test_mask_box_expand = 0.5, 1.25
+    monkeypatch.setattr(rh, "pool_mask_features", recording_pool)
+    monkeypatch.setattr(rh, "mask_logits", fixed_mask_logits)
+    rh.refiners = (MaskBoxRefinement(0.5, 1.25),)
     with torch.no_grad():
         out = model(images)
     for b, o, im in zip(base, out, images):
@@ -225,11 +230,11 @@ def test_cascade_refines_detections_with_each_stage(batch):
         pred.bbox_pred.weight.zero_()
         pred.bbox_pred.bias.copy_(torch.tensor([[0.4 * c, 0.2, -0.5 * c, 0.3] for c in range(4)]).reshape(-1))
     images = [batch[0][0], batch[0][1]]
-    heads, preds = rh.cascade_heads, rh.cascade_predictors
+    refiners = rh.refiners
     with torch.no_grad():
-        rh.cascade_heads, rh.cascade_predictors = torch.nn.ModuleList(), torch.nn.ModuleList()
+        rh.refiners = ()                          # the cascade stages' refinement off: the box head's detections
         base = model(images)
-        rh.cascade_heads, rh.cascade_predictors = heads, preds
+        rh.refiners = refiners
         out = model(images)
     assert_refined(base, out, images, pred, (20.0, 20.0, 10.0, 10.0))
 
@@ -270,9 +275,9 @@ def test_demo_keeps_one_box_stage():
     assert get_config("shapes").model.roi_heads.cascade_iou_thresholds == (0.6, 0.7)
     r = demo_config(100).model.roi_heads
     assert tuple(r.cascade_iou_thresholds) == () and r.test_box_refine == 1 and r.test_mask_box == 0.0
-    assert build_model(demo_config(100)).roi_heads.cascade_heads.__len__() == 0
+    assert not isinstance(build_model(demo_config(100)).roi_heads, CascadeRoIHeads)
     # the demo's other choices (demo.DEMO_ROI_HEADS): 64 RoIs per image, flip TTA, quarter keypoint loss
     cfg = demo_config(100)
     assert r.batch_size_per_image == 64 and r.test_flip is True and cfg.model.keypoint.loss_weight == 0.25
     assert get_config("shapes").model.roi_heads.test_flip is False
-    assert build_model(cfg).roi_heads.test_flip
+    assert isinstance(inference_model(build_model(cfg), cfg), FlipTTA)

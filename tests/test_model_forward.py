@@ -5,7 +5,7 @@ import torch
 
 from _model_utils import assert_refined, shapes_batch, tiny_cfg
 from mrcnn_fast.config import get_config
-from mrcnn_fast.modeling import MaskRCNN, build_model
+from mrcnn_fast.modeling import IterativeBoxRefinement, MaskRCNN, build_model
 
 LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_keypoint"}
 
@@ -100,15 +100,14 @@ def test_rle_mask_format_matches_probabilities(batch):
     model = build_model(tiny_cfg({"roi_heads": {"score_thresh_test": 0.0}})).eval()
     with torch.no_grad():
         prob = model(batch[0][:1])[0]
-        model.mask_format = "rle"
-        rle = model(batch[0][:1])[0]
+        rle = model(batch[0][:1], mask_format="rle")[0]
     assert "masks" not in rle and len(rle["masks_rle"]) == prob["boxes"].shape[0]
     r = rle["masks_rle"][0]
     assert r["size"] == [96, 128]
     dec = mask_util.decode({"size": r["size"], "counts": r["counts"]})
     assert np.array_equal(dec.astype(bool), (prob["masks"][0, 0] >= 0.5).numpy())
     with pytest.raises(ValueError, match="mask_format"):
-        model.mask_format = "png"
+        model(batch[0][:1], mask_format="png")
 
 
 def test_mask_paste_modes(batch, monkeypatch):
@@ -168,7 +167,7 @@ def test_c4_model_trains_and_predicts(batch):
         out = model(images)
     assert out[0]["masks"].shape[1:] == (1, 96, 128) and out[0]["boxes"].shape[0] > 0
     assert model.roi_heads._mask_size() == 14
-    model.roi_heads.test_box_refine = 1     # the refinement pass goes through res5 too
+    model.roi_heads.refiners = (IterativeBoxRefinement(1),)     # the refinement pass goes through res5 too
     with torch.no_grad():
         ref = model(images)
     assert [o["boxes"].shape for o in ref] == [o["boxes"].shape for o in out]
@@ -190,7 +189,7 @@ def test_box_refine_pass(batch):
     images = [batch[0][0], batch[0][1]]
     with torch.no_grad():
         base = model(images)
-        model.roi_heads.test_box_refine = 1
+        model.roi_heads.refiners = (IterativeBoxRefinement(1),)
         ref = model(images)
     assert_refined(base, ref, images, pred, (10.0, 10.0, 5.0, 5.0))
     with pytest.raises(ValueError, match="test_box_refine"):
@@ -278,9 +277,8 @@ def test_channels_last_same_outputs_and_contiguous_state_dict(batch):
 @pytest.mark.parametrize("mask_format", ["prob", "rle"])
 def test_eval_with_no_detections(batch, mask_format):
     model = build_model(tiny_cfg({"roi_heads": {"score_thresh_test": 1.0}})).eval()
-    model.mask_format = mask_format
     with torch.no_grad():
-        out = model(batch[0])
+        out = model(batch[0], mask_format=mask_format)
     for o in out:
         assert o["boxes"].shape == (0, 4) and o["scores"].shape == (0,) and o["labels"].shape == (0,)
         assert o["keypoints"].shape == (0, 4, 3) and o["keypoints_scores"].shape == (0, 4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mrcnn_fast.modeling import fast_rcnn_loss, keypoint_loss, mask_loss, rpn_loss
-from mrcnn_fast.modeling.heads import mask_probs
+from mrcnn_fast.modeling.postprocess import mask_probs
 
 
 def _bce(x, t):

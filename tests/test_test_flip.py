@@ -1,11 +1,13 @@
-"""Horizontal-flip test-time augmentation (model.roi_heads.test_flip)."""
+"""Horizontal-flip test-time augmentation (roi_heads.test_flip: modeling.tta.FlipTTA via inference_model)."""
 import pytest
 import torch
 
 from _model_utils import shapes_batch, tiny_cfg
-from mrcnn_fast.modeling import build_model
+from mrcnn_fast.modeling import build_model, inference_model
 from mrcnn_fast.data.transforms import hflip_boxes
+from mrcnn_fast.modeling.poolers import boxes_to_rois
 from mrcnn_fast.modeling.roi_heads import RoIHeads
+from mrcnn_fast.modeling.tta import FlipTTA, mirror_batch
 
 
 def _model(overrides=None, seed=0):
@@ -14,7 +16,8 @@ def _model(overrides=None, seed=0):
     if overrides:
         for k, v in overrides.items():
             ov.setdefault(k, {}).update(v)
-    return build_model(tiny_cfg(ov)).double().eval()
+    cfg = tiny_cfg(ov)
+    return inference_model(build_model(cfg), cfg).double().eval()
 
 
 def _images():
@@ -54,7 +57,7 @@ def test_flip_tta_is_mirror_symmetric(overrides):
     with torch.no_grad():
         ref = model(images)
         got = model([im.flip(-1) for im in images])
-    perm = model.roi_heads.keypoint_flip_perm
+    perm = model.keypoint_flip_perm
     assert perm == [0, 3, 2, 1]           # small_cpu: keypoints top, right, bottom, left; right <-> left
     total = sum(_match(r, g, im.shape[-1], perm) for r, g, im in zip(ref, got, images))
     assert total >= 4                     # the check saw detections (untrained model, low score threshold)
@@ -67,9 +70,8 @@ def test_flip_tta_off_is_not_symmetric_and_differs_from_on():
     images = _images()
     with torch.no_grad():
         on = model(images)
-        model.roi_heads.test_flip = False
-        off = model(images)
-        off_m = model([im.flip(-1) for im in images])
+        off = model.model(images)                  # the wrapped model alone: no flip
+        off_m = model.model([im.flip(-1) for im in images])
     mirrored = hflip_boxes(off[0]["boxes"], images[0].shape[-1])
     assert off[0]["boxes"].shape[0] > 0
     assert not (off_m[0]["boxes"].shape == mirrored.shape and torch.allclose(off_m[0]["boxes"], mirrored, atol=1e-6))
@@ -77,19 +79,20 @@ def test_flip_tta_off_is_not_symmetric_and_differs_from_on():
 
 
 def test_box_predictions_average_both_views_by_hand():
-    model = _model()
+    tta = _model()
+    model = tta.model
     rh = model.roi_heads
     images = _images()
     batch, sizes, _, _ = model.preprocess(images)
     with torch.no_grad():
         feats = model.backbone(batch)
-        flipped, _ = model._flip_view(batch, sizes, [torch.zeros(0, 4, dtype=batch.dtype)] * 2)
+        flipped = model.backbone(mirror_batch(batch, sizes))
         boxes = [torch.tensor([[10.0, 12.0, 50.0, 40.0], [60.0, 5.0, 90.0, 70.0]], dtype=batch.dtype),
                  torch.tensor([[3.0, 30.0, 100.0, 90.0]], dtype=batch.dtype)]
-        probs, decoded = rh.box_predictions(feats, boxes, sizes, 0, flipped)
-        p0, d0 = rh.box_predictions(feats, boxes, sizes, 0)
+        probs, decoded = tta.predictor(feats, flipped, sizes, batch.dtype).boxes(boxes_to_rois(boxes), 0)
+        p0, d0 = rh.box_predictions(feats, boxes_to_rois(boxes), 0)
         mirrored = [hflip_boxes(b, float(w)) for b, (_, w) in zip(boxes, sizes)]
-        p1, d1 = rh.box_predictions(flipped, mirrored, sizes, 0)
+        p1, d1 = rh.box_predictions(flipped, boxes_to_rois(mirrored), 0)
     widths = torch.tensor([128.0, 128.0, 112.0], dtype=batch.dtype)[:, None]
     assert [tuple(s) for s in sizes] == [(96, 128), (128, 112)]
     torch.testing.assert_close(probs, (p0 + p1) / 2)
@@ -101,11 +104,11 @@ def test_flip_tta_c4_and_no_detections():
     torch.manual_seed(0)
     cfg = tiny_cfg({"fpn": {"enabled": False}, "anchors": {"sizes": [[16, 32, 64]]}, "keypoint": {"enabled": False},
                     "roi_heads": {"test_flip": True, "num_classes": 3}})
-    model = build_model(cfg).eval()
+    model = inference_model(build_model(cfg), cfg).eval()
     images = [im.float() for im in _images()]
     with torch.no_grad():
         out = model(images)
-        model.roi_heads.score_thresh = 1.0          # nothing passes: empty outputs of the right shapes
+        model.model.roi_heads.score_thresh = 1.0    # nothing passes: empty outputs of the right shapes
         empty = model(images)
     assert len(out) == 2 and all(o["masks"].shape[1:] == (1,) + tuple(im.shape[1:]) for o, im in zip(out, images))
     assert all(e["boxes"].shape == (0, 4) and e["masks"].shape == (0, 1) + tuple(im.shape[1:])
@@ -119,19 +122,17 @@ def test_flip_tta_bad_values():
         build_model(tiny_cfg({"roi_heads": {"test_flip": True}, "keypoint": {"flip_pairs": [[1, 4]]}}))
     # the flip pairs only matter to the flip: a model without it builds with pairs that do not fit
     build_model(tiny_cfg({"keypoint": {"flip_pairs": [[1, 4]]}}))
+    # the flip lives in the wrapper: the heads know nothing of a mirrored view, the wrapper only infers
     model = _model()
-    model.roi_heads.test_flip = False
+    assert isinstance(model, FlipTTA) and not hasattr(model.model.roi_heads, "test_flip")
     images = _images()
-    batch, sizes, _, _ = model.preprocess(images)
     with torch.no_grad():
-        feats = model.backbone(batch)
-        props = [torch.tensor([[1.0, 1.0, 20.0, 20.0]], dtype=batch.dtype)] * 2
-        with pytest.raises(ValueError, match="flipped_feats given but test_flip is off"):
-            model.roi_heads(feats, props, sizes, flipped_feats=feats)
-        model.roi_heads.test_flip = True
-        with pytest.raises(ValueError, match="test_flip needs"):
-            model.roi_heads(feats, props, sizes)
-    assert isinstance(model.roi_heads, RoIHeads)
+        with pytest.raises(ValueError, match="FlipTTA is for inference"):
+            model.train()(images)
+        with pytest.raises(ValueError, match="mask_format"):
+            model.eval()(images, mask_format="png")
+    assert isinstance(inference_model(model.model, tiny_cfg()), type(model.model))    # test_flip off: no wrapper
+    assert isinstance(model.model.roi_heads, RoIHeads)
 
 
 def test_hflip_boxes():

@@ -171,7 +171,7 @@ def cmd_eval(args) -> int:
     from .engine import distributed as du
     from .engine import evaluate, load_weights
     from .engine.inference import prepare_evaluation
-    from .modeling import build_model
+    from .modeling import build_model, inference_model
 
     weights = _require_file(args.weights, "--weights")
     json_path = _require_file(args.json, "--json")
@@ -197,7 +197,7 @@ def cmd_eval(args) -> int:
         _err(f"warning: {note}")
     _err(f"evaluating {weights} on {len(dataset)} images ({ctx.world_size} process(es) on {ctx.device})"
          + (f", config {source}" if source else ""))
-    metrics = evaluate(model, dataset, distributed=ctx.distributed, iou_types=iou_types,
+    metrics = evaluate(inference_model(model, cfg), dataset, distributed=ctx.distributed, iou_types=iou_types,
                        evaluator_factory=evaluator_factory,
                        num_workers=args.num_workers, log=_err)
     if output and ctx.is_main:

@@ -70,18 +70,22 @@ class RoIHeadsConfig:
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
-    test_box_refine: int = 0            # extra box-head passes over the detections at inference (iterative box
-                                        # regression, not in the paper; 0 keeps torchvision / detectron2 parity)
-    # Extra box stages (Cascade R-CNN's idea, not in the paper; FPN only), one per IoU threshold: stage k is trained
-    # on stage k-1's regressed boxes labelled at this IoU, with regression weights box_reg_weights x (k + 1), and
-    # refines the detections once at inference (after the test_box_refine passes). () = none (the paper).
+    # Inference refinements of the detections (not in the paper; modeling/refine.py, applied in this order between
+    # detection selection and the mask / keypoint heads). test_box_refine: extra box-head passes (iterative box
+    # regression; 0 keeps torchvision / detectron2 parity).
+    test_box_refine: int = 0
+    # Extra box stages (Cascade R-CNN's idea, not in the paper; FPN only; modeling/cascade.py), one per IoU
+    # threshold: stage k is trained on stage k-1's regressed boxes labelled at this IoU, with regression weights
+    # box_reg_weights x (k + 1), and refines the detections once at inference (after the test_box_refine passes).
+    # () = none (the paper).
     cascade_iou_thresholds: tuple = ()
     # Inference: weight in [0, 1] of the mask-derived box sides (0 = off, the paper). The mask head runs on each
     # detection's box enlarged test_mask_box_expand times; sides where the mask ends inside that box move to
     # (1 - w) x regressed + w x mask edge (sub-cell, where the mask crosses 0.5).
     test_mask_box: float = 0.0
     test_mask_box_expand: float = 1.25
-    # Inference: horizontal-flip test-time augmentation (not in the paper; ~2x the inference cost). The backbone
+    # Inference: horizontal-flip test-time augmentation (not in the paper; ~2x the inference cost;
+    # modeling/tta.py FlipTTA, which modeling.inference_model(model, cfg) wraps around the model). The backbone
     # and RPN also run on the mirrored images; boxes, class scores, masks and keypoint heatmaps are the mean of
     # both views (keypoint.flip_pairs swapped in the mirror). false = the paper.
     test_flip: bool = False
@@ -112,7 +116,8 @@ class KeypointHeadConfig:
     pooler_resolution: int = 14
     heatmap_size: int = 56
     loss_weight: float = 1.0
-    # index pairs swapped by a horizontal flip (COCO person: left/right eyes, ears, shoulders, ...)
+    # index pairs swapped by a horizontal flip (COCO person: left/right eyes, ears, shoulders, ...): training
+    # augmentation and roi_heads.test_flip
     flip_pairs: tuple = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 
 

@@ -99,7 +99,7 @@ def run_demo(output, *, max_iter: int | None = None, time_budget: float = DEMO_T
     from .data import CocoDetection, make_shapes
     from .engine import load_weights, train
     from .engine.hooks import TimeBudget
-    from .modeling import build_model
+    from .modeling import build_model, inference_model
     from .visualize import save_predictions
 
     if max_iter is not None and max_iter <= 0:
@@ -139,7 +139,7 @@ def run_demo(output, *, max_iter: int | None = None, time_budget: float = DEMO_T
     val = CocoDetection(paths["val_json"], paths["val_images"], train=False)
     model = build_model(cfg)
     load_weights(model, out / "train" / "model_final.safetensors")
-    pngs = save_predictions(model, val, out / "predictions", num_images=num_images)
+    pngs = save_predictions(inference_model(model, cfg), val, out / "predictions", num_images=num_images)
     log(f"[demo] wrote {len(pngs)} PNGs with masks, boxes, labels, scores and keypoints to {out / 'predictions'} "
         f"({time.perf_counter() - t_train:.0f} s)")
     log(f"[demo] total wall time {time.perf_counter() - t0:.0f} s, {cfg.solver.max_iter} training iterations")

@@ -148,8 +148,11 @@ def skeleton_of(dataset) -> list[tuple[int, int]]:
 
 def save_predictions(model: torch.nn.Module, dataset, out_dir, *, num_images: int = 8, score_thresh: float = 0.5,
                      prefix: str = "") -> list[Path]:
-    """Runs model on the first num_images of dataset and writes <image_id>.png with the detections drawn."""
-    from .engine.inference import inference
+    """Runs model on the first num_images of dataset and writes <image_id>.png with the detections drawn.
+
+    model: a detector such as MaskRCNN; for a config's model pass modeling.inference_model(model, cfg), which
+    applies its test-time augmentation."""
+    from .engine.inference import inference, takes_mask_format
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,17 +161,11 @@ def save_predictions(model: torch.nn.Module, dataset, out_dir, *, num_images: in
     paths = []
     n = min(num_images, len(dataset))
     inner = getattr(model, "module", model)
-    old = getattr(inner, "mask_format", None)
-    if old is not None:
-        inner.mask_format = "prob"
-    try:
-        for idx, (targets, outputs) in zip(range(n), inference(inner, dataset, indices=range(n))):
-            image, _ = dataset[idx]
-            img = draw_instances(image, outputs[0], class_names=names, score_thresh=score_thresh, skeleton=skel)
-            p = out_dir / f"{prefix}{int(targets[0]['image_id']):06d}.png"
-            img.save(p)
-            paths.append(p)
-    finally:
-        if old is not None:
-            inner.mask_format = old
+    mask_format = "prob" if takes_mask_format(inner) else None
+    for idx, (targets, outputs) in zip(range(n), inference(inner, dataset, indices=range(n), mask_format=mask_format)):
+        image, _ = dataset[idx]
+        img = draw_instances(image, outputs[0], class_names=names, score_thresh=score_thresh, skeleton=skel)
+        p = out_dir / f"{prefix}{int(targets[0]['image_id']):06d}.png"
+        img.save(p)
+        paths.append(p)
     return paths

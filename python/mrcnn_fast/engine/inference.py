@@ -1,6 +1,7 @@
 """Running a detection model over a data set and COCO-evaluating it, sharded over ranks when distributed."""
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from typing import Callable, Iterator, Sequence
@@ -32,6 +33,15 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def takes_mask_format(model: torch.nn.Module) -> bool:
+    """Whether model's call takes the mask_format keyword (MaskRCNN, FlipTTA); other detectors are called with
+    the images alone."""
+    try:
+        return "mask_format" in inspect.signature(du.unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def prepare_evaluation(cfg, dataset, *, source: str, model: str, log: Callable[[str], None]):
     """Checks an evaluation set against a model config before any inference (or training) runs, so that a bad
     set fails in seconds: keypoint count, categories (by name, config data.class_names) and ground truth
@@ -54,21 +64,23 @@ def prepare_evaluation(cfg, dataset, *, source: str, model: str, log: Callable[[
 
 @torch.no_grad()
 def inference(model: torch.nn.Module, dataset, *, indices: Sequence[int] | None = None, batch_size: int = 1,
-              num_workers: int = 0) -> Iterator[tuple[list[dict], list[dict]]]:
+              num_workers: int = 0, mask_format: str | None = None) -> Iterator[tuple[list[dict], list[dict]]]:
     """Yields (targets, outputs) per batch over dataset (or the given indices), outputs moved to the CPU.
 
-    The model is put in eval mode for the duration and restored afterwards.
+    The model is put in eval mode for the duration and restored afterwards. mask_format: passed to the model's
+    call (model(images, mask_format=...), see MaskRCNN) when given; None calls model(images).
     """
     model = du.unwrap(model)
     device = _model_device(model)
     subset = dataset if indices is None else Subset(dataset, list(indices))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                         persistent_workers=False)
+    kwargs = {} if mask_format is None else {"mask_format": mask_format}
     was_training = model.training
     model.eval()
     try:
         for images, targets in loader:
-            outputs = model([im.to(device, non_blocking=True) for im in images])
+            outputs = model([im.to(device, non_blocking=True) for im in images], **kwargs)
             yield targets, [{k: _to_cpu(v) for k, v in o.items()} for o in outputs]
     finally:
         model.train(was_training)
@@ -91,8 +103,9 @@ def evaluate(model: torch.nn.Module, dataset, *, distributed: bool | None = None
     evaluator_factory(iou_types): builds the evaluator (default: evaluation.COCOEvaluator over
         dataset.coco / dataset.cat_ids); it needs .process(image_ids, outputs), .results and
         .evaluate(results=...).
-    Masks are requested as RLE (model.mask_format = "rle") when the model supports it: pasting straight to
-    RLE avoids materialising full-image probability masks.
+    Masks are requested as RLE (mask_format="rle") when the model's call takes mask_format (MaskRCNN,
+    FlipTTA): pasting straight to RLE avoids materialising full-image probability masks. Evaluate a config's
+    model as modeling.inference_model(model, cfg), which applies its test-time augmentation.
     """
     if distributed is None:
         distributed = du.is_dist()
@@ -104,22 +117,16 @@ def evaluate(model: torch.nn.Module, dataset, *, distributed: bool | None = None
             return COCOEvaluator(dataset.coco, dataset.cat_ids, iou_types=types)
 
     inner = du.unwrap(model)
-    old_format = getattr(inner, "mask_format", None)
-    if old_format is not None:
-        inner.mask_format = "rle"
+    mask_format = "rle" if takes_mask_format(inner) else None
     t0 = time.perf_counter()
     evaluator, has_kp, n_images = None, False, 0
-    try:
-        for targets, outputs in inference(inner, dataset, indices=range(rank, len(dataset), world),
-                                          batch_size=batch_size, num_workers=num_workers):
-            if evaluator is None:
-                has_kp = any("keypoints" in o for o in outputs)
-                evaluator = evaluator_factory(tuple(iou_types) if iou_types else _iou_types(has_kp))
-            evaluator.process([int(t["image_id"]) for t in targets], outputs)
-            n_images += len(targets)
-    finally:
-        if old_format is not None:
-            inner.mask_format = old_format
+    for targets, outputs in inference(inner, dataset, indices=range(rank, len(dataset), world),
+                                      batch_size=batch_size, num_workers=num_workers, mask_format=mask_format):
+        if evaluator is None:
+            has_kp = any("keypoints" in o for o in outputs)
+            evaluator = evaluator_factory(tuple(iou_types) if iou_types else _iou_types(has_kp))
+        evaluator.process([int(t["image_id"]) for t in targets], outputs)
+        n_images += len(targets)
     local = {"results": list(evaluator.results) if evaluator is not None else [], "keypoints": has_kp, "n": n_images}
     gathered = du.all_gather_object(local) if distributed else [local]
     metrics = None

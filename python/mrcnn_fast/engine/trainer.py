@@ -470,7 +470,7 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
     Run it under torchrun for multi-process training. Returns the final val metrics ({} without a val set).
     """
     from ..data import build_loader
-    from ..modeling import build_model
+    from ..modeling import build_model, inference_model
 
     if max_iter is not None:
         cfg = merge(cfg, {"solver": {"max_iter": int(max_iter)}})
@@ -507,7 +507,7 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
     evaluate_fn = None
     if val_set is not None:
         def evaluate_fn(m):
-            return evaluate(m, val_set, distributed=ctx.distributed, iou_types=val_iou_types,
+            return evaluate(inference_model(m, cfg), val_set, distributed=ctx.distributed, iou_types=val_iou_types,
                             evaluator_factory=val_factory, num_workers=min(cfg.train.num_workers, 2), log=log)
 
     log(f"training on {len(train_set)} images, {ctx.world_size} process(es) on {ctx.device}, "

@@ -183,67 +183,6 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, loss_type: s
     raise ValueError(f"loss_type must be 'sigmoid' or 'softmax', got {loss_type!r}")
 
 
-def mask_probs(mask_logits: Tensor, labels: Tensor, loss_type: str = "sigmoid") -> Tensor:
-    """Mask probabilities of each detection's class: Tensor[D, 1, M, M].
-
-    softmax: a pixel belongs to the mask when the detection's class wins the per-pixel argmax over all
-    channels (the FCN decision the multinomial loss trains for). As a score that the paste thresholds at 0.5:
-    p_k / (p_k + max_{j != k} p_j), which is > 0.5 exactly where channel k is the argmax (p_k itself can win
-    the argmax below 0.5 when several channels share the rest).
-    """
-    d = mask_logits.shape[0]
-    agnostic = mask_logits.shape[1] <= (1 if loss_type == "sigmoid" else 2)
-    if loss_type == "softmax":
-        probs = mask_logits.softmax(dim=1)
-        chan = torch.ones_like(labels) if agnostic else labels
-        idx = torch.arange(d, device=labels.device)
-        own = probs[idx, chan]
-        others = probs.clone()
-        others[idx, chan] = -1.0
-        best_other = others.max(dim=1).values
-        return (own / (own + best_other).clamp_min(torch.finfo(own.dtype).tiny))[:, None]
-    chan = torch.zeros_like(labels) if agnostic else labels
-    return mask_logits[torch.arange(d, device=labels.device), chan][:, None].sigmoid()
-
-
-def mask_box_edges(probs: Tensor, boxes: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
-    """The box of each predicted mask, to sub-cell precision: where the mask's column / row maxima cross the
-    threshold, linearly interpolated between cell centres (the mask is pasted with bilinear interpolation, so
-    this is where the pasted mask's edge falls).
-
-    Args:
-        probs (Tensor[N, M, M]): mask probabilities over boxes (Tensor[N, 4]), cell (i, j) centred at
-            (x1 + (j + 0.5) w / M, y1 + (i + 0.5) h / M).
-    Returns: (edges Tensor[N, 4] (x1, y1, x2, y2), valid Tensor[N, 4] bool). A side is invalid when the mask is
-    empty or reaches that side of its box (the object may go on beyond it).
-    """
-    n, m = probs.shape[0], probs.shape[-1]
-    if n == 0:
-        return boxes.new_zeros((0, 4)), torch.zeros((0, 4), dtype=torch.bool, device=boxes.device)
-    probs = probs.to(boxes.dtype)
-    rows = torch.arange(n, device=probs.device)
-    cells = torch.arange(m, device=probs.device).expand(n, m)
-
-    def crossings(profile: Tensor):
-        above = profile >= threshold
-        first = torch.where(above, cells, m).min(dim=1).values
-        last = torch.where(above, cells, -1).max(dim=1).values
-        f, l = first.clamp(1, m - 1), last.clamp(0, m - 2)
-        a, b = profile[rows, f - 1], profile[rows, f]
-        lo = (f - 1).to(profile.dtype) + ((threshold - a) / (b - a).clamp_min(1e-6)).clamp(0, 1) + 0.5
-        a, b = profile[rows, l], profile[rows, l + 1]
-        hi = l.to(profile.dtype) + ((a - threshold) / (a - b).clamp_min(1e-6)).clamp(0, 1) + 0.5
-        found = last >= 0
-        return lo, hi, found & (first > 0), found & (last < m - 1)
-
-    xl, xh, vxl, vxh = crossings(probs.amax(dim=1))
-    yl, yh, vyl, vyh = crossings(probs.amax(dim=2))
-    sx = (boxes[:, 2] - boxes[:, 0]) / m
-    sy = (boxes[:, 3] - boxes[:, 1]) / m
-    edges = torch.stack([boxes[:, 0] + xl * sx, boxes[:, 1] + yl * sy, boxes[:, 0] + xh * sx, boxes[:, 1] + yh * sy], 1)
-    return edges, torch.stack([vxl, vyl, vxh, vyh], 1)
-
-
 # ---- keypoint head -------------------------------------------------------------------------------
 
 
@@ -301,29 +240,3 @@ def keypoint_loss(keypoint_logits: Tensor, targets: Tensor, valid: Tensor) -> Te
         return keypoint_logits.sum() * 0
     logits = keypoint_logits.reshape(p * k, h * w)[valid]
     return F.cross_entropy(logits, targets.reshape(-1)[valid])
-
-
-def heatmaps_to_keypoints(maps: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Keypoint locations from heatmaps, torchvision's conventions: each heatmap is resized (bicubic) to the
-    box's ceil'd size, the argmax cell (+0.5) is mapped back to image coordinates.
-
-    maps (Tensor[D, K, M, M]), boxes (Tensor[D, 4]) -> (Tensor[D, K, 3] (x, y, 1), Tensor[D, K] scores).
-    """
-    d, k = maps.shape[:2]
-    xy = maps.new_zeros((d, k, 3))
-    scores = maps.new_zeros((d, k))
-    if d == 0:
-        return xy, scores
-    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
-    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
-    wc, hc = widths.ceil(), heights.ceil()
-    for i, (w_i, h_i) in enumerate(zip(wc.tolist(), hc.tolist())):
-        w_i, h_i = int(w_i), int(h_i)
-        roi = F.interpolate(maps[i][:, None], size=(h_i, w_i), mode="bicubic", align_corners=False)[:, 0]
-        pos = roi.reshape(k, -1).argmax(dim=1)
-        xi, yi = pos % w_i, pos // w_i
-        xy[i, :, 0] = (xi.to(maps.dtype) + 0.5) * (widths[i] / w_i) + boxes[i, 0]
-        xy[i, :, 1] = (yi.to(maps.dtype) + 0.5) * (heights[i] / h_i) + boxes[i, 1]
-        scores[i] = roi[torch.arange(k, device=maps.device), yi, xi]
-    xy[..., 2] = 1
-    return xy, scores

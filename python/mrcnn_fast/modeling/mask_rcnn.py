@@ -4,27 +4,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import ops
 from ..data.transforms import batch_images, resize_shortest_edge
 from .backbone import Backbone, build_res5_head
-from .roi_heads import RoIHeads, hflip_per_image
+from .cascade import CascadeRefinement, CascadeRoIHeads
+from .postprocess import Detections, check_mask_format, detector_results, mask_probs, pack, rois_from_padded
+from .refine import IterativeBoxRefinement, MaskBoxRefinement
+from .roi_heads import RoIHeads, RoIPredictor
 from .rpn import RPN
+from .tta import FlipTTA
 
-MASK_FORMATS = ("prob", "rle")
 MASK_PASTES = ("aligned", "torchvision")
 
 
 class MaskRCNN(nn.Module):
     """Mask R-CNN (He et al. 2017) with an FPN or C4 head.
 
-    forward(images, targets=None):
+    forward(images, targets=None, *, mask_format="prob"):
         images: list of Tensor[3, H, W] float RGB in [0, 1] (sizes may differ).
         targets (training): list of dicts with "boxes" Tensor[G, 4] xyxy pixels, "labels" Tensor[G] int64 in 1..C,
             "masks" Tensor[G, H, W] (when the mask head is on), "keypoints" Tensor[G, K, 3] (keypoint head),
             optionally "iscrowd" Tensor[G] (crowd instances are dropped).
+        mask_format (inference): "prob" -> "masks" Tensor[D, 1, H, W] float probabilities; "bool" -> "masks"
+            Tensor[D, H, W] bool (probability > 0.5); "rle" -> "masks_rle", a list of D COCO RLE dicts (never
+            builds image-sized masks).
         Training returns a dict of scalar losses; inference a list of dicts per image in the input image's
-        coordinates: boxes [D, 4], labels [D], scores [D], masks [D, 1, H, W] float probabilities (or
-        "masks_rle" when mask_format == "rle"), keypoints [D, K, 3] and keypoints_scores [D, K].
+        coordinates: boxes [D, 4], labels [D], scores [D], the masks as mask_format says, keypoints [D, K, 3]
+        and keypoints_scores [D, K].
+
+    Inference runs three stages with the networks between them (see `inference`); between stages a batch is
+    padded tensors plus per-image counts, the networks see the valid rows only.
 
     Args:
         backbone, rpn, roi_heads: the parts.
@@ -32,7 +40,6 @@ class MaskRCNN(nn.Module):
         min_size_train (tuple): shortest side, one chosen at random per image in training.
         max_size_train, min_size_test, max_size_test: see resize_shortest_edge.
         size_divisibility: the batch is zero-padded to a multiple of this.
-        mask_format: "prob" or "rle" (inference output of the masks, also settable as an attribute).
         mask_paste: how the predicted masks are pasted into the image (also settable as an attribute):
             "aligned" (detectron2's convention: the mask covers its box exactly, as the RoIAlign(aligned=True)
             mask targets do) or "torchvision" (torchvision's paste_masks_in_image bit for bit, for output parity;
@@ -44,7 +51,7 @@ class MaskRCNN(nn.Module):
     def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, *, pixel_mean=(0.485, 0.456, 0.406),
                  pixel_std=(0.229, 0.224, 0.225), min_size_train=(800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
-                 mask_format: str = "prob", mask_paste: str = "aligned", channels_last: bool = False):
+                 mask_paste: str = "aligned", channels_last: bool = False):
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
@@ -58,7 +65,6 @@ class MaskRCNN(nn.Module):
         self.min_size_test = int(min_size_test)
         self.max_size_test = int(max_size_test)
         self.size_divisibility = int(size_divisibility)
-        self.mask_format = mask_format
         self.mask_paste = mask_paste
         self._channels_last = False
         self.channels_last = channels_last
@@ -73,16 +79,16 @@ class MaskRCNN(nn.Module):
         if len(backbone.strides) != len(m.anchors.sizes):
             raise ValueError(f"model.anchors.sizes has {len(m.anchors.sizes)} levels but the backbone produces "
                              f"{len(backbone.strides)} feature maps")
-        paste = getattr(m.mask, "paste", "aligned")
+        paste = m.mask.paste
         if paste not in MASK_PASTES:
             raise ValueError(f"model.mask.paste must be one of {MASK_PASTES}, got {paste!r}")
         res5 = None if m.fpn.enabled else build_res5_head(cfg)
-        roi_heads = RoIHeads.from_config(cfg, backbone.out_channels, backbone.strides, res5)
+        roi_heads = build_roi_heads(cfg, backbone.out_channels, backbone.strides, res5)
         i = cfg.input
         return cls(backbone, rpn, roi_heads, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std,
                    min_size_train=i.min_size_train, max_size_train=i.max_size_train, min_size_test=i.min_size_test,
                    max_size_test=i.max_size_test, size_divisibility=i.size_divisibility, mask_paste=paste,
-                   channels_last=getattr(m, "channels_last", False))
+                   channels_last=m.channels_last)
 
     @property
     def channels_last(self) -> bool:
@@ -95,16 +101,6 @@ class MaskRCNN(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         self._channels_last = bool(value)
-
-    @property
-    def mask_format(self) -> str:
-        return self._mask_format
-
-    @mask_format.setter
-    def mask_format(self, value: str) -> None:
-        if value not in MASK_FORMATS:
-            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {value!r}")
-        self._mask_format = value
 
     @property
     def mask_paste(self) -> str:
@@ -130,7 +126,8 @@ class MaskRCNN(nn.Module):
 
     # ---- preprocessing ----------------------------------------------------------------------------
 
-    def _check_inputs(self, images, targets):
+    def check_inputs(self, images, targets=None):
+        """Raises on images / targets the model cannot take (see the class doc)."""
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of Tensor[3, H, W]")
         for i, im in enumerate(images):
@@ -203,60 +200,112 @@ class MaskRCNN(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
 
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        self._check_inputs(images, targets)
-        batch, image_sizes, targets, orig_sizes = self.preprocess(list(images), targets)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+    def to_model_layout(self, batch: Tensor) -> Tensor:
+        """The padded batch in the memory layout of the convolutions (see channels_last)."""
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None, *, mask_format: str = "prob"):
+        check_mask_format(mask_format)
+        self.check_inputs(images, targets)
+        batch, image_sizes, targets, input_sizes = self.preprocess(list(images), targets)
+        batch = self.to_model_layout(batch)
+        if not self.training:
+            return self.inference(batch, image_sizes, input_sizes, mask_format=mask_format)
         feats = self.backbone(batch)
-        gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
-        proposals, losses = self.rpn(batch.shape[-2:], feats, image_sizes, gt_boxes)
-        if self.training:
-            losses.update(self.roi_heads(feats, proposals, image_sizes, targets))
-            return losses
-        flipped = None
-        if self.roi_heads.test_flip:
-            flipped, proposals = self._flip_view(batch, image_sizes, proposals)
-        results = self.roi_heads(feats, proposals, image_sizes, flipped_feats=flipped)
-        return self.postprocess(results, image_sizes, orig_sizes)
+        proposals, counts, losses = self.rpn(batch.shape[-2:], feats, image_sizes, [t["boxes"] for t in targets])
+        proposals = [p[:c] for p, c in zip(proposals, counts.tolist())]
+        losses.update(self.roi_heads(feats, proposals, image_sizes, targets))
+        return losses
+
+    # ---- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _flip_view(self, batch: Tensor, image_sizes, proposals: list[Tensor]):
-        """Test-time flip: the features of the batch with every image mirrored within its own width (the padding
-        stays on the right, where the backbone saw it), and each image's proposals joined by the mirror's
-        proposals mapped back, so that both views nominate boxes and the result is symmetric in the two."""
-        mirrored = batch.clone()
-        for i, (h, w) in enumerate(image_sizes):
-            mirrored[i, :, :h, :w] = batch[i, :, :h, :w].flip(-1)
-        feats = self.backbone(mirrored)
-        props, _ = self.rpn(batch.shape[-2:], feats, image_sizes, None)
-        joined = [torch.cat([p, q]) for p, q in zip(proposals, hflip_per_image(props, image_sizes))]
-        return feats, joined
+    def inference(self, batch: Tensor, image_sizes, input_sizes, *, mask_format: str = "prob") -> list[dict]:
+        """The eval path on a preprocessed batch: the networks, and between them the three stages.
+
+        Args:
+            batch (Tensor[N, 3, Hp, Wp]): normalised, padded, in the model's layout (see preprocess).
+            image_sizes: (h, w) of each resized image in the batch; input_sizes: (h0, w0) of each input image.
+            mask_format: see the class doc.
+        """
+        rh = self.roi_heads
+        feats = self.backbone(batch)
+        objectness, deltas, anchors = self.rpn.predict(batch.shape[-2:], feats)
+        proposals, counts, box_features = self.proposal_stage(objectness, deltas, anchors, feats, image_sizes)
+        class_logits, box_regression = rh.box_head_outputs(box_features)
+        dets, mask_features, keypoint_features = self.detection_stage(class_logits, box_regression, proposals,
+                                                                      counts, feats, image_sizes)
+        mask_logits = None if mask_features is None else rh.mask_logits(mask_features)
+        keypoint_logits = None if keypoint_features is None else rh.keypoint_logits(keypoint_features)
+        return self.result_stage(dets, mask_logits, keypoint_logits, image_sizes, input_sizes, mask_format=mask_format)
 
     @torch.no_grad()
-    def postprocess(self, results: list[dict], image_sizes, orig_sizes) -> list[dict]:
-        out = []
-        for r, (h, w), (h0, w0) in zip(results, image_sizes, orig_sizes):
-            rx, ry = w0 / w, h0 / h
-            boxes = r["boxes"] * r["boxes"].new_tensor([rx, ry, rx, ry])
-            o = {"boxes": boxes, "labels": r["labels"], "scores": r["scores"]}
-            if "mask_probs" in r:
-                mp = r["mask_probs"]
-                aligned = self.mask_paste == "aligned"
-                if self.mask_format == "rle":
-                    o["masks_rle"] = ops.paste_masks_rle(mp, boxes, (h0, w0), aligned=aligned) if mp.shape[0] else []
-                elif mp.shape[0]:
-                    o["masks"] = ops.paste_masks_in_image(mp, boxes, (h0, w0), aligned=aligned)
-                else:
-                    o["masks"] = mp.new_zeros((0, 1, h0, w0))
-            if "keypoints" in r:
-                kp = r["keypoints"].clone()
-                kp[..., 0] *= rx
-                kp[..., 1] *= ry
-                o["keypoints"] = kp
-                o["keypoints_scores"] = r["keypoints_scores"]
-            out.append(o)
-        return out
+    def proposal_stage(self, objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
+                       feats: list[Tensor], image_sizes) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage 1: RPN outputs -> proposals and their pooled box features.
+
+        Args:
+            objectness (list of Tensor[N, R_l]), deltas (list of Tensor[N, R_l, 4]), anchors (list of
+                Tensor[R_l, 4]): RPN.predict per feature level.
+            feats: the backbone's feature maps; image_sizes: (h, w) of each resized image.
+        Returns: proposals Tensor[N, P, 4] (P = rpn post_nms_top_n, rows at or past counts[i] zero), counts
+            Tensor[N], box_features Tensor[R, C, S, S] of the valid proposals image after image (R = counts.sum()).
+        """
+        proposals, counts = self.rpn.generate_proposals(objectness, deltas, anchors, image_sizes)
+        total = int(counts.sum())    # host sync: the box head runs on the valid proposals only
+        box_features = self.roi_heads.box_pooler(feats, rois_from_padded(proposals, counts, total))
+        return proposals, counts, box_features
+
+    @torch.no_grad()
+    def detection_stage(self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor, counts: Tensor,
+                        feats: list[Tensor], image_sizes) -> tuple[Detections, Tensor | None, Tensor | None]:
+        """Stage 2: box-head outputs -> detections and the pooled features of the mask and keypoint heads.
+
+        Args:
+            class_logits (Tensor[R, C + 1]), box_regression (Tensor[R, 4 (C + 1)]): the box head on stage 1's
+                box_features.
+            proposals (Tensor[N, P, 4]), counts (Tensor[N]): stage 1's.
+            feats, image_sizes: as for stage 1.
+        Returns: Detections (boxes Tensor[N, D, 4], scores / labels Tensor[N, D], counts Tensor[N]; D =
+            detections_per_image) in the resized images, then mask_features Tensor[R', C, S, S] and
+            keypoint_features Tensor[R', C, S', S'] of the valid detections image after image (None for a
+            branch that is off). The roi_heads' refiners (none in the paper) run before the pooling.
+        """
+        rh = self.roi_heads
+        dets = rh.detections_from_box_outputs(class_logits, box_regression, proposals, counts, image_sizes)
+        dets = rh.refine_detections(RoIPredictor(rh, feats), dets, image_sizes)
+        mask_features, keypoint_features = rh.detection_features(feats, dets)
+        return dets, mask_features, keypoint_features
+
+    @torch.no_grad()
+    def result_stage(self, dets: Detections, mask_logits: Tensor | None, keypoint_logits: Tensor | None,
+                     image_sizes, input_sizes, *, mask_format: str = "prob") -> list[dict]:
+        """Stage 3: head outputs -> per-image results in the input images' coordinates.
+
+        Args:
+            dets: stage 2's.
+            mask_logits (Tensor[R', C', M, M]), keypoint_logits (Tensor[R', K, S, S]): the mask / keypoint heads
+                on stage 2's features (None for a branch that is off).
+            image_sizes: (h, w) of each resized image; input_sizes: (h0, w0) of each input image.
+            mask_format: see the class doc.
+        Returns: one dict per image (see the class doc).
+        """
+        dtype = dets.boxes.dtype
+        probs = heatmaps = None
+        if mask_logits is not None:
+            labels = pack(dets.labels, dets.counts, mask_logits.shape[0])
+            probs = mask_probs(mask_logits.to(dtype), labels, self.roi_heads.mask_loss_type)
+        if keypoint_logits is not None:
+            heatmaps = keypoint_logits.to(dtype)
+        return self.postprocess(dets, image_sizes, input_sizes, mask_probs=probs, keypoint_heatmaps=heatmaps,
+                                mask_format=mask_format)
+
+    def postprocess(self, dets: Detections, image_sizes, input_sizes, *, mask_probs: Tensor | None = None,
+                    keypoint_heatmaps: Tensor | None = None, mask_format: str = "prob") -> list[dict]:
+        """postprocess.detector_results with this model's mask paste."""
+        return detector_results(dets, image_sizes, input_sizes, mask_probs=mask_probs,
+                                keypoint_heatmaps=keypoint_heatmaps, mask_format=mask_format,
+                                aligned=self.mask_paste == "aligned")
 
 
 def _contiguous_state_dict(module, state_dict, prefix, local_metadata):
@@ -265,6 +314,38 @@ def _contiguous_state_dict(module, state_dict, prefix, local_metadata):
             state_dict[k] = v.contiguous()
 
 
+def build_roi_heads(cfg, in_channels: int, strides, res5: tuple[nn.Module, int] | None = None) -> RoIHeads:
+    """The RoI heads a Config describes: RoIHeads (the paper), or CascadeRoIHeads with
+    roi_heads.cascade_iou_thresholds; with the refinements of the detections at inference in the order they
+    apply: test_box_refine passes of the box head, one pass of each cascade stage, mask-derived box sides."""
+    r = cfg.model.roi_heads
+    thresholds = tuple(r.cascade_iou_thresholds)
+    box_refine = IterativeBoxRefinement(r.test_box_refine)
+    mask_box = MaskBoxRefinement(r.test_mask_box, r.test_mask_box_expand)
+    if mask_box.weight > 0 and not cfg.model.mask.enabled:
+        raise ValueError("test_mask_box > 0 needs the mask head")
+    refiners = [box_refine] if box_refine.passes else []
+    if thresholds:
+        refiners.append(CascadeRefinement(len(thresholds)))
+    if mask_box.weight > 0:
+        refiners.append(mask_box)
+    cls = CascadeRoIHeads if thresholds else RoIHeads
+    return cls.from_config(cfg, in_channels, strides, res5, refiners=refiners)
+
+
 def build_model(cfg) -> MaskRCNN:
-    """The model described by a Config (see mrcnn_fast.config)."""
-    return MaskRCNN.from_config(cfg)
+    """The trainable model a Config describes (see mrcnn_fast.config). Evaluate it through
+    inference_model(model, cfg), which adds the config's test-time augmentation."""
+    model = MaskRCNN.from_config(cfg)
+    inference_model(model, cfg)    # the inference-only settings fail here, not at the first evaluation
+    return model
+
+
+def inference_model(model: MaskRCNN, cfg) -> nn.Module:
+    """The model to run a config's MaskRCNN with at inference: FlipTTA(model) when roi_heads.test_flip is set,
+    else model itself. The wrapper shares the model's modules (load weights into the model, wrap, evaluate) and
+    takes the same call: wrapper(images, mask_format=...)."""
+    flip = cfg.model.roi_heads.test_flip
+    if not isinstance(flip, bool):
+        raise ValueError(f"test_flip must be true or false, got {flip!r}")
+    return FlipTTA.from_config(cfg, model) if flip else model

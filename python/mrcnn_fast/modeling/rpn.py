@@ -140,28 +140,38 @@ class RPN(nn.Module):
                    post_nms_top_n={"train": r.post_nms_topk_train, "test": r.post_nms_topk_test},
                    nms_thresh=r.nms_thresh, score_thresh=r.score_thresh, min_size=r.min_size)
 
-    def forward(self, image_hw, feats: list[Tensor], image_sizes, gt_boxes: list[Tensor] | None = None):
-        """Returns (proposals: list of Tensor[Pi, 4] per image, losses dict)."""
+    def predict(self, image_hw, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The RPN head and the anchors: (objectness [N, H*W*A] per level, deltas [N, H*W*A, 4] per level, anchors
+        [H*W*A, 4] per level) for the padded batch size image_hw (H, W)."""
         logits, deltas = self.head(feats)
         # box arithmetic in float32 also under mixed precision (float16 anchors would be off by pixels)
         dtype = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
         logits = [o.to(dtype) for o in logits]
         deltas = [d.to(dtype) for d in deltas]
         anchors = self.anchor_generator(image_hw, [f.shape[-2:] for f in feats], dtype, feats[0].device)
+        return logits, deltas, anchors
+
+    @torch.no_grad()
+    def generate_proposals(self, objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
+                           image_sizes) -> tuple[Tensor, Tensor]:
+        """ops.generate_proposals with this RPN's settings (train or test top-n by mode) -> (proposals
+        Tensor[N, P, 4], counts Tensor[N]); rows of image i at or past counts[i] are zero."""
         mode = "train" if self.training else "test"
-        with torch.no_grad():
-            boxes, _, counts = ops.generate_proposals(
-                [o.detach() for o in logits], [d.detach() for d in deltas], anchors, image_sizes,
-                self.pre_nms_top_n[mode], self.post_nms_top_n[mode], self.nms_thresh, self.score_thresh,
-                self.min_size)
-        counts = counts.tolist()
-        proposals = [boxes[i, :c] for i, c in enumerate(counts)]
+        boxes, _, counts = ops.generate_proposals(
+            [o.detach() for o in objectness], [d.detach() for d in deltas], anchors, image_sizes,
+            self.pre_nms_top_n[mode], self.post_nms_top_n[mode], self.nms_thresh, self.score_thresh, self.min_size)
+        return boxes, counts
+
+    def forward(self, image_hw, feats: list[Tensor], image_sizes, gt_boxes: list[Tensor] | None = None):
+        """Returns (proposals Tensor[N, P, 4], counts Tensor[N], losses dict (empty at inference))."""
+        logits, deltas, anchors = self.predict(image_hw, feats)
+        proposals, counts = self.generate_proposals(logits, deltas, anchors, image_sizes)
         losses = {}
         if self.training:
             if gt_boxes is None:
                 raise ValueError("targets are required in training")
             losses = self.losses(logits, deltas, anchors, gt_boxes)
-        return proposals, losses
+        return proposals, counts, losses
 
     @torch.no_grad()
     def assign_targets(self, anchors: Tensor, gt_boxes: list[Tensor]):
