@@ -10,10 +10,6 @@ namespace {
 template <class T> using acc_t = typename cuda::Acc<T>::type;
 constexpr int kThreads = 256;
 
-template <class A> detail::CoderParams<A> coder_params(const BoxCoderParams& p) {
-  return {A(p.weights[0]), A(p.weights[1]), A(p.weights[2]), A(p.weights[3]), A(p.clip)};
-}
-
 template <class T> __device__ __forceinline__ void load4(const T* p, acc_t<T>* out) {
   for (int c = 0; c < 4; ++c) out[c] = cuda::to_acc(p[c]);
 }
@@ -72,7 +68,7 @@ void encode_boxes_cuda(const TensorView& ref, const TensorView& prop, const BoxC
   const int64_t n = ref.size(0);
   MRCNN_DISPATCH_CUDA_FLOAT(ref.dtype, "encode_boxes", [&] {
     encode_kernel<scalar_t><<<cuda::blocks_for(n, kThreads), kThreads, 0, cuda::as_stream(stream)>>>(
-        ref.ptr<scalar_t>(), prop.ptr<scalar_t>(), n, coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
+        ref.ptr<scalar_t>(), prop.ptr<scalar_t>(), n, detail::coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
     MRCNN_CUDA_CHECK_LAUNCH();
   });
 }
@@ -83,7 +79,7 @@ void decode_boxes_cuda(const TensorView& deltas, const TensorView& boxes, const 
   const int64_t n = boxes.size(0), k = deltas.size(1) / 4;
   MRCNN_DISPATCH_CUDA_FLOAT(boxes.dtype, "decode_boxes", [&] {
     decode_kernel<scalar_t><<<cuda::blocks_for(n * k, kThreads), kThreads, 0, cuda::as_stream(stream)>>>(
-        deltas.ptr<scalar_t>(), boxes.ptr<scalar_t>(), n, k, coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
+        deltas.ptr<scalar_t>(), boxes.ptr<scalar_t>(), n, k, detail::coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
     MRCNN_CUDA_CHECK_LAUNCH();
   });
 }

@@ -225,8 +225,7 @@ void run(const std::vector<ProposalLevel>& levels, const TensorView& image_sizes
   MRCNN_CUDA_CHECK_LAUNCH();
   cuda::sort_pairs<uint32_t>(s.sort_temp, s.sort_bytes, s.seg_a, s.seg_b, s.vals_b, s.vals_a, all, s.seg_bits, st);
 
-  const detail::CoderParams<A> cp{A(p.coder.weights[0]), A(p.coder.weights[1]), A(p.coder.weights[2]),
-                                  A(p.coder.weights[3]), A(p.coder.clip)};
+  const detail::CoderParams<A> cp = detail::coder_params<A>(p.coder);
   decode_candidates_kernel<T><<<cuda::blocks_for(slots, kThreads), kThreads, 0, st>>>(
       lv, sh.nimg, s.vals_a, image_sizes.ptr<double>(), cp, A(p.min_size), A(p.score_thresh), s.cand_boxes,
       s.cand_scores, s.valid);
