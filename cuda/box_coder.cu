@@ -20,7 +20,7 @@ template <class T> __device__ __forceinline__ void store4(const acc_t<T>* v, T* 
 template <class T>
 __global__ void encode_kernel(const T* __restrict__ ref, const T* __restrict__ prop, int64_t n,
                               detail::CoderParams<acc_t<T>> p, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     acc_t<T> r[4], q[4], o[4];
     load4(ref + 4 * i, r);
     load4(prop + 4 * i, q);
@@ -32,7 +32,7 @@ __global__ void encode_kernel(const T* __restrict__ ref, const T* __restrict__ p
 template <class T>
 __global__ void decode_kernel(const T* __restrict__ deltas, const T* __restrict__ boxes, int64_t n, int64_t k,
                               detail::CoderParams<acc_t<T>> p, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * k; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n * k) {
     acc_t<T> d[4], b[4], o[4];
     load4(deltas + 4 * i, d);
     load4(boxes + 4 * (i / k), b);
@@ -43,7 +43,7 @@ __global__ void decode_kernel(const T* __restrict__ deltas, const T* __restrict_
 
 template <class T>
 __global__ void clip_kernel(const T* __restrict__ boxes, int64_t n, acc_t<T> h, acc_t<T> w, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     acc_t<T> b[4];
     load4(boxes + 4 * i, b);
     detail::clip_box(b, h, w);
@@ -53,7 +53,7 @@ __global__ void clip_kernel(const T* __restrict__ boxes, int64_t n, acc_t<T> h, 
 
 template <class T>
 __global__ void size_mask_kernel(const T* __restrict__ boxes, int64_t n, acc_t<T> min_size, bool* __restrict__ keep) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     acc_t<T> b[4];
     load4(boxes + 4 * i, b);
     keep[i] = detail::box_big_enough(b, min_size);

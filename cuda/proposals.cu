@@ -42,9 +42,6 @@ template <class T> __device__ __forceinline__ int level_of(const Levels<T>& lv, 
   return l;
 }
 
-#define MRCNN_GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
-
 template <class T>
 __global__ void logit_keys_kernel(Levels<T> lv, int64_t nimg, key_t<T>* __restrict__ keys, uint32_t* __restrict__ vals) {
   MRCNN_GRID_STRIDE(p, nimg * lv.total) {

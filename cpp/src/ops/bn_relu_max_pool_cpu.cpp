@@ -8,6 +8,7 @@
 #include "mrcnn/common/parallel.h"
 #include "mrcnn/common/simd.h"
 #include "mrcnn/ops/bn_relu_max_pool.h"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/max_pool_math.h"
 
 namespace mrcnn {
@@ -46,31 +47,17 @@ struct Args {
   bool use_x;
 };
 
-// Index helpers: with CL the channel stride is 1 and the pixel stride C, compile-time after inlining.
-template <bool CL>
-struct Layout {
-  int64_t batch, cs, ps, obatch, ocs, ops;
-  Layout(int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {
-    batch = C * H * W;
-    obatch = C * OH * OW;
-    cs = CL ? 1 : H * W;
-    ps = CL ? C : 1;
-    ocs = CL ? 1 : OH * OW;
-    ops = CL ? C : 1;
-  }
-};
-
 // Sums of x - shift[c] (shift = x[0, c, 0, 0]) keep the one-pass variance accurate when |mean| >> std.
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void moments_rows(const Args<T>& p, const double* __restrict__ shift, int64_t r0, int64_t r1,
                                       double* __restrict__ sum, double* __restrict__ sq) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL);
   for (int64_t r = r0; r < r1; ++r) {
-    const T* row = p.x + (r / p.H) * L.batch + (r % p.H) * p.W * L.ps;
+    const T* row = p.x + (r / p.H) * sx.batch + (r % p.H) * p.W * sx.cell;
     for (int64_t w = 0; w < p.W; ++w) {
-      const T* __restrict__ px = row + w * L.ps;
+      const T* __restrict__ px = row + w * sx.cell;
       for (int64_t c = 0; c < p.C; ++c) {
-        const double v = static_cast<double>(px[c * L.cs]) - shift[c];
+        const double v = static_cast<double>(px[c * sx.channel]) - shift[c];
         sum[c] += v;
         sq[c] += v * v;
       }
@@ -81,7 +68,7 @@ MRCNN_ALWAYS_INLINE void moments_rows(const Args<T>& p, const double* __restrict
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, T* __restrict__ m,
                                       int32_t* __restrict__ a) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL), so = detail::map_strides(p.C, p.OH, p.OW, CL);
   const int64_t C = p.C, W = p.W;
   const T* __restrict__ scale = p.scale;
   const T* __restrict__ shift = p.shift;
@@ -89,7 +76,7 @@ MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, 
     const int64_t n = r / p.OH, oh = r % p.OH;
     int64_t h0, h1;
     mp::window(oh, p.g.kernel_h, p.g.stride_h, p.g.pad_h, p.H, h0, h1);
-    const T* xb = p.x + n * L.batch;
+    const T* xb = p.x + n * sx.batch;
     for (int64_t ow = 0; ow < p.OW; ++ow) {
       int64_t w0, w1;
       mp::window(ow, p.g.kernel_w, p.g.stride_w, p.g.pad_w, W, w0, w1);
@@ -101,20 +88,20 @@ MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, 
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t w = w0; w < w1; ++w) {
           const int32_t idx = static_cast<int32_t>(h * W + w);
-          const T* __restrict__ px = xb + idx * L.ps;
+          const T* __restrict__ px = xb + idx * sx.cell;
           for (int64_t c = 0; c < C; ++c) {
-            const T v = px[c * L.cs] * scale[c] + shift[c];
+            const T v = px[c * sx.channel] * scale[c] + shift[c];
             const bool take = mp::takes(v, m[c]);
             m[c] = take ? v : m[c];
             a[c] = take ? idx : a[c];
           }
         }
       }
-      T* __restrict__ o = p.y + n * L.obatch + (oh * p.OW + ow) * L.ops;
-      int32_t* __restrict__ ao = p.arg_out + n * L.obatch + (oh * p.OW + ow) * L.ops;
+      T* __restrict__ o = p.y + n * so.batch + (oh * p.OW + ow) * so.cell;
+      int32_t* __restrict__ ao = p.arg_out + n * so.batch + (oh * p.OW + ow) * so.cell;
       for (int64_t c = 0; c < C; ++c) {
-        o[c * L.ocs] = mp::relu(m[c]);
-        ao[c * L.ocs] = m[c] <= T(0) ? -1 : a[c];
+        o[c * so.channel] = mp::relu(m[c]);
+        ao[c * so.channel] = m[c] <= T(0) ? -1 : a[c];
       }
     }
   }
@@ -123,21 +110,21 @@ MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, 
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void reduce_rows(const Args<T>& p, int64_t r0, int64_t r1, double* __restrict__ sg,
                                      double* __restrict__ sgx) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL), so = detail::map_strides(p.C, p.OH, p.OW, CL);
   const uint64_t HW = static_cast<uint64_t>(p.H * p.W);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.OH, oh = r % p.OH;
-    const T* xb = p.x + n * L.batch;
+    const T* xb = p.x + n * sx.batch;
     for (int64_t ow = 0; ow < p.OW; ++ow) {
-      const int64_t o = n * L.obatch + (oh * p.OW + ow) * L.ops;
+      const int64_t o = n * so.batch + (oh * p.OW + ow) * so.cell;
       for (int64_t c = 0; c < p.C; ++c) {
-        const int64_t i = o + c * L.ocs;
+        const int64_t i = o + c * so.channel;
         const int64_t am = p.arg[i];
         // The unsigned compare rejects -1 (ReLU cut the window) and any corrupt arg-max.
         if (static_cast<uint64_t>(am) >= HW) continue;
         const double gv = static_cast<double>(p.grad[i]);
         sg[c] += gv;
-        sgx[c] += gv * static_cast<double>(xb[am * L.ps + c * L.cs]);
+        sgx[c] += gv * static_cast<double>(xb[am * sx.cell + c * sx.channel]);
       }
     }
   }
@@ -145,7 +132,7 @@ MRCNN_ALWAYS_INLINE void reduce_rows(const Args<T>& p, int64_t r0, int64_t r1, d
 
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void input_rows(const Args<T>& p, int64_t r0, int64_t r1, T* __restrict__ G) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL), so = detail::map_strides(p.C, p.OH, p.OW, CL);
   const int64_t C = p.C, W = p.W;
   const T* __restrict__ grad = p.grad;
   const int32_t* __restrict__ arg = p.arg;
@@ -163,21 +150,21 @@ MRCNN_ALWAYS_INLINE void input_rows(const Args<T>& p, int64_t r0, int64_t r1, T*
       for (int64_t c = 0; c < C; ++c) G[c] = T(0);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         for (int64_t ow = ow0; ow < ow1; ++ow) {
-          const int64_t o = n * L.obatch + (oh * p.OW + ow) * L.ops;
+          const int64_t o = n * so.batch + (oh * p.OW + ow) * so.cell;
           for (int64_t c = 0; c < C; ++c) {
             // Both loads unconditional so the select vectorises (a conditional load is a branch).
-            const T gv = grad[o + c * L.ocs];
-            G[c] += arg[o + c * L.ocs] == idx ? gv : T(0);
+            const T gv = grad[o + c * so.channel];
+            G[c] += arg[o + c * so.channel] == idx ? gv : T(0);
           }
         }
       }
-      const int64_t e = n * L.batch + idx * L.ps;
+      const int64_t e = n * sx.batch + idx * sx.cell;
       T* __restrict__ gx = p.gx + e;
       const T* __restrict__ xe = p.x + e;
       if (p.use_x) {
-        for (int64_t c = 0; c < C; ++c) gx[c * L.cs] = ca[c] * G[c] + cb[c] * xe[c * L.cs] + cd[c];
+        for (int64_t c = 0; c < C; ++c) gx[c * sx.channel] = ca[c] * G[c] + cb[c] * xe[c * sx.channel] + cd[c];
       } else {
-        for (int64_t c = 0; c < C; ++c) gx[c * L.cs] = ca[c] * G[c] + cd[c];
+        for (int64_t c = 0; c < C; ++c) gx[c * sx.channel] = ca[c] * G[c] + cd[c];
       }
     }
   }
@@ -204,34 +191,50 @@ MRCNN_CL_CLONES(float)
 MRCNN_CL_CLONES(double)
 #undef MRCNN_CL_CLONES
 
+// Two per-channel sums (out_a, out_b: [C]) over `rows` rows: rows_fn(r0, r1, a, b) adds rows [r0, r1) into one
+// chunk's partials a[C], b[C], and the partials are added in chunk order.
+template <class RowsFn>
+void chunked_sums(int64_t rows, int64_t C, RowsFn rows_fn, double* out_a, double* out_b) {
+  const Chunks ch = chunks_for(rows);
+  std::vector<double> part(static_cast<size_t>(ch.count * 2 * C), 0.0);
+  parallel_for(0, ch.count, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      double* a = part.data() + k * 2 * C;
+      rows_fn(k * ch.per, std::min(ch.rows, (k + 1) * ch.per), a, a + C);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      a += part[k * 2 * C + c];
+      b += part[k * 2 * C + C + c];
+    }
+    out_a[c] = a;
+    out_b[c] = b;
+  }
+}
+
 template <class T, bool CL>
 void run_moments(const Args<T>& p, double* mean, double* var) {
   const int64_t C = p.C;
   const int64_t cs = CL ? 1 : p.H * p.W;
   std::vector<double> shift(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(p.x[c * cs]);
-  const Chunks ch = chunks_for(p.N * p.H);
-  std::vector<double> part(static_cast<size_t>(ch.count * 2 * C), 0.0);
-  parallel_for(0, ch.count, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double* sum = part.data() + k * 2 * C;
-      const int64_t r0 = k * ch.per, r1 = std::min(ch.rows, (k + 1) * ch.per);
-      if (CL)
-        moments_rows_cl(p, shift.data(), r0, r1, sum, sum + C);
-      else
-        moments_rows<T, false>(p, shift.data(), r0, r1, sum, sum + C);
-    }
-  });
+  std::vector<double> sum(static_cast<size_t>(C)), sq(static_cast<size_t>(C));
+  chunked_sums(
+      p.N * p.H, C,
+      [&](int64_t r0, int64_t r1, double* a, double* b) {
+        if (CL)
+          moments_rows_cl(p, shift.data(), r0, r1, a, b);
+        else
+          moments_rows<T, false>(p, shift.data(), r0, r1, a, b);
+      },
+      sum.data(), sq.data());
   const double M = static_cast<double>(p.N * p.H * p.W);
   for (int64_t c = 0; c < C; ++c) {
-    double sm = 0, q = 0;
-    for (int64_t k = 0; k < ch.count; ++k) {
-      sm += part[k * 2 * C + c];
-      q += part[k * 2 * C + C + c];
-    }
-    const double m = sm / M;
+    const double m = sum[c] / M;
     mean[c] = shift[c] + m;
-    var[c] = std::max(0.0, q / M - m * m);
+    var[c] = std::max(0.0, sq[c] / M - m * m);
   }
 }
 
@@ -250,28 +253,15 @@ void run_forward(const Args<T>& p) {
 
 template <class T, bool CL>
 void run_reduce(const Args<T>& p, double* sum_g, double* sum_gx) {
-  const int64_t C = p.C;
-  const Chunks ch = chunks_for(p.N * p.OH);
-  std::vector<double> part(static_cast<size_t>(ch.count * 2 * C), 0.0);
-  parallel_for(0, ch.count, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double* sg = part.data() + k * 2 * C;
-      const int64_t r0 = k * ch.per, r1 = std::min(ch.rows, (k + 1) * ch.per);
-      if (CL)
-        reduce_rows_cl(p, r0, r1, sg, sg + C);
-      else
-        reduce_rows<T, false>(p, r0, r1, sg, sg + C);
-    }
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int64_t k = 0; k < ch.count; ++k) {
-      a += part[k * 2 * C + c];
-      b += part[k * 2 * C + C + c];
-    }
-    sum_g[c] = a;
-    sum_gx[c] = b;
-  }
+  chunked_sums(
+      p.N * p.OH, p.C,
+      [&](int64_t r0, int64_t r1, double* sg, double* sgx) {
+        if (CL)
+          reduce_rows_cl(p, r0, r1, sg, sgx);
+        else
+          reduce_rows<T, false>(p, r0, r1, sg, sgx);
+      },
+      sum_g, sum_gx);
 }
 
 template <class T, bool CL>

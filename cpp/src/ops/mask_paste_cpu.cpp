@@ -91,14 +91,16 @@ template <class A> MRCNN_ALWAYS_INLINE void load_padded_rows(const Source<A>& sr
   }
 }
 
-// x taps of columns [xa, xb) and y taps of rows [ya, yb); returns the source row range via r0/r1.
-template <bool F, class A>
-MRCNN_ALWAYS_INLINE void compute_taps(const PastePlan& p, const Source<A>& src, int64_t ya, int64_t yb, int64_t xa,
-                                      int64_t xb, int64_t& r0, int64_t& r1, Scratch<A>& s) {
+// Tap tables of columns [xa, xb) (s.ix*, s.wx*) and rows [ya, yb) (s.iy*, s.wy*) from xtap(x) and ytap(y), the two
+// taps of an image column or row. The row taps are made relative to r0; [r0, r1] are the source rows read (taps
+// are monotone in the image index, so the first and last rows bound them).
+template <class A, class XTap, class YTap>
+MRCNN_ALWAYS_INLINE void tap_tables(int64_t ya, int64_t yb, int64_t xa, int64_t xb, XTap xtap, YTap ytap, int64_t& r0,
+                                    int64_t& r1, Scratch<A>& s) {
   const int64_t bw = xb - xa, bh = yb - ya;
   s.ix0.resize(bw); s.ix1.resize(bw); s.wx0.resize(bw); s.wx1.resize(bw);
   for (int64_t k = 0; k < bw; ++k) {
-    const Taps<A> t = detail::source_taps<F>(src.sx, xa + k - p.bx0, src.pw, p.w);
+    const Taps<A> t = xtap(xa + k);
     s.ix0[k] = static_cast<int32_t>(t.i0);
     s.ix1[k] = static_cast<int32_t>(t.i1);
     s.wx0[k] = t.l0;
@@ -106,19 +108,27 @@ MRCNN_ALWAYS_INLINE void compute_taps(const PastePlan& p, const Source<A>& src, 
   }
   s.iy0.resize(bh); s.iy1.resize(bh); s.wy0.resize(bh); s.wy1.resize(bh);
   for (int64_t j = 0; j < bh; ++j) {
-    const Taps<A> t = detail::source_taps<F>(src.sy, ya + j - p.by0, src.ph, p.h);
+    const Taps<A> t = ytap(ya + j);
     s.iy0[j] = static_cast<int32_t>(t.i0);
     s.iy1[j] = static_cast<int32_t>(t.i1);
     s.wy0[j] = t.l0;
     s.wy1[j] = t.l1;
   }
-  // Taps are monotone in the output index, so the first and last rows bound the source rows used.
   r0 = s.iy0[0];
   r1 = s.iy1[bh - 1];
   for (int64_t j = 0; j < bh; ++j) {
     s.iy0[j] -= static_cast<int32_t>(r0);
     s.iy1[j] -= static_cast<int32_t>(r0);
   }
+}
+
+// torchvision's convention: the taps of the resized (padded) mask.
+template <bool F, class A>
+MRCNN_ALWAYS_INLINE void compute_taps(const PastePlan& p, const Source<A>& src, int64_t ya, int64_t yb, int64_t xa,
+                                      int64_t xb, int64_t& r0, int64_t& r1, Scratch<A>& s) {
+  tap_tables(
+      ya, yb, xa, xb, [&](int64_t x) { return detail::source_taps<F>(src.sx, x - p.bx0, src.pw, p.w); },
+      [&](int64_t y) { return detail::source_taps<F>(src.sy, y - p.by0, src.ph, p.h); }, r0, r1, s);
 }
 
 // Per source row: the separable kernel's x-blended row, or (small kernel) the two gathered taps.
@@ -233,33 +243,13 @@ MRCNN_ALWAYS_INLINE void eval_columns(const PastePlan& p, const Source<A>& src, 
 }
 
 // ---- aligned paste: the same, from detail::aligned_taps tables ------------------------------------
-// x taps of columns [xa, xb) and y taps of rows [ya, yb) (inside the plan's window); r0/r1: the mask rows read.
+// The aligned taps of columns [xa, xb) and rows [ya, yb) (inside the plan's window).
 template <class A>
 MRCNN_ALWAYS_INLINE void aligned_tables(const AlignedPlan& p, int64_t ya, int64_t yb, int64_t xa, int64_t xb,
                                         int64_t& r0, int64_t& r1, Scratch<A>& s) {
-  const int64_t bw = xb - xa, bh = yb - ya;
-  s.ix0.resize(bw); s.ix1.resize(bw); s.wx0.resize(bw); s.wx1.resize(bw);
-  for (int64_t k = 0; k < bw; ++k) {
-    const Taps<A> t = detail::aligned_taps<A>(p.x, xa + k);
-    s.ix0[k] = static_cast<int32_t>(t.i0);
-    s.ix1[k] = static_cast<int32_t>(t.i1);
-    s.wx0[k] = t.l0;
-    s.wx1[k] = t.l1;
-  }
-  s.iy0.resize(bh); s.iy1.resize(bh); s.wy0.resize(bh); s.wy1.resize(bh);
-  for (int64_t j = 0; j < bh; ++j) {
-    const Taps<A> t = detail::aligned_taps<A>(p.y, ya + j);
-    s.iy0[j] = static_cast<int32_t>(t.i0);
-    s.iy1[j] = static_cast<int32_t>(t.i1);
-    s.wy0[j] = t.l0;
-    s.wy1[j] = t.l1;
-  }
-  r0 = s.iy0[0];  // the clamped taps are monotone too
-  r1 = s.iy1[bh - 1];
-  for (int64_t j = 0; j < bh; ++j) {
-    s.iy0[j] -= static_cast<int32_t>(r0);
-    s.iy1[j] -= static_cast<int32_t>(r0);
-  }
+  tap_tables(
+      ya, yb, xa, xb, [&](int64_t x) { return detail::aligned_taps<A>(p.x, x); },
+      [&](int64_t y) { return detail::aligned_taps<A>(p.y, y); }, r0, r1, s);
 }
 
 // Mask rows r0..r1 blended along x into s.rows (row i at i * bw).

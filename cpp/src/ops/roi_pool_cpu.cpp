@@ -7,6 +7,7 @@
 
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/roi_pool_math.h"
 #include "mrcnn/ops/roi_pool.h"
 
@@ -171,7 +172,7 @@ void backward_cpu(const T* __restrict__ grad, const T* rois, const int32_t* __re
   std::vector<int64_t> offsets, order;
   rois_by_batch(rois, K, N, offsets, order);
   const int64_t HW = H * W;
-  const rp::MapStrides s = rp::map_strides(C, H, W, channels_last);
+  const detail::MapStrides s = detail::map_strides(C, H, W, channels_last);
   // Channel blocks of 16 keep two threads off the same cache line in the channels-last layout.
   const int64_t cb = channels_last ? 16 : 1;
   const int64_t nblocks = (C + cb - 1) / cb;

@@ -54,20 +54,6 @@ MRCNN_HD void bin_range(int64_t p, int64_t bins, int64_t start, int64_t len, int
   hi = clamp<int64_t>(static_cast<int64_t>(ceil_t(static_cast<T>(p + 1) * bin)) + start, 0, size);
 }
 
-// Element strides of an [N, C, H, W] map stored NCHW-contiguous or channels-last, derived from the sizes
-// (not from the producer's strides, which may be anything on size-1 dims). `cell` is the stride of the
-// flattened spatial index h * W + w, so element (n, c, idx) lives at n * batch + c * channel + idx * cell.
-struct MapStrides {
-  int64_t batch, channel, cell;
-};
-MRCNN_HD MapStrides map_strides(int64_t C, int64_t H, int64_t W, bool channels_last) {
-  MapStrides s;
-  s.batch = C * H * W;
-  s.channel = channels_last ? 1 : H * W;
-  s.cell = channels_last ? C : 1;
-  return s;
-}
-
 }  // namespace roipool
 }  // namespace detail
 }  // namespace mrcnn
