@@ -52,7 +52,7 @@ template <class A> struct RoiCtx {
 template <class A, class LV>
 __device__ bool roi_context(const A* r, const LV& lv, const KernelOpts& o, RoiCtx<A>& ctx) {
   for (int j = 0; j < 5; ++j)
-    if (!detail::finite_value(r[j])) return false;
+    if (detail::non_finite(r[j])) return false;
   if (!detail::roi_batch_index(r[0], lv.N, ctx.n)) return false;
   ctx.level = o.use_map ? detail::fpn_level<A>(r[1], r[2], r[3], r[4], o.k_min, o.k_max, o.canonical_level,
                                                A(o.canonical_scale))

@@ -91,29 +91,29 @@ template <class A> MRCNN_ALWAYS_INLINE void load_padded_rows(const Source<A>& sr
   }
 }
 
+// The taps of image indices first .. first + n - 1 (tap(i): the two taps of index i) as four tables.
+template <class A, class Tap>
+MRCNN_ALWAYS_INLINE void fill_taps(int64_t first, int64_t n, Tap tap, std::vector<int32_t>& i0,
+                                   std::vector<int32_t>& i1, std::vector<A>& w0, std::vector<A>& w1) {
+  i0.resize(n); i1.resize(n); w0.resize(n); w1.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const Taps<A> t = tap(first + k);
+    i0[k] = static_cast<int32_t>(t.i0);
+    i1[k] = static_cast<int32_t>(t.i1);
+    w0[k] = t.l0;
+    w1[k] = t.l1;
+  }
+}
+
 // Tap tables of columns [xa, xb) (s.ix*, s.wx*) and rows [ya, yb) (s.iy*, s.wy*) from xtap(x) and ytap(y), the two
 // taps of an image column or row. The row taps are made relative to r0; [r0, r1] are the source rows read (taps
 // are monotone in the image index, so the first and last rows bound them).
 template <class A, class XTap, class YTap>
 MRCNN_ALWAYS_INLINE void tap_tables(int64_t ya, int64_t yb, int64_t xa, int64_t xb, XTap xtap, YTap ytap, int64_t& r0,
                                     int64_t& r1, Scratch<A>& s) {
-  const int64_t bw = xb - xa, bh = yb - ya;
-  s.ix0.resize(bw); s.ix1.resize(bw); s.wx0.resize(bw); s.wx1.resize(bw);
-  for (int64_t k = 0; k < bw; ++k) {
-    const Taps<A> t = xtap(xa + k);
-    s.ix0[k] = static_cast<int32_t>(t.i0);
-    s.ix1[k] = static_cast<int32_t>(t.i1);
-    s.wx0[k] = t.l0;
-    s.wx1[k] = t.l1;
-  }
-  s.iy0.resize(bh); s.iy1.resize(bh); s.wy0.resize(bh); s.wy1.resize(bh);
-  for (int64_t j = 0; j < bh; ++j) {
-    const Taps<A> t = ytap(ya + j);
-    s.iy0[j] = static_cast<int32_t>(t.i0);
-    s.iy1[j] = static_cast<int32_t>(t.i1);
-    s.wy0[j] = t.l0;
-    s.wy1[j] = t.l1;
-  }
+  const int64_t bh = yb - ya;
+  fill_taps(xa, xb - xa, xtap, s.ix0, s.ix1, s.wx0, s.wx1);
+  fill_taps(ya, bh, ytap, s.iy0, s.iy1, s.wy0, s.wy1);
   r0 = s.iy0[0];
   r1 = s.iy1[bh - 1];
   for (int64_t j = 0; j < bh; ++j) {

@@ -84,7 +84,7 @@ Plans<T> build_plans(const RoiLevels& lv, const TensorView& rois, const FpnLevel
     for (int64_t k = b; k < e; ++k) {
       const T* q = r + 5 * k;
       for (int j = 0; j < 5; ++j)
-        MRCNN_CHECK_VALUE(detail::finite_value(q[j]), "rois[", k, "] contains a NaN or infinite value");
+        MRCNN_CHECK_VALUE(!detail::non_finite(q[j]), "rois[", k, "] contains a NaN or infinite value");
       typename P::Roi& R = plans.rois[k];
       MRCNN_CHECK_VALUE(detail::roi_batch_index(q[0], N, R.n), "rois[", k, ", 0] = ", q[0],
                         " is not an integer batch index in [0, ", N, ")");

@@ -10,9 +10,12 @@
 //   fma_rn                  a * b + c with one rounding.
 //   mul_add<Fused>          fma_rn when Fused, else a * b + c (two roundings on the host; nvcc may fuse it).
 // Typed math (floor_t, ceil_t, round_t, sqrt_t, log2_t, exp_t, log_t): the C function of the argument's type
-// (floorf for float, floor for double) on the host and the device.
+// (floorf for float, floor for double) on the host and the device. Then the bit patterns (float_bits,
+// double_bits, non_finite), clamping (clamp, saturate_coord) and linear interpolation (lerp, bilinear_weights).
 #include <math.h>
 #include <stdint.h>
+
+#include <cstring>
 
 #include "mrcnn/common/hd.h"
 
@@ -75,6 +78,32 @@ MRCNN_HD float exp_t(float v) { return expf(v); }
 MRCNN_HD double exp_t(double v) { return exp(v); }
 MRCNN_HD float log_t(float v) { return logf(v); }
 MRCNN_HD double log_t(double v) { return log(v); }
+
+// ---- classification ------------------------------------------------------------------------------
+MRCNN_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+MRCNN_HD uint64_t double_bits(double f) {
+#ifdef __CUDA_ARCH__
+  return static_cast<uint64_t>(__double_as_longlong(f));
+#else
+  uint64_t u;
+  std::memcpy(&u, &f, 8);
+  return u;
+#endif
+}
+
+// NaN or +-inf, from the exponent bits (vectorises, unlike std::isfinite under -O3 without fast-math).
+MRCNN_HD bool non_finite(float f) { return (float_bits(f) & 0x7f800000u) == 0x7f800000u; }
+MRCNN_HD bool non_finite(double f) {
+  return (double_bits(f) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
 
 // ---- clamping ------------------------------------------------------------------------------------
 // torch.clamp(v, lo, hi): NaN stays NaN; hi wins when lo > hi.

@@ -165,7 +165,5 @@ template <class T> MRCNN_HD bool roi_batch_index(T v, int64_t n_images, int64_t&
   return true;
 }
 
-template <class T> MRCNN_HD bool finite_value(T v) { return v - v == T(0); }
-
 }  // namespace detail
 }  // namespace mrcnn
