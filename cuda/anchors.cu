@@ -16,8 +16,7 @@ template <class T>
 __global__ void grid_anchors_kernel(Cells cells, int A, int64_t W, int64_t stride_h, int64_t stride_w, int64_t total,
                                     T* __restrict__ out) {
   using acc_t = typename cuda::Acc<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(idx, total) {
     const int j = static_cast<int>(idx & 3);
     const int64_t t = idx >> 2;
     const int a = static_cast<int>(t % A);

@@ -2,6 +2,7 @@
 
 #include "launch.cuh"
 #include "mrcnn/ops/bn_relu_max_pool.h"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/max_pool_math.h"
 
 namespace mrcnn {
@@ -33,7 +34,7 @@ __device__ __forceinline__ void add_lanes(double a, double b, int64_t c, int64_t
 template <class T, bool CL>
 __global__ void moments_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t H, int64_t W,
                                double* __restrict__ sum, double* __restrict__ sq) {
-  const mp::Strides s = mp::strides(C, H, W, CL);
+  const detail::MapStrides s = detail::map_strides(C, H, W, CL);
   const int64_t c = blockIdx.y * 32 + threadIdx.x, HW = H * W, P = N * HW;
   double a = 0, b = 0;
   if (c < C) {
@@ -63,19 +64,10 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ sc
                                int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, PoolGeometry g,
                                T* __restrict__ out, int32_t* __restrict__ arg) {
   const int64_t total = N * C * OH * OW;
-  const mp::Strides s = mp::strides(C, H, W, CL);
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
-    int64_t n, c, oh, ow, t = idx;
-    if (CL) {
-      c = t % C; t /= C;
-      ow = t % OW; t /= OW;
-      oh = t % OH; n = t / OH;
-    } else {
-      ow = t % OW; t /= OW;
-      oh = t % OH; t /= OH;
-      c = t % C; n = t / C;
-    }
+  const detail::MapStrides s = detail::map_strides(C, H, W, CL);
+  MRCNN_GRID_STRIDE(idx, total) {
+    int64_t n, c, oh, ow;
+    detail::unflatten(idx, C, OH, OW, CL, n, c, oh, ow);
     int64_t h0, h1, w0, w1;
     mp::window(oh, g.kernel_h, g.stride_h, g.pad_h, H, h0, h1);
     mp::window(ow, g.kernel_w, g.stride_w, g.pad_w, W, w0, w1);
@@ -102,7 +94,7 @@ __global__ void backward_reduce_kernel(const T* __restrict__ grad, const int32_t
                                        const T* __restrict__ x, int64_t N,
                                        int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
                                        double* __restrict__ sum_g, double* __restrict__ sum_gx) {
-  const mp::Strides s = mp::strides(C, H, W, CL), so = mp::strides(C, OH, OW, CL);
+  const detail::MapStrides s = detail::map_strides(C, H, W, CL), so = detail::map_strides(C, OH, OW, CL);
   const int64_t c = blockIdx.y * 32 + threadIdx.x, OHW = OH * OW, P = N * OHW, HW = H * W;
   double a = 0, b = 0;
   if (c < C) {
@@ -126,19 +118,10 @@ __global__ void backward_input_kernel(const T* __restrict__ grad, const int32_t*
                                       int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
                                       PoolGeometry g, T* __restrict__ gx) {
   const int64_t total = N * C * H * W;
-  const mp::Strides so = mp::strides(C, OH, OW, CL);
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
-    int64_t n, c, h, w, t = idx;
-    if (CL) {
-      c = t % C; t /= C;
-      w = t % W; t /= W;
-      h = t % H; n = t / H;
-    } else {
-      w = t % W; t /= W;
-      h = t % H; t /= H;
-      c = t % C; n = t / C;
-    }
+  const detail::MapStrides so = detail::map_strides(C, OH, OW, CL);
+  MRCNN_GRID_STRIDE(idx, total) {
+    int64_t n, c, h, w;
+    detail::unflatten(idx, C, H, W, CL, n, c, h, w);
     int64_t oh0, oh1, ow0, ow1;
     mp::covering(h, g.kernel_h, g.stride_h, g.pad_h, OH, oh0, oh1);
     mp::covering(w, g.kernel_w, g.stride_w, g.pad_w, OW, ow0, ow1);

@@ -10,10 +10,6 @@ namespace {
 template <class T> using acc_t = typename cuda::Acc<T>::type;
 constexpr int kThreads = 256;
 
-template <class A> detail::CoderParams<A> coder_params(const BoxCoderParams& p) {
-  return {A(p.weights[0]), A(p.weights[1]), A(p.weights[2]), A(p.weights[3]), A(p.clip)};
-}
-
 template <class T> __device__ __forceinline__ void load4(const T* p, acc_t<T>* out) {
   for (int c = 0; c < 4; ++c) out[c] = cuda::to_acc(p[c]);
 }
@@ -24,7 +20,7 @@ template <class T> __device__ __forceinline__ void store4(const acc_t<T>* v, T* 
 template <class T>
 __global__ void encode_kernel(const T* __restrict__ ref, const T* __restrict__ prop, int64_t n,
                               detail::CoderParams<acc_t<T>> p, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     acc_t<T> r[4], q[4], o[4];
     load4(ref + 4 * i, r);
     load4(prop + 4 * i, q);
@@ -36,7 +32,7 @@ __global__ void encode_kernel(const T* __restrict__ ref, const T* __restrict__ p
 template <class T>
 __global__ void decode_kernel(const T* __restrict__ deltas, const T* __restrict__ boxes, int64_t n, int64_t k,
                               detail::CoderParams<acc_t<T>> p, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * k; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n * k) {
     acc_t<T> d[4], b[4], o[4];
     load4(deltas + 4 * i, d);
     load4(boxes + 4 * (i / k), b);
@@ -47,7 +43,7 @@ __global__ void decode_kernel(const T* __restrict__ deltas, const T* __restrict_
 
 template <class T>
 __global__ void clip_kernel(const T* __restrict__ boxes, int64_t n, acc_t<T> h, acc_t<T> w, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     acc_t<T> b[4];
     load4(boxes + 4 * i, b);
     detail::clip_box(b, h, w);
@@ -57,7 +53,7 @@ __global__ void clip_kernel(const T* __restrict__ boxes, int64_t n, acc_t<T> h, 
 
 template <class T>
 __global__ void size_mask_kernel(const T* __restrict__ boxes, int64_t n, acc_t<T> min_size, bool* __restrict__ keep) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     acc_t<T> b[4];
     load4(boxes + 4 * i, b);
     keep[i] = detail::box_big_enough(b, min_size);
@@ -72,7 +68,7 @@ void encode_boxes_cuda(const TensorView& ref, const TensorView& prop, const BoxC
   const int64_t n = ref.size(0);
   MRCNN_DISPATCH_CUDA_FLOAT(ref.dtype, "encode_boxes", [&] {
     encode_kernel<scalar_t><<<cuda::blocks_for(n, kThreads), kThreads, 0, cuda::as_stream(stream)>>>(
-        ref.ptr<scalar_t>(), prop.ptr<scalar_t>(), n, coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
+        ref.ptr<scalar_t>(), prop.ptr<scalar_t>(), n, detail::coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
     MRCNN_CUDA_CHECK_LAUNCH();
   });
 }
@@ -83,7 +79,7 @@ void decode_boxes_cuda(const TensorView& deltas, const TensorView& boxes, const 
   const int64_t n = boxes.size(0), k = deltas.size(1) / 4;
   MRCNN_DISPATCH_CUDA_FLOAT(boxes.dtype, "decode_boxes", [&] {
     decode_kernel<scalar_t><<<cuda::blocks_for(n * k, kThreads), kThreads, 0, cuda::as_stream(stream)>>>(
-        deltas.ptr<scalar_t>(), boxes.ptr<scalar_t>(), n, k, coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
+        deltas.ptr<scalar_t>(), boxes.ptr<scalar_t>(), n, k, detail::coder_params<acc_t<scalar_t>>(p), out.ptr<scalar_t>());
     MRCNN_CUDA_CHECK_LAUNCH();
   });
 }

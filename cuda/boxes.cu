@@ -9,8 +9,7 @@ template <class T>
 __global__ void box_iou_kernel(const T* __restrict__ b1, const T* __restrict__ b2, T* __restrict__ out,
                                int64_t N, int64_t M) {
   using acc_t = typename cuda::Acc<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < N * M;
-       idx += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(idx, N * M) {
     const int64_t i = idx / M, j = idx % M;
     acc_t a[4], b[4];
     for (int k = 0; k < 4; ++k) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "mrcnn/common/check.h"
+#include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/tensor.h"
 
 #define MRCNN_CUDA_CHECK(expr)                                                              \
@@ -36,6 +37,10 @@ struct DeviceGuard {
 
 inline cudaStream_t as_stream(Stream s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// Grid-stride loop: each thread takes i = its global index, then every (grid size)-th one below n.
+#define MRCNN_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
+
 inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, cap)));
 }
@@ -56,28 +61,24 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 }  // namespace cuda
 }  // namespace mrcnn
 
-// Runs the body with scalar_t bound to the CUDA type of `dtype` (half, bfloat16, float, double).
-#define MRCNN_DISPATCH_CUDA_FLOAT(dtype, name, ...)                                            \
-  [&] {                                                                                       \
-    switch (dtype) {                                                                          \
-      case ::mrcnn::DType::Float16: { using scalar_t = __half; return __VA_ARGS__(); }        \
-      case ::mrcnn::DType::BFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
-      case ::mrcnn::DType::Float32: { using scalar_t = float; return __VA_ARGS__(); }         \
-      case ::mrcnn::DType::Float64: { using scalar_t = double; return __VA_ARGS__(); }        \
-      default:                                                                                \
-        throw ::mrcnn::TypeError(::mrcnn::detail::str(name, ": unsupported CUDA dtype ",       \
-                                                      ::mrcnn::dtype_name(dtype)));          \
-    }                                                                                         \
+// The CUDA floating types: half, bfloat16, float, double (dispatch.h).
+#define MRCNN_DISPATCH_CUDA_FLOAT(dtype, name, ...)             \
+  [&] {                                                         \
+    switch (dtype) {                                            \
+      MRCNN_DISPATCH_CASE(Float16, __half, __VA_ARGS__)         \
+      MRCNN_DISPATCH_CASE(BFloat16, __nv_bfloat16, __VA_ARGS__) \
+      MRCNN_DISPATCH_CASE(Float32, float, __VA_ARGS__)          \
+      MRCNN_DISPATCH_CASE(Float64, double, __VA_ARGS__)         \
+      MRCNN_DISPATCH_UNSUPPORTED(dtype, name, "CUDA");          \
+    }                                                           \
   }()
 
-// As MRCNN_DISPATCH_CUDA_FLOAT for kernels that take float32 and float64 only.
-#define MRCNN_DISPATCH_CUDA_F32_F64(dtype, name, ...)                                             \
-  [&] {                                                                                          \
-    switch (dtype) {                                                                             \
-      case ::mrcnn::DType::Float32: { using scalar_t = float; return __VA_ARGS__(); }            \
-      case ::mrcnn::DType::Float64: { using scalar_t = double; return __VA_ARGS__(); }           \
-      default:                                                                                   \
-        throw ::mrcnn::TypeError(::mrcnn::detail::str(name, ": unsupported CUDA dtype ",          \
-                                                      ::mrcnn::dtype_name(dtype)));             \
-    }                                                                                            \
+// For kernels that take float32 and float64 only.
+#define MRCNN_DISPATCH_CUDA_F32_F64(dtype, name, ...)    \
+  [&] {                                                  \
+    switch (dtype) {                                     \
+      MRCNN_DISPATCH_CASE(Float32, float, __VA_ARGS__)   \
+      MRCNN_DISPATCH_CASE(Float64, double, __VA_ARGS__)  \
+      MRCNN_DISPATCH_UNSUPPORTED(dtype, name, "CUDA");   \
+    }                                                    \
   }()

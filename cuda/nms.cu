@@ -16,7 +16,7 @@ template <class T> using key_t = std::conditional_t<std::is_same<acc_t<T>, doubl
 template <class T>
 __global__ void score_keys_kernel(const T* __restrict__ scores, int64_t n, key_t<T>* __restrict__ keys,
                                   uint32_t* __restrict__ vals) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(i, n) {
     keys[i] = detail::desc_key(cuda::to_acc(scores[i]));
     vals[i] = static_cast<uint32_t>(i);
   }
@@ -26,7 +26,7 @@ template <class T>
 __global__ void gather_boxes_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ idxs,
                                     const uint32_t* __restrict__ order, int64_t n, acc_t<T>* __restrict__ out,
                                     int64_t* __restrict__ cls_out) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(p, n) {
     const int64_t i = order[p];
     for (int c = 0; c < 4; ++c) out[4 * p + c] = cuda::to_acc(boxes[4 * i + c]);
     if (idxs) cls_out[p] = idxs[i];
@@ -37,7 +37,7 @@ __global__ void finalize_keep_kernel(const uint32_t* __restrict__ order, const i
                                      const int64_t* __restrict__ kept_count, int64_t max_out,
                                      int64_t* __restrict__ keep, int64_t* __restrict__ count) {
   const int64_t cnt = *kept_count;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < max_out; t += int64_t(blockDim.x) * gridDim.x)
+  MRCNN_GRID_STRIDE(t, max_out)
     keep[t] = t < cnt ? static_cast<int64_t>(order[kept[t]]) : int64_t(-1);
   if (blockIdx.x == 0 && threadIdx.x == 0) *count = cnt;
 }

@@ -42,9 +42,6 @@ template <class T> __device__ __forceinline__ int level_of(const Levels<T>& lv, 
   return l;
 }
 
-#define MRCNN_GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
-
 template <class T>
 __global__ void logit_keys_kernel(Levels<T> lv, int64_t nimg, key_t<T>* __restrict__ keys, uint32_t* __restrict__ vals) {
   MRCNN_GRID_STRIDE(p, nimg * lv.total) {
@@ -225,8 +222,7 @@ void run(const std::vector<ProposalLevel>& levels, const TensorView& image_sizes
   MRCNN_CUDA_CHECK_LAUNCH();
   cuda::sort_pairs<uint32_t>(s.sort_temp, s.sort_bytes, s.seg_a, s.seg_b, s.vals_b, s.vals_a, all, s.seg_bits, st);
 
-  const detail::CoderParams<A> cp{A(p.coder.weights[0]), A(p.coder.weights[1]), A(p.coder.weights[2]),
-                                  A(p.coder.weights[3]), A(p.coder.clip)};
+  const detail::CoderParams<A> cp = detail::coder_params<A>(p.coder);
   decode_candidates_kernel<T><<<cuda::blocks_for(slots, kThreads), kThreads, 0, st>>>(
       lv, sh.nimg, s.vals_a, image_sizes.ptr<double>(), cp, A(p.min_size), A(p.score_thresh), s.cand_boxes,
       s.cand_scores, s.valid);

@@ -5,6 +5,7 @@
 #include <math_constants.h>
 
 #include "launch.cuh"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/roi_align_math.h"
 #include "mrcnn/ops/roi_align.h"
 
@@ -34,21 +35,10 @@ struct KernelOpts {
 
 __device__ __forceinline__ void decompose(int64_t idx, int64_t C, const KernelOpts& o, int64_t& k, int64_t& c,
                                           int& ph, int& pw) {
-  if (o.channels_fastest) {
-    c = idx % C;
-    idx /= C;
-    pw = static_cast<int>(idx % o.pooled_w);
-    idx /= o.pooled_w;
-    ph = static_cast<int>(idx % o.pooled_h);
-    k = idx / o.pooled_h;
-  } else {
-    pw = static_cast<int>(idx % o.pooled_w);
-    idx /= o.pooled_w;
-    ph = static_cast<int>(idx % o.pooled_h);
-    idx /= o.pooled_h;
-    c = idx % C;
-    k = idx / C;
-  }
+  int64_t h, w;
+  detail::unflatten(idx, C, o.pooled_h, o.pooled_w, o.channels_fastest, k, c, h, w);
+  ph = static_cast<int>(h);
+  pw = static_cast<int>(w);
 }
 
 template <class A> struct RoiCtx {
@@ -62,7 +52,7 @@ template <class A> struct RoiCtx {
 template <class A, class LV>
 __device__ bool roi_context(const A* r, const LV& lv, const KernelOpts& o, RoiCtx<A>& ctx) {
   for (int j = 0; j < 5; ++j)
-    if (!detail::finite_value(r[j])) return false;
+    if (detail::non_finite(r[j])) return false;
   if (!detail::roi_batch_index(r[0], lv.N, ctx.n)) return false;
   ctx.level = o.use_map ? detail::fpn_level<A>(r[1], r[2], r[3], r[4], o.k_min, o.k_max, o.canonical_level,
                                                A(o.canonical_scale))
@@ -130,8 +120,7 @@ __global__ void roi_align_forward_kernel(LevelArgs<T, G> lv, const typename cuda
                                          int64_t oH, int64_t oW) {
   using A = typename cuda::Acc<T>::type;
   const int64_t total = K * lv.C * o.pooled_h * o.pooled_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(idx, total) {
     int64_t k, c;
     int ph, pw;
     decompose(idx, lv.C, o, k, c, ph, pw);
@@ -171,8 +160,7 @@ __global__ void roi_align_backward_kernel(LevelArgs<T, G> lv, const G* __restric
                                           const T* __restrict__ gout, int64_t gK, int64_t gC, int64_t gH,
                                           int64_t gW) {
   const int64_t total = K * lv.C * o.pooled_h * o.pooled_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(idx, total) {
     int64_t k, c;
     int ph, pw;
     decompose(idx, lv.C, o, k, c, ph, pw);
@@ -199,7 +187,7 @@ __global__ void roi_align_backward_kernel(LevelArgs<T, G> lv, const G* __restric
 template <class B>
 __global__ void fpn_level_assign_kernel(const B* __restrict__ boxes, int64_t K, int64_t width, FpnLevelMap map,
                                         int64_t* __restrict__ levels) {
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < K; k += int64_t(blockDim.x) * gridDim.x) {
+  MRCNN_GRID_STRIDE(k, K) {
     const B* q = boxes + k * width + (width - 4);
     levels[k] = detail::fpn_level<B>(q[0], q[1], q[2], q[3], map.k_min, map.k_max, map.canonical_level,
                                      B(map.canonical_scale));

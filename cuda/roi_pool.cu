@@ -3,6 +3,7 @@
 #include <type_traits>
 
 #include "launch.cuh"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/roi_pool_math.h"
 #include "mrcnn/ops/roi_pool.h"
 
@@ -19,19 +20,10 @@ __global__ void roi_pool_forward_kernel(const T* __restrict__ in, const T* __res
                                         int64_t ow, T* __restrict__ out, int32_t* __restrict__ arg) {
   using acc_t = typename cuda::Acc<T>::type;
   const int64_t total = K * C * oh * ow;
-  const rp::MapStrides s = rp::map_strides(C, H, W, kChannelsLast);
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
-    int64_t k, c, ph, pw, t = idx;
-    if (kChannelsLast) {
-      c = t % C; t /= C;
-      pw = t % ow; t /= ow;
-      ph = t % oh; k = t / oh;
-    } else {
-      pw = t % ow; t /= ow;
-      ph = t % oh; t /= oh;
-      c = t % C; k = t / C;
-    }
+  const detail::MapStrides s = detail::map_strides(C, H, W, kChannelsLast);
+  MRCNN_GRID_STRIDE(idx, total) {
+    int64_t k, c, ph, pw;
+    detail::unflatten(idx, C, oh, ow, kChannelsLast, k, c, ph, pw);
     const T* r = rois + 5 * k;
     const rp::Box b = rp::make_box<acc_t>(cuda::to_acc(r[0]), cuda::to_acc(r[1]), cuda::to_acc(r[2]),
                                           cuda::to_acc(r[3]), cuda::to_acc(r[4]),
@@ -70,9 +62,8 @@ __global__ void roi_pool_backward_kernel(const T* __restrict__ grad, const T* __
                                          const int32_t* __restrict__ arg, int64_t N, int64_t C, int64_t H,
                                          int64_t W, int64_t K, int64_t P, Acc* __restrict__ gin) {
   const int64_t total = K * C * P, HW = H * W;
-  const rp::MapStrides s = rp::map_strides(C, H, W, kChannelsLast);
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
+  const detail::MapStrides s = detail::map_strides(C, H, W, kChannelsLast);
+  MRCNN_GRID_STRIDE(idx, total) {
     const int64_t a = arg[idx];
     if (a < 0 || a >= HW) continue;
     const int64_t k = idx / (C * P), c = (idx / P) % C;
@@ -84,7 +75,7 @@ __global__ void roi_pool_backward_kernel(const T* __restrict__ grad, const T* __
 
 template <class T>
 __global__ void float_to_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x)
+  MRCNN_GRID_STRIDE(i, n)
     dst[i] = cuda::from_acc<T>(src[i]);
 }
 

@@ -31,5 +31,10 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 echo "[setup] building mrcnn_fast (CUDA kernels compile when nvcc is found)"
-"$py" -m pip install -q --no-build-isolation --no-deps -Cbuild-dir="$root/build/pip" "$root"
+# MRCNN_WERROR=1: compiler warnings fail the build (the test command sets it). Passed either way, so that a
+# later build without it does not keep ON from the CMake cache.
+werror=OFF
+if [ "${MRCNN_WERROR:-0}" = "1" ]; then werror=ON; fi
+"$py" -m pip install -q --no-build-isolation --no-deps -Cbuild-dir="$root/build/pip" \
+  -Ccmake.define.MRCNN_WERROR="$werror" "$root"
 "$py" -c "import mrcnn_fast; from mrcnn_fast import _lib; print('[setup] mrcnn_fast', mrcnn_fast.__version__, '| CUDA kernels compiled:', _lib.cuda_compiled(), '| CUDA device:', mrcnn_fast.has_cuda())"

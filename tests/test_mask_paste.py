@@ -295,7 +295,7 @@ def test_rle_device_path_host_half():
     boxes[3] = torch.tensor([10.0, -60, 40, -30])  # wholly outside: an empty window
     binary = ops.paste_masks_binary(masks, boxes, (H, W))
     windows = torch.empty(15, 5, dtype=torch.int64)
-    total = _lib._C.paste_masks_windows(_lib.dl(boxes), 28, 1, H, W, _lib.dl(windows))
+    total = _lib._C.paste_masks_windows(_lib.dl(boxes), 28, 28, 1, False, H, W, _lib.dl(windows))
     crops = _window_crops(binary, windows)
     assert crops.numel() == total
     assert not binary[3].any() and windows[3, 2:4].tolist() == [0, 0]
@@ -322,16 +322,16 @@ def test_cuda_kernel_loop_on_cpu(dtype):
     C, dl = _lib._C, _lib.dl
     check = torch.equal if fma_cpu() else (lambda a, b: torch.allclose(a.double(), b.double(), atol=1e-6))
     img = torch.empty(12, H, W, dtype=dtype)
-    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(img), 1, 0.5, False, H, W)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(img), 1, False, 0.5, False, H, W)
     assert check(img, ops.paste_masks_in_image(masks, boxes, (H, W))[:, 0])
     binary = torch.empty(12, H, W, dtype=torch.bool)
-    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(binary), 1, 0.5, True, H, W)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(binary), 1, False, 0.5, True, H, W)
     ref = ops.paste_masks_binary(masks, boxes, (H, W))
     assert check(binary, ref) if fma_cpu() else (binary != ref).float().mean() < 1e-3
     windows = torch.empty(12, 5, dtype=torch.int64)
-    total = C.paste_masks_windows(dl(boxes), 28, 1, H, W, dl(windows))
+    total = C.paste_masks_windows(dl(boxes), 28, 28, 1, False, H, W, dl(windows))
     crops = torch.empty(total, dtype=torch.bool)
-    C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, 0.5, True, H, W)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, False, 0.5, True, H, W)
     expect = torch.cat([binary[n, y0:y0 + h, x0:x0 + w].t().reshape(-1)
                         for n, (y0, x0, h, w, _) in enumerate(windows.tolist())])
     assert torch.equal(crops, expect)
@@ -469,7 +469,7 @@ def test_aligned_window_is_exact():
     nz = ops.paste_masks_in_image(masks, boxes, (H, W), aligned=True)[:, 0] > 0
     xs, ys = torch.arange(W, dtype=torch.float64) + 0.5, torch.arange(H, dtype=torch.float64) + 0.5
     windows = torch.empty(40, 5, dtype=torch.int64)
-    _lib._C.paste_masks_windows(_lib.dl(boxes), 12, 1, H, W, _lib.dl(windows), True, 9)
+    _lib._C.paste_masks_windows(_lib.dl(boxes), 9, 12, 1, True, H, W, _lib.dl(windows))
     for n, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
         if x2 > x1 and y2 > y1:
             u = (xs - x1) * 12 / (x2 - x1) - 0.5
@@ -509,18 +509,18 @@ def test_aligned_cuda_kernel_loop_on_cpu(dtype):
     C, dl = _lib._C, _lib.dl
     check = torch.equal if fma_cpu() else (lambda a, b: torch.allclose(a.double(), b.double(), atol=1e-6))
     img = torch.empty(20, H, W, dtype=dtype)
-    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(img), 1, 0.5, False, H, W, True)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(img), 1, True, 0.5, False, H, W)
     assert check(img, ops.paste_masks_in_image(masks, boxes, (H, W), aligned=True)[:, 0])
     assert not check(img, ops.paste_masks_in_image(masks, boxes, (H, W))[:, 0])
     binary = torch.empty(20, H, W, dtype=torch.bool)
-    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(binary), 1, 0.5, True, H, W, True)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), None, dl(binary), 1, True, 0.5, True, H, W)
     ref = ops.paste_masks_binary(masks, boxes, (H, W), aligned=True)
     assert check(binary, ref) if fma_cpu() else (binary != ref).float().mean() < 1e-3
     # the device RLE path: aligned windows, column-major crops, host run-length encoding
     windows = torch.empty(20, 5, dtype=torch.int64)
-    total = C.paste_masks_windows(dl(boxes), 28, 1, H, W, dl(windows), True, 13)
+    total = C.paste_masks_windows(dl(boxes), 13, 28, 1, True, H, W, dl(windows))
     crops = torch.empty(total, dtype=torch.bool)
-    C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, 0.5, True, H, W, True)
+    C.paste_masks_pixelwise(dl(masks), dl(boxes), dl(windows), dl(crops), 1, True, 0.5, True, H, W)
     assert torch.equal(crops, _window_crops(binary, windows))
     assert windows[0, 2:4].tolist() == [0, 0] and windows[3, 2:4].tolist() == [0, 0]
     strs = C.rle_from_crops(dl(crops), dl(windows), H, W, False)

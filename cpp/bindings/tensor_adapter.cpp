@@ -67,6 +67,12 @@ Borrowed::~Borrowed() {
   if (managed_ && managed_->deleter) managed_->deleter(managed_);
 }
 
+py::list to_bytes_list(const std::vector<std::string>& strs) {
+  py::list out(strs.size());
+  for (size_t i = 0; i < strs.size(); ++i) out[i] = py::bytes(strs[i]);
+  return out;
+}
+
 namespace {
 std::vector<BindFn>& registry() {
   static std::vector<BindFn> fns;

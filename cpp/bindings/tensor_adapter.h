@@ -3,6 +3,9 @@
 // mrcnn::TensorView for the duration of one call, then the producer's deleter is called.
 #include <pybind11/pybind11.h>
 
+#include <string>
+#include <vector>
+
 #include "dlpack_abi.h"
 #include "mrcnn/common/tensor.h"
 
@@ -26,6 +29,9 @@ class Borrowed {
 };
 
 inline Stream as_stream(uintptr_t s) { return reinterpret_cast<Stream>(s); }
+
+// Byte strings (e.g. RLE counts) as a list of Python bytes.
+py::list to_bytes_list(const std::vector<std::string>& strs);
 
 // Registration of binding files: each file registers a function that adds its defs to the module,
 // so ops can be added without touching a central list.

@@ -1,14 +1,14 @@
+// Fused batch norm + ReLU + max pool on the CPU: forward, the two backward passes and the channel moments.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "mrcnn/common/check.h"
-#include "mrcnn/common/cuda_entry.h"
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
 #include "mrcnn/common/simd.h"
 #include "mrcnn/ops/bn_relu_max_pool.h"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/max_pool_math.h"
 
 namespace mrcnn {
@@ -47,31 +47,17 @@ struct Args {
   bool use_x;
 };
 
-// Index helpers: with CL the channel stride is 1 and the pixel stride C, compile-time after inlining.
-template <bool CL>
-struct Layout {
-  int64_t batch, cs, ps, obatch, ocs, ops;
-  Layout(int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW) {
-    batch = C * H * W;
-    obatch = C * OH * OW;
-    cs = CL ? 1 : H * W;
-    ps = CL ? C : 1;
-    ocs = CL ? 1 : OH * OW;
-    ops = CL ? C : 1;
-  }
-};
-
 // Sums of x - shift[c] (shift = x[0, c, 0, 0]) keep the one-pass variance accurate when |mean| >> std.
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void moments_rows(const Args<T>& p, const double* __restrict__ shift, int64_t r0, int64_t r1,
                                       double* __restrict__ sum, double* __restrict__ sq) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL);
   for (int64_t r = r0; r < r1; ++r) {
-    const T* row = p.x + (r / p.H) * L.batch + (r % p.H) * p.W * L.ps;
+    const T* row = p.x + (r / p.H) * sx.batch + (r % p.H) * p.W * sx.cell;
     for (int64_t w = 0; w < p.W; ++w) {
-      const T* __restrict__ px = row + w * L.ps;
+      const T* __restrict__ px = row + w * sx.cell;
       for (int64_t c = 0; c < p.C; ++c) {
-        const double v = static_cast<double>(px[c * L.cs]) - shift[c];
+        const double v = static_cast<double>(px[c * sx.channel]) - shift[c];
         sum[c] += v;
         sq[c] += v * v;
       }
@@ -82,7 +68,7 @@ MRCNN_ALWAYS_INLINE void moments_rows(const Args<T>& p, const double* __restrict
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, T* __restrict__ m,
                                       int32_t* __restrict__ a) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL), so = detail::map_strides(p.C, p.OH, p.OW, CL);
   const int64_t C = p.C, W = p.W;
   const T* __restrict__ scale = p.scale;
   const T* __restrict__ shift = p.shift;
@@ -90,7 +76,7 @@ MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, 
     const int64_t n = r / p.OH, oh = r % p.OH;
     int64_t h0, h1;
     mp::window(oh, p.g.kernel_h, p.g.stride_h, p.g.pad_h, p.H, h0, h1);
-    const T* xb = p.x + n * L.batch;
+    const T* xb = p.x + n * sx.batch;
     for (int64_t ow = 0; ow < p.OW; ++ow) {
       int64_t w0, w1;
       mp::window(ow, p.g.kernel_w, p.g.stride_w, p.g.pad_w, W, w0, w1);
@@ -102,20 +88,20 @@ MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, 
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t w = w0; w < w1; ++w) {
           const int32_t idx = static_cast<int32_t>(h * W + w);
-          const T* __restrict__ px = xb + idx * L.ps;
+          const T* __restrict__ px = xb + idx * sx.cell;
           for (int64_t c = 0; c < C; ++c) {
-            const T v = px[c * L.cs] * scale[c] + shift[c];
+            const T v = px[c * sx.channel] * scale[c] + shift[c];
             const bool take = mp::takes(v, m[c]);
             m[c] = take ? v : m[c];
             a[c] = take ? idx : a[c];
           }
         }
       }
-      T* __restrict__ o = p.y + n * L.obatch + (oh * p.OW + ow) * L.ops;
-      int32_t* __restrict__ ao = p.arg_out + n * L.obatch + (oh * p.OW + ow) * L.ops;
+      T* __restrict__ o = p.y + n * so.batch + (oh * p.OW + ow) * so.cell;
+      int32_t* __restrict__ ao = p.arg_out + n * so.batch + (oh * p.OW + ow) * so.cell;
       for (int64_t c = 0; c < C; ++c) {
-        o[c * L.ocs] = mp::relu(m[c]);
-        ao[c * L.ocs] = m[c] <= T(0) ? -1 : a[c];
+        o[c * so.channel] = mp::relu(m[c]);
+        ao[c * so.channel] = m[c] <= T(0) ? -1 : a[c];
       }
     }
   }
@@ -124,21 +110,21 @@ MRCNN_ALWAYS_INLINE void forward_rows(const Args<T>& p, int64_t r0, int64_t r1, 
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void reduce_rows(const Args<T>& p, int64_t r0, int64_t r1, double* __restrict__ sg,
                                      double* __restrict__ sgx) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL), so = detail::map_strides(p.C, p.OH, p.OW, CL);
   const uint64_t HW = static_cast<uint64_t>(p.H * p.W);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.OH, oh = r % p.OH;
-    const T* xb = p.x + n * L.batch;
+    const T* xb = p.x + n * sx.batch;
     for (int64_t ow = 0; ow < p.OW; ++ow) {
-      const int64_t o = n * L.obatch + (oh * p.OW + ow) * L.ops;
+      const int64_t o = n * so.batch + (oh * p.OW + ow) * so.cell;
       for (int64_t c = 0; c < p.C; ++c) {
-        const int64_t i = o + c * L.ocs;
+        const int64_t i = o + c * so.channel;
         const int64_t am = p.arg[i];
         // The unsigned compare rejects -1 (ReLU cut the window) and any corrupt arg-max.
         if (static_cast<uint64_t>(am) >= HW) continue;
         const double gv = static_cast<double>(p.grad[i]);
         sg[c] += gv;
-        sgx[c] += gv * static_cast<double>(xb[am * L.ps + c * L.cs]);
+        sgx[c] += gv * static_cast<double>(xb[am * sx.cell + c * sx.channel]);
       }
     }
   }
@@ -146,7 +132,7 @@ MRCNN_ALWAYS_INLINE void reduce_rows(const Args<T>& p, int64_t r0, int64_t r1, d
 
 template <class T, bool CL>
 MRCNN_ALWAYS_INLINE void input_rows(const Args<T>& p, int64_t r0, int64_t r1, T* __restrict__ G) {
-  const Layout<CL> L(p.C, p.H, p.W, p.OH, p.OW);
+  const detail::MapStrides sx = detail::map_strides(p.C, p.H, p.W, CL), so = detail::map_strides(p.C, p.OH, p.OW, CL);
   const int64_t C = p.C, W = p.W;
   const T* __restrict__ grad = p.grad;
   const int32_t* __restrict__ arg = p.arg;
@@ -164,21 +150,21 @@ MRCNN_ALWAYS_INLINE void input_rows(const Args<T>& p, int64_t r0, int64_t r1, T*
       for (int64_t c = 0; c < C; ++c) G[c] = T(0);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         for (int64_t ow = ow0; ow < ow1; ++ow) {
-          const int64_t o = n * L.obatch + (oh * p.OW + ow) * L.ops;
+          const int64_t o = n * so.batch + (oh * p.OW + ow) * so.cell;
           for (int64_t c = 0; c < C; ++c) {
             // Both loads unconditional so the select vectorises (a conditional load is a branch).
-            const T gv = grad[o + c * L.ocs];
-            G[c] += arg[o + c * L.ocs] == idx ? gv : T(0);
+            const T gv = grad[o + c * so.channel];
+            G[c] += arg[o + c * so.channel] == idx ? gv : T(0);
           }
         }
       }
-      const int64_t e = n * L.batch + idx * L.ps;
+      const int64_t e = n * sx.batch + idx * sx.cell;
       T* __restrict__ gx = p.gx + e;
       const T* __restrict__ xe = p.x + e;
       if (p.use_x) {
-        for (int64_t c = 0; c < C; ++c) gx[c * L.cs] = ca[c] * G[c] + cb[c] * xe[c * L.cs] + cd[c];
+        for (int64_t c = 0; c < C; ++c) gx[c * sx.channel] = ca[c] * G[c] + cb[c] * xe[c * sx.channel] + cd[c];
       } else {
-        for (int64_t c = 0; c < C; ++c) gx[c * L.cs] = ca[c] * G[c] + cd[c];
+        for (int64_t c = 0; c < C; ++c) gx[c * sx.channel] = ca[c] * G[c] + cd[c];
       }
     }
   }
@@ -205,34 +191,50 @@ MRCNN_CL_CLONES(float)
 MRCNN_CL_CLONES(double)
 #undef MRCNN_CL_CLONES
 
+// Two per-channel sums (out_a, out_b: [C]) over `rows` rows: rows_fn(r0, r1, a, b) adds rows [r0, r1) into one
+// chunk's partials a[C], b[C], and the partials are added in chunk order.
+template <class RowsFn>
+void chunked_sums(int64_t rows, int64_t C, RowsFn rows_fn, double* out_a, double* out_b) {
+  const Chunks ch = chunks_for(rows);
+  std::vector<double> part(static_cast<size_t>(ch.count * 2 * C), 0.0);
+  parallel_for(0, ch.count, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      double* a = part.data() + k * 2 * C;
+      rows_fn(k * ch.per, std::min(ch.rows, (k + 1) * ch.per), a, a + C);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      a += part[k * 2 * C + c];
+      b += part[k * 2 * C + C + c];
+    }
+    out_a[c] = a;
+    out_b[c] = b;
+  }
+}
+
 template <class T, bool CL>
 void run_moments(const Args<T>& p, double* mean, double* var) {
   const int64_t C = p.C;
   const int64_t cs = CL ? 1 : p.H * p.W;
   std::vector<double> shift(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(p.x[c * cs]);
-  const Chunks ch = chunks_for(p.N * p.H);
-  std::vector<double> part(static_cast<size_t>(ch.count * 2 * C), 0.0);
-  parallel_for(0, ch.count, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double* sum = part.data() + k * 2 * C;
-      const int64_t r0 = k * ch.per, r1 = std::min(ch.rows, (k + 1) * ch.per);
-      if (CL)
-        moments_rows_cl(p, shift.data(), r0, r1, sum, sum + C);
-      else
-        moments_rows<T, false>(p, shift.data(), r0, r1, sum, sum + C);
-    }
-  });
+  std::vector<double> sum(static_cast<size_t>(C)), sq(static_cast<size_t>(C));
+  chunked_sums(
+      p.N * p.H, C,
+      [&](int64_t r0, int64_t r1, double* a, double* b) {
+        if (CL)
+          moments_rows_cl(p, shift.data(), r0, r1, a, b);
+        else
+          moments_rows<T, false>(p, shift.data(), r0, r1, a, b);
+      },
+      sum.data(), sq.data());
   const double M = static_cast<double>(p.N * p.H * p.W);
   for (int64_t c = 0; c < C; ++c) {
-    double sm = 0, q = 0;
-    for (int64_t k = 0; k < ch.count; ++k) {
-      sm += part[k * 2 * C + c];
-      q += part[k * 2 * C + C + c];
-    }
-    const double m = sm / M;
+    const double m = sum[c] / M;
     mean[c] = shift[c] + m;
-    var[c] = std::max(0.0, q / M - m * m);
+    var[c] = std::max(0.0, sq[c] / M - m * m);
   }
 }
 
@@ -251,28 +253,15 @@ void run_forward(const Args<T>& p) {
 
 template <class T, bool CL>
 void run_reduce(const Args<T>& p, double* sum_g, double* sum_gx) {
-  const int64_t C = p.C;
-  const Chunks ch = chunks_for(p.N * p.OH);
-  std::vector<double> part(static_cast<size_t>(ch.count * 2 * C), 0.0);
-  parallel_for(0, ch.count, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double* sg = part.data() + k * 2 * C;
-      const int64_t r0 = k * ch.per, r1 = std::min(ch.rows, (k + 1) * ch.per);
-      if (CL)
-        reduce_rows_cl(p, r0, r1, sg, sg + C);
-      else
-        reduce_rows<T, false>(p, r0, r1, sg, sg + C);
-    }
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int64_t k = 0; k < ch.count; ++k) {
-      a += part[k * 2 * C + c];
-      b += part[k * 2 * C + C + c];
-    }
-    sum_g[c] = a;
-    sum_gx[c] = b;
-  }
+  chunked_sums(
+      p.N * p.OH, p.C,
+      [&](int64_t r0, int64_t r1, double* sg, double* sgx) {
+        if (CL)
+          reduce_rows_cl(p, r0, r1, sg, sgx);
+        else
+          reduce_rows<T, false>(p, r0, r1, sg, sgx);
+      },
+      sum_g, sum_gx);
 }
 
 template <class T, bool CL>
@@ -373,130 +362,6 @@ void bn_relu_max_pool_backward_input_cpu(const TensorView& grad_out, const Tenso
     else
       run_input<scalar_t, false>(p);
   });
-}
-
-// ---- host entry points: validation, then dispatch ----------------------------------------------------------
-
-namespace {
-
-void check_map(const TensorView& t, const char* name) {
-  check_ndim(t, 4, name);
-  MRCNN_CHECK_VALUE(t.is_contiguous() || t.is_channels_last(), name,
-                    " must be contiguous (NCHW) or channels-last, got strides that are neither");
-}
-
-void check_x(const TensorView& x) {
-  check_map(x, "x");
-  MRCNN_CHECK_TYPE(x.dtype == DType::Float32 || x.dtype == DType::Float64, "x must be float32 or float64, got ",
-                   dtype_name(x.dtype));
-  MRCNN_CHECK_VALUE(x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
-                    "x: H * W must fit the int32 arg-max, got ", x.shape_str());
-}
-
-void check_channel_vec(const TensorView& t, const TensorView& x, DType dtype, const char* name) {
-  check_ndim(t, 1, name);
-  MRCNN_CHECK_VALUE(t.size(0) == x.size(1), name, " must have shape [C] = [", x.size(1), "], got ",
-                    t.shape_str());
-  check_dtype(t, dtype, name);
-  check_same_device(t, x, name, "x");
-  check_contiguous(t, name);
-}
-
-void check_geometry(const PoolGeometry& g) {
-  MRCNN_CHECK_VALUE(g.kernel_h >= 1 && g.kernel_w >= 1, "kernel_size must be >= 1, got (", g.kernel_h, ", ",
-                    g.kernel_w, ")");
-  MRCNN_CHECK_VALUE(g.stride_h >= 1 && g.stride_w >= 1, "stride must be >= 1, got (", g.stride_h, ", ", g.stride_w,
-                    ")");
-  MRCNN_CHECK_VALUE(g.pad_h >= 0 && g.pad_w >= 0 && 2 * g.pad_h <= g.kernel_h && 2 * g.pad_w <= g.kernel_w,
-                    "padding must be between 0 and half the kernel size, got (", g.pad_h, ", ", g.pad_w, ")");
-}
-
-// out-shaped tensors: [N, C, OH, OW] with the geometry's OH, OW and x's layout.
-void check_pooled(const TensorView& t, const TensorView& x, const PoolGeometry& g, DType dtype, const char* name) {
-  check_map(t, name);
-  const int64_t OH = (x.size(2) + 2 * g.pad_h - g.kernel_h) / g.stride_h + 1;
-  const int64_t OW = (x.size(3) + 2 * g.pad_w - g.kernel_w) / g.stride_w + 1;
-  MRCNN_CHECK_VALUE(t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.size(2) == OH && t.size(3) == OW, name,
-                    " must have shape [", x.size(0), ", ", x.size(1), ", ", OH, ", ", OW, "], got ", t.shape_str());
-  check_dtype(t, dtype, name);
-  check_same_device(t, x, name, "x");
-  MRCNN_CHECK_VALUE(t.is_contiguous() == x.is_contiguous(), name, " must have x's memory layout");
-}
-
-void check_backward(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
-                    const PoolGeometry& g) {
-  check_x(x);
-  check_geometry(g);
-  check_pooled(argmax, x, g, DType::Int32, "argmax");
-  check_pooled(grad_out, x, g, x.dtype, "grad_out");
-}
-
-}  // namespace
-
-void channel_moments(const TensorView& x, const TensorView& mean, const TensorView& var, Stream stream) {
-  check_x(x);
-  check_channel_vec(mean, x, DType::Float64, "mean");
-  check_channel_vec(var, x, DType::Float64, "var");
-  MRCNN_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 0, "channel_moments: x has no elements per channel (shape ",
-                    x.shape_str(), ")");
-  if (x.size(1) == 0) return;
-  if (x.is_cuda()) {
-    MRCNN_IF_CUDA(channel_moments_cuda(x, mean, var, stream));
-  } else {
-    channel_moments_cpu(x, mean, var);
-  }
-}
-
-void bn_relu_max_pool_forward(const TensorView& x, const TensorView& scale, const TensorView& shift,
-                              const PoolGeometry& g, const TensorView& out, const TensorView& argmax,
-                              Stream stream) {
-  check_x(x);
-  check_geometry(g);
-  check_channel_vec(scale, x, x.dtype, "scale");
-  check_channel_vec(shift, x, x.dtype, "shift");
-  check_pooled(out, x, g, x.dtype, "out");
-  check_pooled(argmax, x, g, DType::Int32, "argmax");
-  if (out.numel() == 0) return;
-  if (x.is_cuda()) {
-    MRCNN_IF_CUDA(bn_relu_max_pool_forward_cuda(x, scale, shift, g, out, argmax, stream));
-  } else {
-    bn_relu_max_pool_forward_cpu(x, scale, shift, g, out, argmax);
-  }
-}
-
-void bn_relu_max_pool_backward_reduce(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
-                                      const PoolGeometry& g, const TensorView& sum_g, const TensorView& sum_gx,
-                                      Stream stream) {
-  check_backward(grad_out, argmax, x, g);
-  check_channel_vec(sum_g, x, DType::Float64, "sum_g");
-  check_channel_vec(sum_gx, x, DType::Float64, "sum_gx");
-  if (x.size(1) == 0) return;
-  if (x.is_cuda()) {
-    MRCNN_IF_CUDA(bn_relu_max_pool_backward_reduce_cuda(grad_out, argmax, x, sum_g, sum_gx, stream));
-  } else {
-    bn_relu_max_pool_backward_reduce_cpu(grad_out, argmax, x, sum_g, sum_gx);
-  }
-}
-
-void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorView& argmax, const TensorView& x,
-                                     const TensorView& a, const TensorView& b, const TensorView& d,
-                                     const PoolGeometry& g, const TensorView& grad_x, Stream stream) {
-  check_backward(grad_out, argmax, x, g);
-  check_channel_vec(a, x, x.dtype, "a");
-  check_channel_vec(b, x, x.dtype, "b");
-  check_channel_vec(d, x, x.dtype, "d");
-  check_map(grad_x, "grad_x");
-  MRCNN_CHECK_VALUE(grad_x.size(0) == x.size(0) && grad_x.size(1) == x.size(1) && grad_x.size(2) == x.size(2) &&
-                        grad_x.size(3) == x.size(3) && grad_x.is_contiguous() == x.is_contiguous(),
-                    "grad_x must have x's shape ", x.shape_str(), " and layout, got ", grad_x.shape_str());
-  check_dtype(grad_x, x.dtype, "grad_x");
-  check_same_device(grad_x, x, "grad_x", "x");
-  if (grad_x.numel() == 0) return;
-  if (x.is_cuda()) {
-    MRCNN_IF_CUDA(bn_relu_max_pool_backward_input_cuda(grad_out, argmax, x, a, b, d, g, grad_x, stream));
-  } else {
-    bn_relu_max_pool_backward_input_cpu(grad_out, argmax, x, a, b, d, g, grad_x);
-  }
 }
 
 }  // namespace mrcnn

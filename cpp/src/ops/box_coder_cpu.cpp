@@ -1,7 +1,4 @@
-#include <cmath>
-
-#include "mrcnn/common/check.h"
-#include "mrcnn/common/cuda_entry.h"
+// Box coding on the CPU: one box per iteration, math in detail/box_coder_math.h.
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
 #include "mrcnn/ops/box_coder.h"
@@ -12,28 +9,11 @@ namespace {
 
 constexpr int64_t kGrain = 8192;  // boxes per task: the per-box work is a few dozen flops
 
-template <class T> detail::CoderParams<T> coder_params(const BoxCoderParams& p) {
-  return {T(p.weights[0]), T(p.weights[1]), T(p.weights[2]), T(p.weights[3]), T(p.clip)};
-}
-
-void check_boxes_arg(const TensorView& t, const char* name) {
-  check_ndim(t, 2, name);
-  MRCNN_CHECK_VALUE(t.size(1) == 4, name, " must have shape [N, 4], got ", t.shape_str());
-  check_float(t, name);
-  check_contiguous(t, name);
-}
-
-void check_params(const BoxCoderParams& p) {
-  for (double w : p.weights)
-    MRCNN_CHECK_VALUE(std::isfinite(w) && w != 0.0, "weights must be finite and non-zero, got ", w);
-  MRCNN_CHECK_VALUE(!std::isnan(p.clip), "clamp must not be NaN");
-}
-
 }  // namespace
 
 void encode_boxes_cpu(const TensorView& ref, const TensorView& prop, const BoxCoderParams& p, const TensorView& out) {
   MRCNN_DISPATCH_CPU_FLOAT(ref.dtype, "encode_boxes", [&] {
-    const auto cp = coder_params<scalar_t>(p);
+    const auto cp = detail::coder_params<scalar_t>(p);
     const scalar_t* r = ref.ptr<scalar_t>();
     const scalar_t* q = prop.ptr<scalar_t>();
     scalar_t* o = out.ptr<scalar_t>();
@@ -47,7 +27,7 @@ void decode_boxes_cpu(const TensorView& deltas, const TensorView& boxes, const B
                       const TensorView& out) {
   const int64_t n = boxes.size(0), k = deltas.size(1) / 4;
   MRCNN_DISPATCH_CPU_FLOAT(boxes.dtype, "decode_boxes", [&] {
-    const auto cp = coder_params<scalar_t>(p);
+    const auto cp = detail::coder_params<scalar_t>(p);
     const scalar_t* d = deltas.ptr<scalar_t>();
     const scalar_t* bx = boxes.ptr<scalar_t>();
     scalar_t* o = out.ptr<scalar_t>();
@@ -81,89 +61,6 @@ void box_size_mask_cpu(const TensorView& boxes, double min_size, const TensorVie
     bool* k = keep.ptr<bool>();
     for (int64_t i = 0; i < n; ++i) k[i] = detail::box_big_enough(bx + 4 * i, m);
   });
-}
-
-void encode_boxes(const TensorView& ref, const TensorView& prop, const BoxCoderParams& p, const TensorView& out,
-                  Stream stream) {
-  check_boxes_arg(ref, "reference_boxes");
-  check_boxes_arg(prop, "proposals");
-  MRCNN_CHECK_VALUE(prop.size(0) == ref.size(0), "proposals must have as many rows as reference_boxes (",
-                    ref.size(0), "), got ", prop.size(0));
-  check_dtype(prop, ref.dtype, "proposals");
-  check_same_device(ref, prop, "reference_boxes", "proposals");
-  check_params(p);
-  check_dtype(out, ref.dtype, "out");
-  check_same_device(ref, out, "reference_boxes", "out");
-  check_contiguous(out, "out");
-  MRCNN_CHECK_VALUE(out.ndim == 2 && out.size(0) == ref.size(0) && out.size(1) == 4,
-                    "out must have shape [N, 4], got ", out.shape_str());
-  if (ref.size(0) == 0) return;
-  if (ref.is_cuda()) {
-    MRCNN_IF_CUDA(encode_boxes_cuda(ref, prop, p, out, stream));
-  } else {
-    encode_boxes_cpu(ref, prop, p, out);
-  }
-}
-
-void decode_boxes(const TensorView& deltas, const TensorView& boxes, const BoxCoderParams& p, const TensorView& out,
-                  Stream stream) {
-  check_boxes_arg(boxes, "boxes");
-  check_ndim(deltas, 2, "deltas");
-  MRCNN_CHECK_VALUE(deltas.size(1) % 4 == 0 && deltas.size(1) > 0, "deltas must have shape [N, 4 * K], got ",
-                    deltas.shape_str());
-  MRCNN_CHECK_VALUE(deltas.size(0) == boxes.size(0), "deltas must have as many rows as boxes (", boxes.size(0),
-                    "), got ", deltas.size(0));
-  check_dtype(deltas, boxes.dtype, "deltas");
-  check_same_device(deltas, boxes, "deltas", "boxes");
-  check_contiguous(deltas, "deltas");
-  check_params(p);
-  check_dtype(out, boxes.dtype, "out");
-  check_same_device(boxes, out, "boxes", "out");
-  check_contiguous(out, "out");
-  MRCNN_CHECK_VALUE(out.ndim == 3 && out.size(0) == boxes.size(0) && out.size(1) == deltas.size(1) / 4 &&
-                        out.size(2) == 4,
-                    "out must have shape [N, K, 4], got ", out.shape_str());
-  if (out.numel() == 0) return;
-  if (boxes.is_cuda()) {
-    MRCNN_IF_CUDA(decode_boxes_cuda(deltas, boxes, p, out, stream));
-  } else {
-    decode_boxes_cpu(deltas, boxes, p, out);
-  }
-}
-
-void clip_boxes(const TensorView& boxes, double height, double width, const TensorView& out, Stream stream) {
-  MRCNN_CHECK_VALUE(boxes.ndim >= 1 && boxes.size(-1) == 4, "boxes must have shape [..., 4], got ",
-                    boxes.shape_str());
-  check_float(boxes, "boxes");
-  check_contiguous(boxes, "boxes");
-  MRCNN_CHECK_VALUE(std::isfinite(height) && std::isfinite(width) && height >= 0 && width >= 0,
-                    "image size must be finite and non-negative, got (", height, ", ", width, ")");
-  check_dtype(out, boxes.dtype, "out");
-  check_same_device(boxes, out, "boxes", "out");
-  check_contiguous(out, "out");
-  MRCNN_CHECK_VALUE(out.numel() == boxes.numel(), "out must have the shape of boxes, got ", out.shape_str());
-  if (boxes.numel() == 0) return;
-  if (boxes.is_cuda()) {
-    MRCNN_IF_CUDA(clip_boxes_cuda(boxes, height, width, out, stream));
-  } else {
-    clip_boxes_cpu(boxes, height, width, out);
-  }
-}
-
-void box_size_mask(const TensorView& boxes, double min_size, const TensorView& keep, Stream stream) {
-  check_boxes_arg(boxes, "boxes");
-  MRCNN_CHECK_VALUE(!std::isnan(min_size), "min_size must not be NaN");
-  check_ndim(keep, 1, "keep");
-  check_dtype(keep, DType::Bool, "keep");
-  check_same_device(boxes, keep, "boxes", "keep");
-  check_contiguous(keep, "keep");
-  MRCNN_CHECK_VALUE(keep.size(0) == boxes.size(0), "keep must have shape [N], got ", keep.shape_str());
-  if (boxes.size(0) == 0) return;
-  if (boxes.is_cuda()) {
-    MRCNN_IF_CUDA(box_size_mask_cuda(boxes, min_size, keep, stream));
-  } else {
-    box_size_mask_cpu(boxes, min_size, keep);
-  }
 }
 
 }  // namespace mrcnn

@@ -13,25 +13,16 @@
 #include <vector>
 
 #include "mrcnn/common/check.h"
-#include "mrcnn/common/cuda_entry.h"
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
+#include "mrcnn/common/simd.h"
 #include "mrcnn/ops/detail/mask_paste_math.h"
 #include "mrcnn/ops/mask_paste.h"
+#include "mrcnn/ops/rle.h"
+#include "rle_cpu.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MRCNN_X86_FMA_TARGET __attribute__((target("avx2,fma")))
-#else
-#define MRCNN_X86_FMA_TARGET
-#endif
-#if defined(__GNUC__)
-#define MRCNN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define MRCNN_ALWAYS_INLINE inline
 #endif
 
 namespace mrcnn {
@@ -100,34 +91,44 @@ template <class A> MRCNN_ALWAYS_INLINE void load_padded_rows(const Source<A>& sr
   }
 }
 
-// x taps of columns [xa, xb) and y taps of rows [ya, yb); returns the source row range via r0/r1.
-template <bool F, class A>
-MRCNN_ALWAYS_INLINE void compute_taps(const PastePlan& p, const Source<A>& src, int64_t ya, int64_t yb, int64_t xa,
-                                      int64_t xb, int64_t& r0, int64_t& r1, Scratch<A>& s) {
-  const int64_t bw = xb - xa, bh = yb - ya;
-  s.ix0.resize(bw); s.ix1.resize(bw); s.wx0.resize(bw); s.wx1.resize(bw);
-  for (int64_t k = 0; k < bw; ++k) {
-    const Taps<A> t = detail::source_taps<F>(src.sx, xa + k - p.bx0, src.pw, p.w);
-    s.ix0[k] = static_cast<int32_t>(t.i0);
-    s.ix1[k] = static_cast<int32_t>(t.i1);
-    s.wx0[k] = t.l0;
-    s.wx1[k] = t.l1;
+// The taps of image indices first .. first + n - 1 (tap(i): the two taps of index i) as four tables.
+template <class A, class Tap>
+MRCNN_ALWAYS_INLINE void fill_taps(int64_t first, int64_t n, Tap tap, std::vector<int32_t>& i0,
+                                   std::vector<int32_t>& i1, std::vector<A>& w0, std::vector<A>& w1) {
+  i0.resize(n); i1.resize(n); w0.resize(n); w1.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const Taps<A> t = tap(first + k);
+    i0[k] = static_cast<int32_t>(t.i0);
+    i1[k] = static_cast<int32_t>(t.i1);
+    w0[k] = t.l0;
+    w1[k] = t.l1;
   }
-  s.iy0.resize(bh); s.iy1.resize(bh); s.wy0.resize(bh); s.wy1.resize(bh);
-  for (int64_t j = 0; j < bh; ++j) {
-    const Taps<A> t = detail::source_taps<F>(src.sy, ya + j - p.by0, src.ph, p.h);
-    s.iy0[j] = static_cast<int32_t>(t.i0);
-    s.iy1[j] = static_cast<int32_t>(t.i1);
-    s.wy0[j] = t.l0;
-    s.wy1[j] = t.l1;
-  }
-  // Taps are monotone in the output index, so the first and last rows bound the source rows used.
+}
+
+// Tap tables of columns [xa, xb) (s.ix*, s.wx*) and rows [ya, yb) (s.iy*, s.wy*) from xtap(x) and ytap(y), the two
+// taps of an image column or row. The row taps are made relative to r0; [r0, r1] are the source rows read (taps
+// are monotone in the image index, so the first and last rows bound them).
+template <class A, class XTap, class YTap>
+MRCNN_ALWAYS_INLINE void tap_tables(int64_t ya, int64_t yb, int64_t xa, int64_t xb, XTap xtap, YTap ytap, int64_t& r0,
+                                    int64_t& r1, Scratch<A>& s) {
+  const int64_t bh = yb - ya;
+  fill_taps(xa, xb - xa, xtap, s.ix0, s.ix1, s.wx0, s.wx1);
+  fill_taps(ya, bh, ytap, s.iy0, s.iy1, s.wy0, s.wy1);
   r0 = s.iy0[0];
   r1 = s.iy1[bh - 1];
   for (int64_t j = 0; j < bh; ++j) {
     s.iy0[j] -= static_cast<int32_t>(r0);
     s.iy1[j] -= static_cast<int32_t>(r0);
   }
+}
+
+// torchvision's convention: the taps of the resized (padded) mask.
+template <bool F, class A>
+MRCNN_ALWAYS_INLINE void compute_taps(const PastePlan& p, const Source<A>& src, int64_t ya, int64_t yb, int64_t xa,
+                                      int64_t xb, int64_t& r0, int64_t& r1, Scratch<A>& s) {
+  tap_tables(
+      ya, yb, xa, xb, [&](int64_t x) { return detail::source_taps<F>(src.sx, x - p.bx0, src.pw, p.w); },
+      [&](int64_t y) { return detail::source_taps<F>(src.sy, y - p.by0, src.ph, p.h); }, r0, r1, s);
 }
 
 // Per source row: the separable kernel's x-blended row, or (small kernel) the two gathered taps.
@@ -242,33 +243,13 @@ MRCNN_ALWAYS_INLINE void eval_columns(const PastePlan& p, const Source<A>& src, 
 }
 
 // ---- aligned paste: the same, from detail::aligned_taps tables ------------------------------------
-// x taps of columns [xa, xb) and y taps of rows [ya, yb) (inside the plan's window); r0/r1: the mask rows read.
+// The aligned taps of columns [xa, xb) and rows [ya, yb) (inside the plan's window).
 template <class A>
 MRCNN_ALWAYS_INLINE void aligned_tables(const AlignedPlan& p, int64_t ya, int64_t yb, int64_t xa, int64_t xb,
                                         int64_t& r0, int64_t& r1, Scratch<A>& s) {
-  const int64_t bw = xb - xa, bh = yb - ya;
-  s.ix0.resize(bw); s.ix1.resize(bw); s.wx0.resize(bw); s.wx1.resize(bw);
-  for (int64_t k = 0; k < bw; ++k) {
-    const Taps<A> t = detail::aligned_taps<A>(p.x, xa + k);
-    s.ix0[k] = static_cast<int32_t>(t.i0);
-    s.ix1[k] = static_cast<int32_t>(t.i1);
-    s.wx0[k] = t.l0;
-    s.wx1[k] = t.l1;
-  }
-  s.iy0.resize(bh); s.iy1.resize(bh); s.wy0.resize(bh); s.wy1.resize(bh);
-  for (int64_t j = 0; j < bh; ++j) {
-    const Taps<A> t = detail::aligned_taps<A>(p.y, ya + j);
-    s.iy0[j] = static_cast<int32_t>(t.i0);
-    s.iy1[j] = static_cast<int32_t>(t.i1);
-    s.wy0[j] = t.l0;
-    s.wy1[j] = t.l1;
-  }
-  r0 = s.iy0[0];  // the clamped taps are monotone too
-  r1 = s.iy1[bh - 1];
-  for (int64_t j = 0; j < bh; ++j) {
-    s.iy0[j] -= static_cast<int32_t>(r0);
-    s.iy1[j] -= static_cast<int32_t>(r0);
-  }
+  tap_tables(
+      ya, yb, xa, xb, [&](int64_t x) { return detail::aligned_taps<A>(p.x, x); },
+      [&](int64_t y) { return detail::aligned_taps<A>(p.y, y); }, r0, r1, s);
 }
 
 // Mask rows r0..r1 blended along x into s.rows (row i at i * bw).
@@ -317,46 +298,6 @@ MRCNN_ALWAYS_INLINE void aligned_eval_columns(const AlignedPlan& p, const A* mas
   s.cols.resize(static_cast<size_t>(bw * ch));
   for (int64_t k = 0; k < bw; ++k) threshold_column<F>(t + k * nrows, ch, thr, s.cols.data() + k * ch, s);
 }
-
-// ---- run lengths ---------------------------------------------------------------------------------
-struct Runs {
-  std::vector<uint64_t>* counts;
-  uint64_t run = 0;
-  uint8_t cur = 0;
-  explicit Runs(std::vector<uint64_t>& c) : counts(&c) { c.clear(); }
-  // n pixels of value bit (0 or 1).
-  void add(uint8_t bit, uint64_t n) {
-    if (n == 0) return;
-    if (bit != cur) {
-      counts->push_back(run);
-      run = 0;
-      cur = bit;
-    }
-    run += n;
-  }
-  // A column of 0/1 bytes.
-  void column(const uint8_t* c, int64_t n) {
-    int64_t i = 0;
-    while (i < n) {
-      const uint64_t pattern = cur ? 0x0101010101010101ull : 0;
-      int64_t j = i;
-      for (; j + 8 <= n; j += 8) {
-        uint64_t w;
-        std::memcpy(&w, c + j, 8);
-        if (w != pattern) break;
-      }
-      while (j < n && c[j] == cur) ++j;
-      run += static_cast<uint64_t>(j - i);
-      i = j;
-      if (i < n) {
-        counts->push_back(run);
-        run = 0;
-        cur ^= 1;
-      }
-    }
-  }
-  void finish() { counts->push_back(run); }
-};
 
 // ---- the image pastes ----------------------------------------------------------------------------
 template <class A, class Plan> struct PasteJob {
@@ -417,7 +358,7 @@ template <class A> struct MaskRef {
 template <bool F, class A, class Plan>
 MRCNN_ALWAYS_INLINE std::string rle_one_impl(const Plan& p, const MaskRef<A>& m, int64_t H, int64_t W, A thr) {
   Scratch<A>& s = scratch<A>();
-  Runs runs(s.counts);
+  cpu::RunLengths runs(s.counts);
   const uint8_t zero = A(0) > thr;  // the image outside the box, thresholded
   if (!p.empty()) {
     const int64_t ch = p.cy1 - p.cy0;
@@ -451,35 +392,7 @@ std::string rle_one_plain(const Plan& p, const MaskRef<A>& m, int64_t H, int64_t
   return rle_one_impl<false>(p, m, H, W, thr);
 }
 
-// ---- shared checks and plans ---------------------------------------------------------------------
-void check_masks_boxes(const TensorView& masks, const TensorView& boxes, int64_t padding) {
-  check_ndim(masks, 3, "masks");
-  check_float(masks, "masks");
-  check_contiguous(masks, "masks");
-  MRCNN_CHECK_VALUE(masks.size(1) > 0 && masks.size(2) > 0, "masks must have non-empty spatial dims, got ",
-                    masks.shape_str());
-  MRCNN_CHECK_VALUE(padding >= 0, "padding must be >= 0, got ", padding);
-  MRCNN_CHECK_VALUE(masks.size(1) + 2 * padding < (int64_t(1) << 30) && masks.size(2) + 2 * padding < (int64_t(1) << 30),
-                    "masks are too large (", masks.shape_str(), ", padding ", padding, ")");
-  check_ndim(boxes, 2, "boxes");
-  MRCNN_CHECK_VALUE(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.shape_str());
-  MRCNN_CHECK_TYPE(boxes.dtype == DType::Float32 || boxes.dtype == DType::Float64,
-                   "boxes must be float32 or float64, got ", dtype_name(boxes.dtype));
-  check_contiguous(boxes, "boxes");
-  check_same_device(masks, boxes, "masks", "boxes");
-  MRCNN_CHECK_VALUE(boxes.size(0) == masks.size(0), "boxes and masks must have the same length, got ",
-                    boxes.size(0), " boxes and ", masks.size(0), " masks");
-}
-
-void check_out(const TensorView& out, const TensorView& masks, DType dtype, const char* what) {
-  check_ndim(out, 3, "out");
-  check_dtype(out, dtype, "out");
-  check_same_device(masks, out, "masks", "out");
-  check_contiguous(out, "out");
-  MRCNN_CHECK_VALUE(out.size(0) == masks.size(0), "out must have shape [N, H, W] with N = ", masks.size(0),
-                    ", got ", out.shape_str(), " (", what, ")");
-}
-
+// ---- plans ------------------------------------------------------------------------------------
 template <class B> void check_finite_boxes(const TensorView& boxes) {
   const B* b = boxes.ptr<B>();
   for (int64_t i = 0; i < boxes.numel(); ++i)
@@ -571,7 +484,7 @@ template <class A> struct Above {
 
 }  // namespace
 
-// ---- entry points --------------------------------------------------------------------------------
+// ---- backends -----------------------------------------------------------------------------------
 void paste_masks_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
                      bool aligned) {
   MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks", [&] {
@@ -588,38 +501,10 @@ void paste_masks_binary_cpu(const TensorView& masks, const TensorView& boxes, co
   });
 }
 
-void paste_masks(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                 bool aligned, Stream stream) {
-  check_masks_boxes(masks, boxes, padding);
-  check_out(out, masks, masks.dtype, "paste_masks");
-  if (out.numel() == 0) return;
-  if (masks.is_cuda()) {
-    MRCNN_IF_CUDA(paste_masks_cuda(masks, boxes, out, padding, aligned, stream));
-  } else {
-    paste_masks_cpu(masks, boxes, out, padding, aligned);
-  }
-}
-
-void paste_masks_binary(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
-                        bool aligned, double threshold, Stream stream) {
-  check_masks_boxes(masks, boxes, padding);
-  check_out(out, masks, DType::Bool, "paste_masks_binary");
-  if (out.numel() == 0) return;
-  if (masks.is_cuda()) {
-    MRCNN_IF_CUDA(paste_masks_binary_cuda(masks, boxes, out, padding, aligned, threshold, stream));
-  } else {
-    paste_masks_binary_cpu(masks, boxes, out, padding, aligned, threshold);
-  }
-}
-
-std::vector<std::string> paste_masks_rle(const TensorView& masks, const TensorView& boxes, int64_t img_h,
-                                         int64_t img_w, int64_t padding, bool aligned, double threshold) {
-  check_masks_boxes(masks, boxes, padding);
-  MRCNN_CHECK_VALUE(!masks.is_cuda(), "paste_masks_rle takes CPU tensors (CUDA: paste_masks_crops + rle_from_crops)");
-  MRCNN_CHECK_VALUE(img_h > 0 && img_w > 0, "img_shape must be positive, got (", img_h, ", ", img_w, ")");
+std::vector<std::string> paste_masks_rle_cpu(const TensorView& masks, const TensorView& boxes, int64_t img_h,
+                                             int64_t img_w, int64_t padding, bool aligned, double threshold) {
   const int64_t N = masks.size(0);
   std::vector<std::string> out(static_cast<size_t>(N));
-  if (N == 0) return out;
   const bool fused = cpu_has_fma();
   const int64_t mh = masks.size(1), mw = masks.size(2);
   with_plans(boxes, mh, mw, padding, aligned, img_h, img_w, [&](const auto& plans) {
@@ -638,20 +523,8 @@ std::vector<std::string> paste_masks_rle(const TensorView& masks, const TensorVi
   return out;
 }
 
-int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t padding, bool aligned,
-                            int64_t img_h, int64_t img_w, const TensorView& windows) {
-  check_ndim(boxes, 2, "boxes");
-  MRCNN_CHECK_VALUE(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.shape_str());
-  MRCNN_CHECK_TYPE(boxes.dtype == DType::Float32 || boxes.dtype == DType::Float64,
-                   "boxes must be float32 or float64, got ", dtype_name(boxes.dtype));
-  MRCNN_CHECK_VALUE(!boxes.is_cuda() && !windows.is_cuda(), "paste_masks_windows takes CPU tensors");
-  check_contiguous(boxes, "boxes");
-  check_dtype(windows, DType::Int64, "windows");
-  check_contiguous(windows, "windows");
-  MRCNN_CHECK_VALUE(windows.ndim == 2 && windows.size(0) == boxes.size(0) && windows.size(1) == 5,
-                    "windows must have shape [N, 5], got ", windows.shape_str());
-  MRCNN_CHECK_VALUE(mask_h > 0 && mask_w > 0 && padding >= 0 && img_h > 0 && img_w > 0,
-                    "bad mask size, padding or image size");
+int64_t paste_masks_windows_cpu(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t padding,
+                                bool aligned, int64_t img_h, int64_t img_w, const TensorView& windows) {
   int64_t* w = windows.ptr<int64_t>();
   int64_t offset = 0;
   with_plans(boxes, mask_h, mask_w, padding, aligned, img_h, img_w, [&](const auto& plans) {
@@ -669,42 +542,10 @@ int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_h, int64_t mas
   return offset;
 }
 
-void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const TensorView& windows,
-                       const TensorView& crops, int64_t padding, bool aligned, double threshold, int64_t img_h,
-                       int64_t img_w, Stream stream) {
-  check_masks_boxes(masks, boxes, padding);
-  MRCNN_CHECK_VALUE(masks.is_cuda(), "paste_masks_crops takes CUDA tensors (CPU: paste_masks_rle)");
-  check_dtype(windows, DType::Int64, "windows");
-  check_contiguous(windows, "windows");
-  check_same_device(masks, windows, "masks", "windows");
-  MRCNN_CHECK_VALUE(windows.ndim == 2 && windows.size(0) == masks.size(0) && windows.size(1) == 5,
-                    "windows must have shape [N, 5], got ", windows.shape_str());
-  check_ndim(crops, 1, "crops");
-  check_dtype(crops, DType::Bool, "crops");
-  check_same_device(masks, crops, "masks", "crops");
-  if (masks.size(0) == 0 || crops.numel() == 0) return;
-  MRCNN_IF_CUDA(
-      paste_masks_crops_cuda(masks, boxes, windows, crops, padding, aligned, threshold, img_h, img_w, stream));
-}
-
-void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
-                           const TensorView& out, int64_t padding, bool aligned, double threshold, bool binary,
-                           int64_t img_h, int64_t img_w) {
-  check_masks_boxes(masks, boxes, padding);
-  MRCNN_CHECK_VALUE(!masks.is_cuda() && !out.is_cuda(), "paste_masks_pixelwise takes CPU tensors");
-  MRCNN_CHECK_VALUE(img_h > 0 && img_w > 0, "img_shape must be positive");
-  check_contiguous(out, "out");
+void paste_masks_pixelwise_cpu(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
+                               const TensorView& out, int64_t padding, bool aligned, double threshold, bool binary,
+                               int64_t img_h, int64_t img_w) {
   const int64_t N = masks.size(0), mh = masks.size(1), mw = masks.size(2);
-  if (windows) {
-    check_dtype(*windows, DType::Int64, "windows");
-    check_contiguous(*windows, "windows");
-    MRCNN_CHECK_VALUE(windows->ndim == 2 && windows->size(0) == N && windows->size(1) == 5,
-                      "windows must have shape [N, 5]");
-    MRCNN_CHECK_VALUE(binary && out.dtype == DType::Bool && out.ndim == 1, "crops must be a 1-D bool tensor");
-  } else {
-    check_out(out, masks, binary ? DType::Bool : masks.dtype, "paste_masks_pixelwise");
-    MRCNN_CHECK_VALUE(out.size(1) == img_h && out.size(2) == img_w, "out must have shape [N, img_h, img_w]");
-  }
   with_plans(boxes, mh, mw, padding, aligned, img_h, img_w, [&](const auto& plans) {
     MRCNN_DISPATCH_CPU_FLOAT(masks.dtype, "paste_masks_pixelwise", [&] {
       using A = scalar_t;
@@ -741,125 +582,6 @@ void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, con
       }
     });
   });
-}
-
-std::vector<std::string> rle_from_crops(const TensorView& crops, const TensorView& windows, int64_t img_h,
-                                        int64_t img_w, bool outside) {
-  MRCNN_CHECK_VALUE(!crops.is_cuda() && !windows.is_cuda(), "rle_from_crops takes CPU tensors");
-  check_ndim(crops, 1, "crops");
-  check_dtype(crops, DType::Bool, "crops");
-  check_contiguous(crops, "crops");
-  check_dtype(windows, DType::Int64, "windows");
-  check_contiguous(windows, "windows");
-  MRCNN_CHECK_VALUE(windows.ndim == 2 && windows.size(1) == 5, "windows must have shape [N, 5], got ",
-                    windows.shape_str());
-  const int64_t N = windows.size(0);
-  const int64_t* w = windows.ptr<const int64_t>();
-  const uint8_t* c = crops.ptr<const uint8_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t y0 = w[5 * i], x0 = w[5 * i + 1], h = w[5 * i + 2], wd = w[5 * i + 3], off = w[5 * i + 4];
-    MRCNN_CHECK_VALUE(h >= 0 && wd >= 0 && y0 >= 0 && x0 >= 0 && y0 + h <= img_h && x0 + wd <= img_w && off >= 0 &&
-                          off + h * wd <= crops.numel(),
-                      "windows row ", i, " is outside the image or the crops");
-  }
-  std::vector<std::string> out(static_cast<size_t>(N));
-  parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    std::vector<uint64_t> counts;
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t y0 = w[5 * i], x0 = w[5 * i + 1], h = w[5 * i + 2], wd = w[5 * i + 3], off = w[5 * i + 4];
-      Runs runs(counts);
-      const uint8_t z = outside ? 1 : 0;
-      if (h > 0 && wd > 0) {
-        runs.add(z, static_cast<uint64_t>(x0 * img_h));
-        for (int64_t k = 0; k < wd; ++k) {  // crops are column-major: RLE order
-          runs.add(z, static_cast<uint64_t>(y0));
-          runs.column(c + off + k * h, h);
-          runs.add(z, static_cast<uint64_t>(img_h - y0 - h));
-        }
-        runs.add(z, static_cast<uint64_t>((img_w - x0 - wd) * img_h));
-      } else {
-        runs.add(z, static_cast<uint64_t>(img_h * img_w));
-      }
-      runs.finish();
-      out[i] = rle_counts_string(counts);
-    }
-  });
-  return out;
-}
-
-std::vector<std::string> rle_encode(const TensorView& masks) {
-  check_ndim(masks, 3, "masks");
-  MRCNN_CHECK_TYPE(masks.dtype == DType::Bool || masks.dtype == DType::UInt8, "masks must be bool or uint8, got ",
-                   dtype_name(masks.dtype));
-  MRCNN_CHECK_VALUE(!masks.is_cuda(), "rle_encode takes CPU tensors");
-  check_contiguous(masks, "masks");
-  const int64_t N = masks.size(0), H = masks.size(1), W = masks.size(2);
-  std::vector<std::string> out(static_cast<size_t>(N));
-  const uint8_t* base = masks.ptr<const uint8_t>();
-  parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> colany(static_cast<size_t>(W)), col(static_cast<size_t>(H));
-    std::vector<uint64_t> counts;
-    for (int64_t n = b; n < e; ++n) {
-      const uint8_t* m = base + n * H * W;
-      // Bounding rows and columns of the set pixels: one pass over the mask, 8 bytes at a time; only that
-      // box is then scanned column by column.
-      std::fill(colany.begin(), colany.end(), uint8_t(0));
-      int64_t ry0 = H, ry1 = -1;
-      const int64_t W8 = W / 8;
-      for (int64_t y = 0; y < H; ++y) {
-        const uint8_t* __restrict__ row = m + y * W;
-        uint8_t* __restrict__ acc = colany.data();
-        uint64_t any = 0;
-        for (int64_t i = 0; i < W8; ++i) {
-          uint64_t v, a;
-          std::memcpy(&v, row + 8 * i, 8);
-          std::memcpy(&a, acc + 8 * i, 8);
-          a |= v;
-          any |= v;
-          std::memcpy(acc + 8 * i, &a, 8);
-        }
-        for (int64_t x = 8 * W8; x < W; ++x) {
-          acc[x] |= row[x];
-          any |= row[x];
-        }
-        if (any) {
-          ry0 = std::min(ry0, y);
-          ry1 = y;
-        }
-      }
-      Runs runs(counts);
-      if (ry1 < 0) {
-        runs.add(0, static_cast<uint64_t>(H * W));
-      } else {
-        int64_t rx0 = 0, rx1 = W - 1;
-        while (!colany[rx0]) ++rx0;
-        while (!colany[rx1]) --rx1;
-        const int64_t ch = ry1 - ry0 + 1;
-        runs.add(0, static_cast<uint64_t>(rx0 * H));
-        for (int64_t x = rx0; x <= rx1; ++x) {
-          for (int64_t y = 0; y < ch; ++y) col[y] = m[(ry0 + y) * W + x] != 0;
-          runs.add(0, static_cast<uint64_t>(ry0));
-          runs.column(col.data(), ch);
-          runs.add(0, static_cast<uint64_t>(H - 1 - ry1));
-        }
-        runs.add(0, static_cast<uint64_t>((W - 1 - rx1) * H));
-      }
-      runs.finish();
-      out[n] = rle_counts_string(counts);
-    }
-  });
-  return out;
-}
-
-std::string rle_counts_string(const std::vector<uint64_t>& counts) {
-  std::string s;
-  s.reserve(counts.size() * 2 + 4);
-  for (size_t i = 0; i < counts.size(); ++i) {
-    long long x = static_cast<long long>(counts[i]);
-    if (i > 2) x -= static_cast<long long>(counts[i - 2]);
-    detail::rle_put_count(x, [&](char c) { s.push_back(c); });
-  }
-  return s;
 }
 
 }  // namespace mrcnn

@@ -1,17 +1,18 @@
+// NMS on the CPU: stable radix sort of the scores, then blocked greedy suppression over boxes in
+// structure-of-arrays form (the building blocks in nms_cpu.h are shared with proposals_cpu.cpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "mrcnn/common/check.h"
-#include "mrcnn/common/cuda_entry.h"
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
 #include "mrcnn/common/simd.h"
 #include "mrcnn/ops/detail/box_math.h"
 #include "mrcnn/ops/detail/nms_math.h"
 #include "mrcnn/ops/nms.h"
-#include "nms_cpu_impl.h"
+#include "nms_cpu.h"
 
 // The IoU loops are the hot spot: compiled for AVX2 as well (MRCNN_SIMD_CLONES). FMA is not enabled with
 // it on purpose (contracting inter = w * h into the union would change the rounding).
@@ -221,58 +222,6 @@ void nms_cpu_impl(const TensorView& boxes, const TensorView& scores, const Tenso
   *count.ptr<int64_t>() = nkeep;
 }
 
-void check_nms_args(const TensorView& boxes, const TensorView& scores, const TensorView* idxs, double iou_threshold,
-                    const TensorView& keep, const TensorView& count, const TensorView& workspace) {
-  check_ndim(boxes, 2, "boxes");
-  MRCNN_CHECK_VALUE(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.shape_str());
-  check_float(boxes, "boxes");
-  check_ndim(scores, 1, "scores");
-  MRCNN_CHECK_VALUE(scores.size(0) == boxes.size(0), "scores must have shape [N] with N = boxes.size(0) = ",
-                    boxes.size(0), ", got ", scores.shape_str());
-  check_dtype(scores, boxes.dtype, "scores");
-  check_same_device(boxes, scores, "boxes", "scores");
-  check_contiguous(boxes, "boxes");
-  check_contiguous(scores, "scores");
-  if (idxs) {
-    check_ndim(*idxs, 1, "idxs");
-    MRCNN_CHECK_VALUE(idxs->size(0) == boxes.size(0), "idxs must have shape [N] with N = boxes.size(0) = ",
-                      boxes.size(0), ", got ", idxs->shape_str());
-    check_dtype(*idxs, DType::Int64, "idxs");
-    check_same_device(boxes, *idxs, "boxes", "idxs");
-    check_contiguous(*idxs, "idxs");
-  }
-  MRCNN_CHECK_VALUE(!std::isnan(iou_threshold), "iou_threshold must not be NaN");
-  MRCNN_CHECK_VALUE(boxes.size(0) < (int64_t(1) << 31), "at most 2^31 - 1 boxes are supported, got ",
-                    boxes.size(0));
-  check_ndim(keep, 1, "keep");
-  check_dtype(keep, DType::Int64, "keep");
-  check_same_device(boxes, keep, "boxes", "keep");
-  check_contiguous(keep, "keep");
-  MRCNN_CHECK_VALUE(count.numel() == 1 && count.ndim <= 1, "count must have a single element, got shape ",
-                    count.shape_str());
-  check_dtype(count, DType::Int64, "count");
-  check_same_device(boxes, count, "boxes", "count");
-  if (boxes.is_cuda()) {
-    const int64_t need = nms_workspace_bytes(boxes.size(0), boxes.dtype, boxes.device, idxs != nullptr);
-    MRCNN_CHECK_VALUE(workspace.numel() * dtype_size(workspace.dtype) >= need, "workspace must hold at least ",
-                      need, " bytes, got ", workspace.numel() * dtype_size(workspace.dtype));
-    if (need > 0) {
-      check_same_device(boxes, workspace, "boxes", "workspace");
-      check_contiguous(workspace, "workspace");
-    }
-  }
-}
-
-void run_nms(const TensorView& boxes, const TensorView& scores, const TensorView* idxs, double iou_threshold,
-             const TensorView& keep, const TensorView& count, const TensorView& workspace, Stream stream) {
-  check_nms_args(boxes, scores, idxs, iou_threshold, keep, count, workspace);
-  if (boxes.is_cuda()) {
-    MRCNN_IF_CUDA(nms_cuda(boxes, scores, idxs, iou_threshold, keep, count, workspace, stream));
-  } else {
-    nms_cpu(boxes, scores, idxs, iou_threshold, keep, count);
-  }
-}
-
 }  // namespace
 
 void nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorView* idxs, double iou_threshold,
@@ -280,25 +229,6 @@ void nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorView
   MRCNN_DISPATCH_CPU_FLOAT(boxes.dtype, "nms", [&] {
     nms_cpu_impl<scalar_t>(boxes, scores, idxs, iou_threshold, keep, count);
   });
-}
-
-int64_t nms_workspace_bytes(int64_t n, DType dtype, DeviceType device, bool batched) {
-  if (device != DeviceType::CUDA || n <= 0) return 0;
-#ifdef MRCNN_WITH_CUDA
-  return nms_cuda_workspace_bytes(n, dtype, batched);
-#else
-  return 0;
-#endif
-}
-
-void nms(const TensorView& boxes, const TensorView& scores, double iou_threshold, const TensorView& keep,
-         const TensorView& count, const TensorView& workspace, Stream stream) {
-  run_nms(boxes, scores, nullptr, iou_threshold, keep, count, workspace, stream);
-}
-
-void batched_nms(const TensorView& boxes, const TensorView& scores, const TensorView& idxs, double iou_threshold,
-                 const TensorView& keep, const TensorView& count, const TensorView& workspace, Stream stream) {
-  run_nms(boxes, scores, &idxs, iou_threshold, keep, count, workspace, stream);
 }
 
 }  // namespace mrcnn

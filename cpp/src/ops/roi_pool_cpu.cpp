@@ -1,15 +1,13 @@
-
-
+// RoIPool on the CPU: bin geometry once per RoI, then per-layout forward kernels and a deterministic backward.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#include "mrcnn/common/check.h"
-#include "mrcnn/common/cuda_entry.h"
 #include "mrcnn/common/dispatch.h"
 #include "mrcnn/common/parallel.h"
+#include "mrcnn/ops/detail/map_layout.h"
 #include "mrcnn/ops/detail/roi_pool_math.h"
 #include "mrcnn/ops/roi_pool.h"
 
@@ -174,7 +172,7 @@ void backward_cpu(const T* __restrict__ grad, const T* rois, const int32_t* __re
   std::vector<int64_t> offsets, order;
   rois_by_batch(rois, K, N, offsets, order);
   const int64_t HW = H * W;
-  const rp::MapStrides s = rp::map_strides(C, H, W, channels_last);
+  const detail::MapStrides s = detail::map_strides(C, H, W, channels_last);
   // Channel blocks of 16 keep two threads off the same cache line in the channels-last layout.
   const int64_t cb = channels_last ? 16 : 1;
   const int64_t nblocks = (C + cb - 1) / cb;
@@ -229,89 +227,6 @@ void roi_pool_backward_cpu(const TensorView& grad_output, const TensorView& rois
     backward_cpu(grad_output.ptr<scalar_t>(), rois.ptr<scalar_t>(), argmax.ptr<int32_t>(), K, N, C, H, W, P, cl,
                  grad_input.ptr<scalar_t>());
   });
-}
-
-namespace {
-
-void check_map(const TensorView& t, const char* name) {
-  check_ndim(t, 4, name);
-  MRCNN_CHECK_VALUE(t.is_contiguous() || t.is_channels_last(), name,
-                    " must be contiguous (NCHW) or channels-last, got strides that are neither");
-  MRCNN_CHECK_VALUE(t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(), name,
-                    ": H * W must fit the int32 arg-max, got ", t.shape_str());
-}
-
-void check_rois(const TensorView& rois, const TensorView& like, const char* like_name) {
-  check_ndim(rois, 2, "rois");
-  MRCNN_CHECK_VALUE(rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.shape_str());
-  check_dtype(rois, like.dtype, "rois");
-  check_same_device(rois, like, "rois", like_name);
-  check_contiguous(rois, "rois");
-}
-
-void check_pooled(const TensorView& t, DType dtype, int64_t K, int64_t C, const TensorView& like,
-                  const char* name) {
-  check_ndim(t, 4, name);
-  MRCNN_CHECK_VALUE(t.size(0) == K && t.size(1) == C && t.size(2) > 0 && t.size(3) > 0, name,
-                    " must have shape [K, C, oh, ow] with K = ", K, ", C = ", C, " and oh, ow > 0, got ",
-                    t.shape_str());
-  check_dtype(t, dtype, name);
-  check_same_device(t, like, name, "rois");
-  check_contiguous(t, name);
-}
-
-}  // namespace
-
-void roi_pool_forward(const TensorView& input, const TensorView& rois, double spatial_scale, const TensorView& out,
-                      const TensorView& argmax, Stream stream) {
-  check_map(input, "input");
-  check_float(input, "input");
-  check_rois(rois, input, "input");
-  MRCNN_CHECK_VALUE(std::isfinite(spatial_scale) && spatial_scale > 0, "spatial_scale must be positive and finite, got ",
-                    spatial_scale);
-  check_pooled(out, input.dtype, rois.size(0), input.size(1), rois, "out");
-  check_pooled(argmax, DType::Int32, rois.size(0), input.size(1), rois, "argmax");
-  MRCNN_CHECK_VALUE(argmax.size(2) == out.size(2) && argmax.size(3) == out.size(3),
-                    "argmax must have out's shape, got ", argmax.shape_str(), " and ", out.shape_str());
-  if (out.numel() == 0) return;
-  if (input.is_cuda()) {
-    MRCNN_IF_CUDA(roi_pool_forward_cuda(input, rois, spatial_scale, out, argmax, stream));
-  } else {
-    roi_pool_forward_cpu(input, rois, spatial_scale, out, argmax);
-  }
-}
-
-void roi_pool_backward(const TensorView& grad_output, const TensorView& rois, const TensorView& argmax,
-                       const TensorView& grad_input, const TensorView& workspace, Stream stream) {
-  check_map(grad_input, "grad_input");
-  check_float(grad_output, "grad_output");
-  check_dtype(grad_input, grad_output.dtype, "grad_input");
-  check_rois(rois, grad_output, "grad_output");
-  check_same_device(grad_input, grad_output, "grad_input", "grad_output");
-  check_pooled(grad_output, grad_output.dtype, rois.size(0), grad_input.size(1), rois, "grad_output");
-  check_pooled(argmax, DType::Int32, rois.size(0), grad_input.size(1), rois, "argmax");
-  MRCNN_CHECK_VALUE(argmax.size(2) == grad_output.size(2) && argmax.size(3) == grad_output.size(3),
-                    "argmax must have grad_output's shape, got ", argmax.shape_str(), " and ",
-                    grad_output.shape_str());
-  const bool half = grad_input.dtype == DType::Float16 || grad_input.dtype == DType::BFloat16;
-  if (grad_input.is_cuda() && half) {
-    check_dtype(workspace, DType::Float32, "workspace");
-    check_same_device(workspace, grad_input, "workspace", "grad_input");
-    MRCNN_CHECK_VALUE(workspace.ndim == 4 && workspace.size(0) == grad_input.size(0) &&
-                          workspace.size(1) == grad_input.size(1) && workspace.size(2) == grad_input.size(2) &&
-                          workspace.size(3) == grad_input.size(3),
-                      "workspace must have grad_input's shape ", grad_input.shape_str(), ", got ",
-                      workspace.shape_str());
-    MRCNN_CHECK_VALUE(workspace.is_contiguous() == grad_input.is_contiguous() &&
-                          (workspace.is_contiguous() || workspace.is_channels_last()),
-                      "workspace must have grad_input's memory layout");
-  }
-  if (grad_input.numel() == 0) return;
-  if (grad_input.is_cuda()) {
-    MRCNN_IF_CUDA(roi_pool_backward_cuda(grad_output, rois, argmax, grad_input, workspace, stream));
-  } else {
-    roi_pool_backward_cpu(grad_output, rois, argmax, grad_input);
-  }
 }
 
 }  // namespace mrcnn

@@ -36,8 +36,8 @@ def _paste_masks(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: 
                  aligned: bool = False) -> Tensor:
     masks, boxes = masks.contiguous(), boxes.contiguous()
     out = masks.new_empty((masks.shape[0], 1, img_h, img_w))
-    _C.paste_masks(dl(masks), dl(boxes), dl(out.view(masks.shape[0], img_h, img_w)), padding, stream(masks),
-                   aligned)
+    _C.paste_masks(dl(masks), dl(boxes), dl(out.view(masks.shape[0], img_h, img_w)), padding, aligned,
+                   stream(masks))
     return out
 
 
@@ -51,7 +51,7 @@ def _paste_masks_binary(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, th
                         padding: int, aligned: bool = False) -> Tensor:
     masks, boxes = masks.contiguous(), boxes.contiguous()
     out = masks.new_empty((masks.shape[0], img_h, img_w), dtype=torch.bool)
-    _C.paste_masks_binary(dl(masks), dl(boxes), dl(out), padding, threshold, stream(masks), aligned)
+    _C.paste_masks_binary(dl(masks), dl(boxes), dl(out), padding, aligned, threshold, stream(masks))
     return out
 
 
@@ -151,14 +151,14 @@ def paste_masks_rle(masks: Tensor, boxes: Tensor, img_shape, threshold: float = 
         m, b = m.contiguous(), b.contiguous()
         boxes_cpu = b.cpu()
         windows = torch.empty((m.shape[0], 5), dtype=torch.int64)
-        total = _C.paste_masks_windows(dl(boxes_cpu), m.shape[-1], padding, h, w, dl(windows), aligned, m.shape[-2])
+        total = _C.paste_masks_windows(dl(boxes_cpu), m.shape[-2], m.shape[-1], padding, aligned, h, w, dl(windows))
         crops = torch.empty(total, dtype=torch.bool, device=m.device)
-        _C.paste_masks_crops(dl(m), dl(b), dl(windows.to(m.device)), dl(crops), padding, thr, h, w, stream(m),
-                             aligned)
+        _C.paste_masks_crops(dl(m), dl(b), dl(windows.to(m.device)), dl(crops), padding, aligned, thr, h, w,
+                             stream(m))
         outside = bool(torch.zeros((), dtype=m.dtype) > thr)  # pixels outside every box, thresholded
         counts = _C.rle_from_crops(dl(crops.cpu()), dl(windows), h, w, outside)
     else:
-        counts = _C.paste_masks_rle(dl(m.contiguous()), dl(b.contiguous()), h, w, padding, thr, aligned)
+        counts = _C.paste_masks_rle(dl(m.contiguous()), dl(b.contiguous()), h, w, padding, aligned, thr)
     return _rle_dicts(counts, h, w)
 
 

@@ -1,6 +1,8 @@
 #pragma once
 // Argument checks that raise typed errors; the bindings map them to Python ValueError / TypeError /
 // RuntimeError, so bad input never crashes the process.
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -47,5 +49,25 @@ inline void check_same_device(const TensorView& a, const TensorView& b, const ch
 }
 inline void check_contiguous(const TensorView& t, const char* name) {
   MRCNN_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+// An [N, C, H, W] map stored NCHW-contiguous or channels-last (the layouts the pooling kernels read in place).
+inline void check_map_layout(const TensorView& t, const char* name) {
+  check_ndim(t, 4, name);
+  MRCNN_CHECK_VALUE(t.is_contiguous() || t.is_channels_last(), name,
+                    " must be contiguous (NCHW) or channels-last, got strides that are neither");
+}
+// H * W of an [N, C, H, W] map fits the int32 arg-max of the max-pooling kernels.
+inline void check_int32_plane(const TensorView& t, const char* name) {
+  MRCNN_CHECK_VALUE(t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(), name,
+                    ": H * W must fit the int32 arg-max, got ", t.shape_str());
+}
+// Device scratch of at least `need` bytes (any dtype), on like's device and contiguous when any is needed.
+inline void check_workspace(const TensorView& ws, int64_t need, const TensorView& like, const char* like_name) {
+  const int64_t have = ws.numel() * dtype_size(ws.dtype);
+  MRCNN_CHECK_VALUE(have >= need, "workspace must hold at least ", need, " bytes, got ", have);
+  if (need > 0) {
+    check_same_device(ws, like, "workspace", like_name);
+    check_contiguous(ws, "workspace");
+  }
 }
 }  // namespace mrcnn

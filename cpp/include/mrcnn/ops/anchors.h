@@ -12,6 +12,7 @@ namespace mrcnn {
 void grid_anchors(const float* sizes, int num_sizes, const float* aspect_ratios, int num_ratios, int64_t stride_h,
                   int64_t stride_w, const TensorView& out, Stream stream);
 
+// ---- backends (arguments already checked) -------------------------------------------------------
 // cells: [A][4] float32 cell anchors (host memory).
 void grid_anchors_cpu(const float* cells, int A, int64_t stride_h, int64_t stride_w, const TensorView& out);
 void grid_anchors_cuda(const float* cells, int A, int64_t stride_h, int64_t stride_w, const TensorView& out,

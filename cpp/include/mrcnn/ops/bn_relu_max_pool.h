@@ -42,6 +42,7 @@ void bn_relu_max_pool_backward_input(const TensorView& grad_out, const TensorVie
                                      const TensorView& a, const TensorView& b, const TensorView& d,
                                      const PoolGeometry& g, const TensorView& grad_x, Stream stream);
 
+// ---- backends (arguments already checked) -------------------------------------------------------
 void channel_moments_cpu(const TensorView& x, const TensorView& mean, const TensorView& var);
 void bn_relu_max_pool_forward_cpu(const TensorView& x, const TensorView& scale, const TensorView& shift,
                                   const PoolGeometry& g, const TensorView& out, const TensorView& argmax);

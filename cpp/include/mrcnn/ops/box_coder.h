@@ -21,6 +21,10 @@ void clip_boxes(const TensorView& boxes, double height, double width, const Tens
 // boxes: [N, 4]; keep: [N] bool, true where both sides are >= min_size.
 void box_size_mask(const TensorView& boxes, double min_size, const TensorView& keep, Stream stream);
 
+// ValueError unless every weight is finite and non-zero (shared with generate_proposals).
+void check_box_coder_weights(const BoxCoderParams& p);
+
+// ---- backends (arguments already checked) -------------------------------------------------------
 void encode_boxes_cpu(const TensorView& reference_boxes, const TensorView& proposals, const BoxCoderParams& p,
                       const TensorView& out);
 void decode_boxes_cpu(const TensorView& deltas, const TensorView& boxes, const BoxCoderParams& p,

@@ -1,5 +1,5 @@
 #pragma once
-// Pasting per-box masks into the image and COCO run-length encoding of binary masks.
+// Pasting per-box masks into the image, as float or bool images or as COCO RLE (rle.h has the encoders).
 //
 // Two conventions (detail/mask_paste_math.h has the exact arithmetic), chosen by `aligned`:
 //   false: torchvision's paste_masks_in_image (a zero border of `padding`, the box expanded by
@@ -40,10 +40,7 @@ int64_t paste_masks_windows(const TensorView& boxes, int64_t mask_h, int64_t mas
 void paste_masks_crops(const TensorView& masks, const TensorView& boxes, const TensorView& windows,
                        const TensorView& crops, int64_t padding, bool aligned, double threshold, int64_t img_h,
                        int64_t img_w, Stream stream);
-// Step 3 (host): RLE strings from the crops (CPU bool [total], each window column-major) and their windows
-// (CPU int64 [N, 5]); `outside` is the value of the pixels outside the windows (0 > threshold).
-std::vector<std::string> rle_from_crops(const TensorView& crops, const TensorView& windows, int64_t img_h,
-                                        int64_t img_w, bool outside);
+// Step 3 (host): rle_from_crops (rle.h) encodes the crops.
 
 // The CUDA kernel's loop run sequentially on the CPU (slow; lets the tests check the kernel's indexing without
 // a GPU): CPU tensors; windows == nullptr: out [N, H, W] of the masks' dtype (binary = false) or bool (H = img_h,
@@ -52,15 +49,18 @@ void paste_masks_pixelwise(const TensorView& masks, const TensorView& boxes, con
                            const TensorView& out, int64_t padding, bool aligned, double threshold, bool binary,
                            int64_t img_h, int64_t img_w);
 
-// COCO compressed RLE counts strings of binary masks [N, H, W] (CPU, bool or uint8, non-zero = set).
-std::vector<std::string> rle_encode(const TensorView& masks);
-// The counts string of explicit run lengths (first run = zeros), as pycocotools' rleToString.
-std::string rle_counts_string(const std::vector<uint64_t>& counts);
-
+// ---- backends (arguments already checked) -------------------------------------------------------
 void paste_masks_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
                      bool aligned);
 void paste_masks_binary_cpu(const TensorView& masks, const TensorView& boxes, const TensorView& out,
                             int64_t padding, bool aligned, double threshold);
+std::vector<std::string> paste_masks_rle_cpu(const TensorView& masks, const TensorView& boxes, int64_t img_h,
+                                             int64_t img_w, int64_t padding, bool aligned, double threshold);
+int64_t paste_masks_windows_cpu(const TensorView& boxes, int64_t mask_h, int64_t mask_w, int64_t padding,
+                                bool aligned, int64_t img_h, int64_t img_w, const TensorView& windows);
+void paste_masks_pixelwise_cpu(const TensorView& masks, const TensorView& boxes, const TensorView* windows,
+                               const TensorView& out, int64_t padding, bool aligned, double threshold, bool binary,
+                               int64_t img_h, int64_t img_w);
 void paste_masks_cuda(const TensorView& masks, const TensorView& boxes, const TensorView& out, int64_t padding,
                       bool aligned, Stream stream);
 void paste_masks_binary_cuda(const TensorView& masks, const TensorView& boxes, const TensorView& out,

@@ -32,7 +32,8 @@ void nms(const TensorView& boxes, const TensorView& scores, double iou_threshold
 void batched_nms(const TensorView& boxes, const TensorView& scores, const TensorView& idxs, double iou_threshold,
                  const TensorView& keep, const TensorView& count, const TensorView& workspace, Stream stream);
 
-// Device-specific implementations (arguments already checked); idxs == nullptr for plain NMS.
+// ---- backends (arguments already checked) -------------------------------------------------------
+// idxs == nullptr for plain NMS.
 void nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorView* idxs, double iou_threshold,
              const TensorView& keep, const TensorView& count);
 void nms_cuda(const TensorView& boxes, const TensorView& scores, const TensorView* idxs, double iou_threshold,

@@ -43,6 +43,7 @@ void generate_proposals(const std::vector<ProposalLevel>& levels, const TensorVi
                         const ProposalParams& p, const TensorView& boxes, const TensorView& scores,
                         const TensorView& counts, const TensorView& workspace, Stream stream);
 
+// ---- backends (arguments already checked) -------------------------------------------------------
 void generate_proposals_cpu(const std::vector<ProposalLevel>& levels, const TensorView& image_sizes,
                             const ProposalParams& p, const TensorView& boxes, const TensorView& scores,
                             const TensorView& counts);

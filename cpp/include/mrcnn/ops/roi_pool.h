@@ -21,6 +21,7 @@ void roi_pool_forward(const TensorView& input, const TensorView& rois, double sp
 void roi_pool_backward(const TensorView& grad_output, const TensorView& rois, const TensorView& argmax,
                        const TensorView& grad_input, const TensorView& workspace, Stream stream);
 
+// ---- backends (arguments already checked) -------------------------------------------------------
 void roi_pool_forward_cpu(const TensorView& input, const TensorView& rois, double spatial_scale,
                           const TensorView& out, const TensorView& argmax);
 void roi_pool_backward_cpu(const TensorView& grad_output, const TensorView& rois, const TensorView& argmax,

@@ -2,42 +2,13 @@
 // Box encoding/decoding (torchvision BoxCoder conventions), clipping and the min-size test, written once
 // for the CPU and CUDA kernels. Every step is rounded in the same order as torchvision's tensor ops
 // (mul_rn keeps nvcc from fusing into FMAs), so float32 results match it up to exp/log rounding.
-#include <cmath>
-
+#include "mrcnn/common/fp_math.h"
 #include "mrcnn/common/hd.h"
+#include "mrcnn/ops/box_coder.h"
 #include "mrcnn/ops/detail/box_math.h"
 
 namespace mrcnn {
 namespace detail {
-
-MRCNN_HD float exp_t(float x) {
-#ifdef __CUDA_ARCH__
-  return ::expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-MRCNN_HD double exp_t(double x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-MRCNN_HD float log_t(float x) {
-#ifdef __CUDA_ARCH__
-  return ::logf(x);
-#else
-  return std::log(x);
-#endif
-}
-MRCNN_HD double log_t(double x) {
-#ifdef __CUDA_ARCH__
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
 
 // torch.sigmoid: 1 / (1 + exp(-x)).
 template <class T> MRCNN_HD T sigmoid(T x) { return T(1) / (T(1) + exp_t(-x)); }
@@ -47,6 +18,9 @@ template <class T> MRCNN_HD T sigmoid(T x) { return T(1) / (T(1) + exp_t(-x)); }
 template <class T> struct CoderParams {
   T wx, wy, ww, wh, clip;
 };
+template <class T> CoderParams<T> coder_params(const BoxCoderParams& p) {
+  return {T(p.weights[0]), T(p.weights[1]), T(p.weights[2]), T(p.weights[3]), T(p.clip)};
+}
 
 // deltas d = (dx, dy, dw, dh) applied to reference box b; out may alias neither.
 template <class T> MRCNN_HD void decode_box(const T* d, const T* b, const CoderParams<T>& p, T* out) {
@@ -79,18 +53,12 @@ template <class T> MRCNN_HD void encode_box(const T* ref, const T* prop, const C
   out[3] = mul_rn(p.wh, log_t(gh / eh));
 }
 
-// torch.clamp(v, lo, hi): NaN stays NaN.
-template <class T> MRCNN_HD T clamp_nan(T v, T lo, T hi) {
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
-}
-
 // torchvision.ops.clip_boxes_to_image on one box, in place: x in [0, width], y in [0, height].
 template <class T> MRCNN_HD void clip_box(T* b, T height, T width) {
-  b[0] = clamp_nan(b[0], T(0), width);
-  b[1] = clamp_nan(b[1], T(0), height);
-  b[2] = clamp_nan(b[2], T(0), width);
-  b[3] = clamp_nan(b[3], T(0), height);
+  b[0] = clamp(b[0], T(0), width);
+  b[1] = clamp(b[1], T(0), height);
+  b[2] = clamp(b[2], T(0), width);
+  b[3] = clamp(b[3], T(0), height);
 }
 
 // torchvision.ops.remove_small_boxes keeps a box when both sides are >= min_size (NaN sides fail).

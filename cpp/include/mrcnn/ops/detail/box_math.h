@@ -1,27 +1,11 @@
 #pragma once
 // Box geometry shared by CPU and CUDA code. Boxes are (x1, y1, x2, y2) in continuous coordinates
 // (torchvision's convention: area = (x2 - x1) * (y2 - y1), no +1).
+#include "mrcnn/common/fp_math.h"
 #include "mrcnn/common/hd.h"
 
 namespace mrcnn {
 namespace detail {
-
-// a * b rounded on its own. nvcc would otherwise fuse a * b + c into one FMA, so the device result
-// would differ in the last bit from the host (and from torchvision, whose CPU ops round every step).
-MRCNN_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-MRCNN_HD double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 template <class T> MRCNN_HD T box_area(T x1, T y1, T x2, T y2) { return mul_rn(x2 - x1, y2 - y1); }
 

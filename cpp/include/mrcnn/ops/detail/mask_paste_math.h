@@ -18,89 +18,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "mrcnn/common/fp_math.h"
 #include "mrcnn/common/hd.h"
 
 namespace mrcnn {
 namespace detail {
 
-// Coordinates are clamped to +-2^40 before the integer conversion: no image is that large, and it keeps the
-// int64 arithmetic below free of overflow (NaN goes to -2^40, which pastes nothing).
-constexpr double kPasteCoordLimit = 1099511627776.0;
-
-// Rounded float ops that the compiler must not contract into an fma (torchvision runs each as a separate
-// tensor op): intrinsics on the device; on the host an empty asm hides the product from the optimiser
-// (g++ contracts by default where the target has FMA, e.g. aarch64 or -march=native).
-#if !defined(__CUDA_ARCH__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__))
-#if defined(__x86_64__)
-#define MRCNN_FP_BARRIER(v) __asm__("" : "+x"(v))
-#else
-#define MRCNN_FP_BARRIER(v) __asm__("" : "+w"(v))
-#endif
-#else
-#define MRCNN_FP_BARRIER(v) (void)0
-#endif
-MRCNN_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  float r = a * b;
-  MRCNN_FP_BARRIER(r);
-  return r;
-#endif
-}
-MRCNN_HD double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  double r = a * b;
-  MRCNN_FP_BARRIER(r);
-  return r;
-#endif
-}
-MRCNN_HD float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-MRCNN_HD double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-MRCNN_HD float sub_rn(float a, float b) { return add_rn(a, -b); }
-MRCNN_HD double sub_rn(double a, double b) { return add_rn(a, -b); }
-
-MRCNN_HD float fused_mul_add(float a, float b, float c) {
-#ifdef __CUDA_ARCH__
-  return fmaf(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-MRCNN_HD double fused_mul_add(double a, double b, double c) {
-#ifdef __CUDA_ARCH__
-  return fma(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
-// a * b + c, fused (one rounding) when F.
-template <bool F, class A> MRCNN_HD A mul_add(A a, A b, A c) {
-  if (F) return fused_mul_add(a, b, c);
-  return a * b + c;
-}
-
-// Truncation toward zero like Tensor.to(torch.int64), saturating (see kPasteCoordLimit).
-template <class B> MRCNN_HD int64_t paste_coord_to_int(B v) {
-  const B lim = B(kPasteCoordLimit);
-  v = (v >= -lim) ? (v <= lim ? v : lim) : -lim;
-  return static_cast<int64_t>(v);
-}
+// Truncation toward zero like Tensor.to(torch.int64), saturating (see saturate_coord).
+template <class B> MRCNN_HD int64_t paste_coord_to_int(B v) { return static_cast<int64_t>(saturate_coord(v)); }
 
 // torchvision's float(M + 2 * padding) / M, as the box dtype sees it (a Python float multiplied into the
 // box tensor is first rounded to the tensor's dtype).
@@ -178,9 +103,6 @@ MRCNN_HD Taps<A> source_taps(A scale, int64_t dst, int64_t in_size, int64_t out_
   return t;
 }
 
-// One linear step u * w0 + v * w1 (torch's separable kernel: fma(u, w0, v * w1)).
-template <bool F, class A> MRCNN_HD A lerp(A u, A v, A w0, A w1) { return mul_add<F>(u, w0, v * w1); }
-
 // v_yx: the four taps (row y0/y1, column x0/x1).
 template <bool F, class A>
 MRCNN_HD A blend_separable(A v00, A v01, A v10, A v11, A wx0, A wx1, A wy0, A wy1) {
@@ -188,8 +110,9 @@ MRCNN_HD A blend_separable(A v00, A v01, A v10, A v11, A wx0, A wx1, A wy0, A wy
 }
 template <bool F, class A>
 MRCNN_HD A blend_small(A v00, A v01, A v10, A v11, A wx0, A wx1, A wy0, A wy1) {
-  const A w00 = wy0 * wx0, w01 = wy0 * wx1, w10 = wy1 * wx0, w11 = wy1 * wx1;
-  return mul_add<F>(v11, w11, mul_add<F>(v10, w10, mul_add<F>(v00, w00, v01 * w01)));
+  A w[4];
+  bilinear_weights(wy0, wy1, wx0, wx1, w);
+  return mul_add<F>(v11, w[3], mul_add<F>(v10, w[2], mul_add<F>(v00, w[0], v01 * w[1])));
 }
 
 // Element (i, j) of the mask with its zero border: mask is mh x mw, row-major.
@@ -231,7 +154,7 @@ MRCNN_HD A pasted_pixel(const PastePlan& p, const T* mask, int64_t mh, int64_t m
 
 // Mapping of one axis: u(i) = (i + 0.5 - start) * scale - 0.5 for image index i.
 struct AlignedAxis {
-  double start;   // x1 (y1), clamped to +-kPasteCoordLimit
+  double start;   // x1 (y1), clamped to +-kCoordLimit
   double scale;   // mask pixels per image pixel, M / (x2 - x1); 0 for a degenerate box
   int64_t size;   // M: Mw (Mh)
 };
@@ -243,15 +166,11 @@ struct AlignedPlan {
   MRCNN_HD bool empty() const { return cx0 >= cx1 || cy0 >= cy1; }
 };
 
-MRCNN_HD double aligned_clamp_coord(double v) {
-  const double lim = kPasteCoordLimit;
-  return (v >= -lim) ? (v <= lim ? v : lim) : -lim;  // NaN -> -lim (the CPU entry points reject NaN first)
-}
-
 MRCNN_HD AlignedAxis aligned_axis(double a, double b, int64_t size) {
   AlignedAxis ax;
-  ax.start = aligned_clamp_coord(a);
-  const double len = aligned_clamp_coord(b) - ax.start;
+  // NaN -> -2^40 (the CPU entry points reject NaN first).
+  ax.start = saturate_coord(a);
+  const double len = saturate_coord(b) - ax.start;
   const double s = static_cast<double>(size) / len;
   // s - s == 0 rejects the infinite scale of a (subnormal) sliver and the NaN of len == 0.
   ax.scale = (len > 0.0 && s - s == 0.0) ? s : 0.0;
@@ -262,7 +181,7 @@ MRCNN_HD AlignedAxis aligned_axis(double a, double b, int64_t size) {
 // The mask coordinate of image index i. Non-decreasing in i (every rounding step is monotone), which the
 // window search relies on.
 MRCNN_HD double aligned_coord(const AlignedAxis& a, int64_t i) {
-  return fused_mul_add(static_cast<double>(i) + 0.5 - a.start, a.scale, -0.5);
+  return fma_rn(static_cast<double>(i) + 0.5 - a.start, a.scale, -0.5);
 }
 
 // The first index i in [0, n] with u(i) > bound (strict) or u(i) >= bound; n when there is none.
@@ -334,21 +253,6 @@ MRCNN_HD A aligned_pixel(const AlignedPlan& p, const T* mask, int64_t y, int64_t
 MRCNN_HD void window_pixel(const int64_t* win, bool col_major, int64_t o, int64_t i, int64_t& y, int64_t& x) {
   y = win[0] + (col_major ? i : o);
   x = win[1] + (col_major ? o : i);
-}
-
-// ---- COCO compressed RLE (pycocotools' rleToString) -------------------------------------------
-// Run lengths, column-major, the first run counting zeros; from the 4th count on each is stored as the
-// difference to the count two before; each value is written as 5-bit groups, low first, + 48, with 0x20
-// set on every group but the last (the last group's bit 0x10 is the sign).
-template <class Put> inline void rle_put_count(long long x, Put put) {
-  bool more = true;
-  while (more) {
-    long long c = x & 0x1f;
-    x >>= 5;  // arithmetic shift: negative deltas end at -1
-    more = (c & 0x10) ? x != -1 : x != 0;
-    if (more) c |= 0x20;
-    put(static_cast<char>(c + 48));
-  }
 }
 
 }  // namespace detail

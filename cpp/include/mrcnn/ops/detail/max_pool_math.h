@@ -5,7 +5,6 @@
 #include <stdint.h>
 
 #include "mrcnn/common/hd.h"
-#include "mrcnn/ops/detail/roi_pool_math.h"
 
 namespace mrcnn {
 namespace detail {
@@ -34,13 +33,6 @@ template <class T> MRCNN_HD bool takes(T v, T m) { return v > m || (v != v && m 
 
 // ReLU of a window max; NaN passes through as in torch.relu.
 template <class T> MRCNN_HD T relu(T m) { return (m > T(0) || m != m) ? m : T(0); }
-
-// Element strides of an [N, C, H, W] map, NCHW-contiguous or channels-last (RoIPool's helper): element
-// (n, c, idx = h * W + w) lives at n * batch + c * channel + idx * cell.
-using Strides = roipool::MapStrides;
-MRCNN_HD Strides strides(int64_t C, int64_t H, int64_t W, bool channels_last) {
-  return roipool::map_strides(C, H, W, channels_last);
-}
 
 }  // namespace maxpool
 }  // namespace detail

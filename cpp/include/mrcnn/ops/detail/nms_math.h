@@ -4,31 +4,12 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
+#include "mrcnn/common/fp_math.h"
 #include "mrcnn/common/hd.h"
 
 namespace mrcnn {
 namespace detail {
-
-MRCNN_HD uint32_t float_bits(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-MRCNN_HD uint64_t double_bits(double f) {
-#ifdef __CUDA_ARCH__
-  return static_cast<uint64_t>(__double_as_longlong(f));
-#else
-  uint64_t u;
-  std::memcpy(&u, &f, 8);
-  return u;
-#endif
-}
 
 // Unsigned keys whose ascending order is the DESCENDING order of the value, so an ascending stable
 // radix sort gives torch's stable descending sort. -0.0 is folded into +0.0 (torch compares them
@@ -45,12 +26,6 @@ MRCNN_HD uint64_t desc_key(double f) {
   u = (u << 1) ? u : uint64_t(0);
   const uint64_t asc = u ^ (static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | 0x8000000000000000ull);
   return ~asc;
-}
-
-// NaN or +-inf, from the exponent bits (vectorises, unlike std::isfinite under -O3 without fast-math).
-MRCNN_HD bool non_finite(float f) { return (float_bits(f) & 0x7f800000u) == 0x7f800000u; }
-MRCNN_HD bool non_finite(double f) {
-  return (double_bits(f) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
 }
 
 // torchvision compares the IoU, computed in the box dtype, against the double threshold:

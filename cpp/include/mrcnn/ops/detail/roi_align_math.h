@@ -4,8 +4,8 @@
 // (csrc/ops/cpu/roi_align_kernel.cpp) and LevelMapper (ops/poolers.py); T is the accumulation type
 // (float for float16/bfloat16/float32 features, double for float64).
 #include <stdint.h>
-#include <math.h>
 
+#include "mrcnn/common/fp_math.h"
 #include "mrcnn/common/hd.h"
 
 namespace mrcnn {
@@ -14,17 +14,6 @@ namespace detail {
 // Cap on the adaptive sampling grid (samples per bin and axis). Only absurd boxes (millions of pixels
 // on the feature map) reach it; it keeps the sample count and the float index arithmetic bounded.
 constexpr int kMaxRoiGrid = 1 << 20;
-
-MRCNN_HD float m_floor(float v) { return floorf(v); }
-MRCNN_HD double m_floor(double v) { return floor(v); }
-MRCNN_HD float m_ceil(float v) { return ceilf(v); }
-MRCNN_HD double m_ceil(double v) { return ceil(v); }
-MRCNN_HD float m_round(float v) { return roundf(v); }  // half away from zero, like std::round
-MRCNN_HD double m_round(double v) { return round(v); }
-MRCNN_HD float m_sqrt(float v) { return sqrtf(v); }
-MRCNN_HD double m_sqrt(double v) { return sqrt(v); }
-MRCNN_HD float m_log2(float v) { return log2f(v); }
-MRCNN_HD double m_log2(double v) { return log2(v); }
 
 template <class T> struct RoiBins {
   T start_y, start_x;  // top-left corner of the RoI on the feature grid
@@ -43,10 +32,10 @@ MRCNN_HD RoiBins<T> roi_bins(T x1, T y1, T x2, T y2, T scale, int pooled_h, int 
   RoiBins<T> b;
   T ex, ey;
   if (quantize) {
-    b.start_x = m_round(x1 * scale);
-    b.start_y = m_round(y1 * scale);
-    ex = m_round(x2 * scale);
-    ey = m_round(y2 * scale);
+    b.start_x = round_t(x1 * scale);
+    b.start_y = round_t(y1 * scale);
+    ex = round_t(x2 * scale);
+    ey = round_t(y2 * scale);
   } else {
     const T offset = aligned ? T(0.5) : T(0);
     b.start_x = x1 * scale - offset;
@@ -65,7 +54,7 @@ MRCNN_HD RoiBins<T> roi_bins(T x1, T y1, T x2, T y2, T scale, int pooled_h, int 
     b.grid_h = b.grid_w = sampling_ratio < kMaxRoiGrid ? sampling_ratio : kMaxRoiGrid;
   } else {
     // ceil(roi size / output size); a negative size (aligned, x2 < x1) gives an empty grid.
-    const T gh = m_ceil(b.bin_h), gw = m_ceil(b.bin_w);
+    const T gh = ceil_t(b.bin_h), gw = ceil_t(b.bin_w);
     b.grid_h = gh <= T(0) ? 0 : (gh >= T(kMaxRoiGrid) ? kMaxRoiGrid : int(gh));
     b.grid_w = gw <= T(0) ? 0 : (gw >= T(kMaxRoiGrid) ? kMaxRoiGrid : int(gw));
   }
@@ -98,8 +87,8 @@ template <class T> MRCNN_HD void sample_range(T start, T bin, int p, int grid, i
     a = b;
     b = t;
   }
-  a = m_floor(a) - T(2);
-  b = m_ceil(b) + T(3);  // exclusive end
+  a = floor_t(a) - T(2);
+  b = ceil_t(b) + T(3);  // exclusive end
   a = a < T(0) ? T(0) : (a > T(grid) ? T(grid) : a);
   b = b < T(0) ? T(0) : (b > T(grid) ? T(grid) : b);
   i0 = int(a);
@@ -132,22 +121,17 @@ template <class T> MRCNN_HD bool bilinear_at(T v, int64_t size, Lerp<T>& o) {
   return true;
 }
 
-// Linear blend of two neighbours. A sample's value is lerp(x, lerp(y, v_ll, v_hl), lerp(y, v_lh, v_hh)),
-// i.e. rows first: the CPU kernels blend whole rows once and reuse them across the x samples.
-template <class T> MRCNN_HD T lerp2(T wlo, T whi, T lo, T hi) { return wlo * lo + whi * hi; }
-
-// Value of a sample from its four neighbours v_{y x}: (lo, lo), (lo, hi), (hi, lo), (hi, hi).
+// A sample's value from its four neighbours v_{y x}: (lo, lo), (lo, hi), (hi, lo), (hi, hi), each blend with two
+// roundings as in torchvision's CPU kernel. Rows first: the CPU kernels blend whole rows once and reuse them
+// across the x samples.
 template <class T>
 MRCNN_HD T sample_value(const Lerp<T>& y, const Lerp<T>& x, T v_ll, T v_lh, T v_hl, T v_hh) {
-  return lerp2(x.wlo, x.whi, lerp2(y.wlo, y.whi, v_ll, v_hl), lerp2(y.wlo, y.whi, v_lh, v_hh));
+  return lerp<false>(lerp<false>(v_ll, v_hl, y.wlo, y.whi), lerp<false>(v_lh, v_hh, y.wlo, y.whi), x.wlo, x.whi);
 }
 
 // Gradient weights of a sample's four neighbours, in sample_value()'s order.
 template <class T> MRCNN_HD void corner_weights(const Lerp<T>& y, const Lerp<T>& x, T w[4]) {
-  w[0] = y.wlo * x.wlo;
-  w[1] = y.wlo * x.whi;
-  w[2] = y.whi * x.wlo;
-  w[3] = y.whi * x.whi;
+  bilinear_weights(y.wlo, y.whi, x.wlo, x.whi, w);
 }
 
 // "RoIAlign max": a bin whose grid has samples off the map counts them as value 0 (as the average
@@ -166,8 +150,8 @@ MRCNN_HD int fpn_level(T x1, T y1, T x2, T y2, int k_min, int k_max, int canonic
   const T area = (x2 - x1) * (y2 - y1);
   T v = T(k_min);
   if (area > T(0)) {
-    v = T(canonical_level) + m_log2(m_sqrt(area) / canonical_scale);
-    v = m_floor(v + T(1e-6));
+    v = T(canonical_level) + log2_t(sqrt_t(area) / canonical_scale);
+    v = floor_t(v + T(1e-6));
   }
   v = v < T(k_min) ? T(k_min) : v;  // torch.clamp(min, max): max wins if min > max
   v = v > T(k_max) ? T(k_max) : v;
@@ -176,12 +160,10 @@ MRCNN_HD int fpn_level(T x1, T y1, T x2, T y2, int k_min, int k_max, int canonic
 
 // Batch index of a RoI: must be an integer in [0, n_images).
 template <class T> MRCNN_HD bool roi_batch_index(T v, int64_t n_images, int64_t& n) {
-  if (!(v >= T(0) && v < T(n_images)) || m_floor(v) != v) return false;
+  if (!(v >= T(0) && v < T(n_images)) || floor_t(v) != v) return false;
   n = int64_t(v);
   return true;
 }
-
-template <class T> MRCNN_HD bool finite_value(T v) { return v - v == T(0); }
 
 }  // namespace detail
 }  // namespace mrcnn

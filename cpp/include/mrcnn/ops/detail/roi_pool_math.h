@@ -8,32 +8,17 @@
 // Everything after the rounding is int64 and the rounded corners saturate at +-2^40, so no input (NaN,
 // inf, 1e30) reaches an overflowing float-to-int cast; below 2^31 (where torchvision's int math is
 // defined) the results are identical to torchvision's.
-#include <math.h>
 #include <stdint.h>
 
+#include "mrcnn/common/fp_math.h"
 #include "mrcnn/common/hd.h"
 
 namespace mrcnn {
 namespace detail {
 namespace roipool {
 
-MRCNN_HD float round_away(float x) { return roundf(x); }
-MRCNN_HD double round_away(double x) { return round(x); }
-MRCNN_HD float floor_(float x) { return floorf(x); }
-MRCNN_HD double floor_(double x) { return floor(x); }
-MRCNN_HD float ceil_(float x) { return ceilf(x); }
-MRCNN_HD double ceil_(double x) { return ceil(x); }
-
-MRCNN_HD int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
 // round(v) as an int64, saturated to +-2^40; NaN maps to -2^40 (an empty RoI far off the map).
-template <class T> MRCNN_HD int64_t round_coord(T v) {
-  const T lim = T(1099511627776.0);  // 2^40, exact in float and double
-  T r = round_away(v);
-  r = r > -lim ? r : -lim;
-  r = r < lim ? r : lim;
-  return static_cast<int64_t>(r);
-}
+template <class T> MRCNN_HD int64_t round_coord(T v) { return static_cast<int64_t>(saturate_coord(round_t(v))); }
 
 // torchvision truncates the batch index to int; we additionally mark anything outside [0, batch_size)
 // (and NaN) as -1, which the kernels treat as "pool nothing" instead of reading out of bounds.
@@ -65,22 +50,8 @@ template <class T>
 MRCNN_HD void bin_range(int64_t p, int64_t bins, int64_t start, int64_t len, int64_t size, int64_t& lo,
                         int64_t& hi) {
   const T bin = static_cast<T>(len) / static_cast<T>(bins);
-  lo = clamp64(static_cast<int64_t>(floor_(static_cast<T>(p) * bin)) + start, 0, size);
-  hi = clamp64(static_cast<int64_t>(ceil_(static_cast<T>(p + 1) * bin)) + start, 0, size);
-}
-
-// Element strides of an [N, C, H, W] map stored NCHW-contiguous or channels-last, derived from the sizes
-// (not from the producer's strides, which may be anything on size-1 dims). `cell` is the stride of the
-// flattened spatial index h * W + w, so element (n, c, idx) lives at n * batch + c * channel + idx * cell.
-struct MapStrides {
-  int64_t batch, channel, cell;
-};
-MRCNN_HD MapStrides map_strides(int64_t C, int64_t H, int64_t W, bool channels_last) {
-  MapStrides s;
-  s.batch = C * H * W;
-  s.channel = channels_last ? 1 : H * W;
-  s.cell = channels_last ? C : 1;
-  return s;
+  lo = clamp<int64_t>(static_cast<int64_t>(floor_t(static_cast<T>(p) * bin)) + start, 0, size);
+  hi = clamp<int64_t>(static_cast<int64_t>(ceil_t(static_cast<T>(p + 1) * bin)) + start, 0, size);
 }
 
 }  // namespace roipool
