@@ -31,10 +31,11 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 echo "[setup] building mrcnn_fast (CUDA kernels compile when nvcc is found)"
-# MRCNN_WERROR=1: compiler warnings fail the build (the test command sets it). Passed either way, so that a
-# later build without it does not keep ON from the CMake cache.
-werror=OFF
-if [ "${MRCNN_WERROR:-0}" = "1" ]; then werror=ON; fi
+# Compiler warnings fail the build (-Wall -Wextra -Werror), for the demo and the tests alike: one set of flags
+# means one build, so running one command after the other rebuilds nothing. MRCNN_WERROR=0 turns it off (e.g. an
+# untested compiler). Passed either way, so that the CMake cache does not keep an earlier value.
+werror=ON
+if [ "${MRCNN_WERROR:-1}" = "0" ]; then werror=OFF; fi
 "$py" -m pip install -q --no-build-isolation --no-deps -Cbuild-dir="$root/build/pip" \
   -Ccmake.define.MRCNN_WERROR="$werror" "$root"
 "$py" -c "import mrcnn_fast; from mrcnn_fast import _lib; print('[setup] mrcnn_fast', mrcnn_fast.__version__, '| CUDA kernels compiled:', _lib.cuda_compiled(), '| CUDA device:', mrcnn_fast.has_cuda())"
