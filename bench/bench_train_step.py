@@ -24,9 +24,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _tv_reference import build_torchvision_model, copy_weights_to_torchvision  # noqa: E402
+from _tv_reference import build_torchvision_model  # noqa: E402
 
 from mrcnn_fast.config import get_config  # noqa: E402
+from mrcnn_fast.convert import copy_weights_to_torchvision  # noqa: E402
 from mrcnn_fast.modeling import build_model  # noqa: E402
 
 BATCH, SIZE = 4, 256
