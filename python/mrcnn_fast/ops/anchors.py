@@ -128,7 +128,8 @@ class AnchorGenerator(nn.Module):
     Tensor[B, 3, H, W], ``.image_sizes``: B sizes) and the feature maps (list of Tensor[B, C, Hf, Wf]);
     strides are H // Hf and W // Wf. Returns a list of B Tensor[sum_l Hf_l * Wf_l * A_l, 4]. All images share
     one (cached) tensor: do not modify it in place. Feature dtypes the core lacks on a device (float16 and
-    bfloat16 on the CPU) are computed in float32 and cast.
+    bfloat16 on the CPU) are computed in float32 and cast. :meth:`levels` gives the same anchors per level
+    from sizes alone (what the RPN uses).
     """
 
     def __init__(self, sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5,
@@ -152,34 +153,50 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
 
-    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
-        try:
-            batch, image_sizes = image_list.tensors, image_list.image_sizes
-        except AttributeError:
-            raise TypeError("image_list must have .tensors and .image_sizes (an ImageList)") from None
-        if len(feature_maps) != len(self.sizes):
-            raise ValueError(f"got {len(feature_maps)} feature maps for {len(self.sizes)} anchor levels")
-        ih, iw = int(batch.shape[-2]), int(batch.shape[-1])
-        grids = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps)
+    def _grids_and_strides(self, image_hw, feature_hws):
+        if len(feature_hws) != len(self.sizes):
+            raise ValueError(f"got {len(feature_hws)} feature maps for {len(self.sizes)} anchor levels")
+        ih, iw = int(image_hw[0]), int(image_hw[1])
+        grids = tuple((int(h), int(w)) for h, w in feature_hws)
         for g in grids:
             if g[0] <= 0 or g[1] <= 0:
                 raise ValueError(f"feature maps must be non-empty, got grid sizes {list(grids)}")
         strides = tuple((ih // g[0], iw // g[1]) for g in grids)
         if any(s[0] < 1 or s[1] < 1 for s in strides):
-            raise ValueError(f"feature maps {list(grids)} larger than the images ({ih}, {iw}) give strides {list(strides)}"
-                             " below 1")
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
-        key = (grids, strides, dtype, device)
+            raise ValueError(f"feature maps {list(grids)} larger than the images ({ih}, {iw}) give strides "
+                             f"{list(strides)} below 1")
+        return grids, strides
+
+    def _anchors(self, kind: str, image_hw, feature_hws, dtype: torch.dtype, device) -> list[Tensor] | Tensor:
+        """The anchors of every level ("levels") or all levels concatenated ("concat"), cached."""
+        grids, strides = self._grids_and_strides(image_hw, feature_hws)
+        device = torch.device(device)
+        key = (kind, grids, strides, dtype, device)
         anchors = self._cache.get(key)
-        if anchors is None:
-            allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
-            work = dtype if dtype in allowed else torch.float32
-            levels = grid_anchors(self.sizes, self.aspect_ratios, strides, grids, dtype=work, device=device)
-            anchors = torch.cat(levels).to(dtype)
-            if self.cache_size > 0:
-                self._cache[key] = anchors
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        else:
+        if anchors is not None:
             self._cache.move_to_end(key)
+            return anchors
+        allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
+        work = dtype if dtype in allowed else torch.float32
+        levels = grid_anchors(self.sizes, self.aspect_ratios, strides, grids, dtype=work, device=device)
+        anchors = torch.cat(levels).to(dtype) if kind == "concat" else [t.to(dtype) for t in levels]
+        if self.cache_size > 0:
+            self._cache[key] = anchors
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return anchors
+
+    def levels(self, image_hw, feature_hws, dtype: torch.dtype = torch.float32, device="cpu") -> list[Tensor]:
+        """Anchors per level for a padded batch of size image_hw = (H, W) and feature grids feature_hws =
+        [(Hf_l, Wf_l), ...] -> list of Tensor[Hf_l * Wf_l * A_l, 4] (cached: do not modify in place)."""
+        return self._anchors("levels", image_hw, feature_hws, dtype, device)
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        try:
+            batch, image_sizes = image_list.tensors, image_list.image_sizes
+        except AttributeError:
+            raise TypeError("image_list must have .tensors and .image_sizes (an ImageList)") from None
+        f0 = feature_maps[0] if len(feature_maps) else batch
+        anchors = self._anchors("concat", batch.shape[-2:], [f.shape[-2:] for f in feature_maps], f0.dtype,
+                                f0.device)
         return [anchors for _ in range(len(image_sizes))]
