@@ -22,12 +22,8 @@ _MASK64 = (1 << 64) - 1
 
 
 def collate(batch):
-    """[(image, target), ...] -> (list[image], list[target]); images keep their own sizes."""
-    images, targets = [], []
-    for image, target in batch:
-        images.append(image)
-        targets.append(target)
-    return images, targets
+    """[(image, target), ...] -> (list of images, list of targets); no stacking: images keep their own sizes."""
+    return [b[0] for b in batch], [b[1] for b in batch]
 
 
 def _check_int(name: str, value, minimum: int) -> int:

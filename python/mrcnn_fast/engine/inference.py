@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..data.loader import collate
 from . import distributed as du
-
-
-def collate(batch):
-    """[(image, target), ...] -> (list of images, list of targets); no stacking (sizes differ)."""
-    return [b[0] for b in batch], [b[1] for b in batch]
 
 
 def _to_cpu(v):
