@@ -10,10 +10,12 @@ horizontal flip maps x to W - x and a resize by s maps x to x * s.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..ops._checks import check_int
 
 __all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images", "flip_permutation"]
 
@@ -37,10 +39,8 @@ def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int
         (Tensor[C, h, w], dict | None)
     """
     _check_image(image)
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size <= 0:
-        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+    min_size = check_int(min_size, "min_size", minimum=1)
+    max_size = check_int(max_size, "max_size", minimum=1)
     h, w = image.shape[-2:]
     if h == 0 or w == 0:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
@@ -144,8 +144,7 @@ def batch_images(images: Sequence[torch.Tensor], size_divisible: int = 32):
         images = list(images.unbind(0)) if images.dim() == 4 else [images]
     if len(images) == 0:
         raise ValueError("images must not be empty")
-    if isinstance(size_divisible, bool) or not isinstance(size_divisible, int) or size_divisible < 0:
-        raise ValueError(f"size_divisible must be an int >= 0, got {size_divisible!r}")
+    size_divisible = check_int(size_divisible, "size_divisible", minimum=0)
     first = images[0]
     for i, img in enumerate(images):
         _check_image(img, f"images[{i}]")

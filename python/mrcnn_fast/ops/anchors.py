@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import _CPU_FLOATS, _CUDA_FLOATS
+from ._checks import _CPU_FLOATS, _CUDA_FLOATS, check_int_pair
 
 MAX_ANCHORS_PER_LOCATION = 128  # detail::kMaxCellAnchors in the core
 
@@ -43,23 +43,6 @@ def _positive_floats(v, name: str) -> list[float]:
     return out
 
 
-def _int_pair(v, name: str, minimum: int) -> tuple[int, int]:
-    try:
-        a, b = v
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a pair of ints (h, w), got {v!r}") from None
-    out = []
-    for x in (a, b):
-        if isinstance(x, Tensor) and x.numel() == 1 and not x.is_floating_point():
-            x = int(x)
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must be a pair of ints (h, w), got {v!r}")
-        if x < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
-        out.append(x)
-    return out[0], out[1]
-
-
 def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
     if device.type not in ("cpu", "cuda"):
@@ -89,8 +72,8 @@ def anchors_for_level(sizes: Sequence[float], aspect_ratios: Sequence[float], st
     if len(s) * len(r) > MAX_ANCHORS_PER_LOCATION:
         raise ValueError(f"at most {MAX_ANCHORS_PER_LOCATION} anchors per location (sizes x aspect_ratios), "
                          f"got {len(s) * len(r)}")
-    sh, sw = _int_pair(stride_hw, "stride_hw", 1)
-    fh, fw = _int_pair(feature_hw, "feature_hw", 0)
+    sh, sw = check_int_pair(stride_hw, "stride_hw", minimum=1, scalar=False)
+    fh, fw = check_int_pair(feature_hw, "feature_hw", minimum=0, scalar=False)
     device = torch.device(device)
     _check_dtype(dtype, device)
     return _grid_anchors(s, r, sh, sw, fh, fw, dtype, device)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_same_device, check_tensor, pair, real_number
+from ._checks import check_float, check_same_device, check_int, check_int_pair, check_tensor, real_number
 
 
 @torch.library.custom_op("mrcnn_fast::paste_masks", mutates_args=())
@@ -82,11 +82,8 @@ def _prepare(masks, boxes, img_shape, padding, aligned):
     if boxes.device.type == "cuda" and not torch.compiler.is_compiling() and boxes.numel():
         if not bool(torch.isfinite(boxes).all()):
             raise ValueError("boxes contains NaN or infinite values")
-    h, w = pair(img_shape, "img_shape")
-    if isinstance(padding, bool) or not isinstance(padding, int):
-        raise TypeError(f"padding must be an int, got {type(padding).__name__}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    h, w = check_int_pair(img_shape, "img_shape", minimum=1)
+    padding = check_int(padding, "padding", minimum=0)
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool, got {type(aligned).__name__}")
     if aligned and padding != 1:

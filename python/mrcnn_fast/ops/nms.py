@@ -12,13 +12,12 @@ padded with -1) and count (Tensor[] int64). nms / batched_nms are those plus a s
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_boxes, check_finite, check_same_device, check_tensor, real_number
+from ._checks import check_boxes, check_finite, check_int, check_same_device, check_tensor, real_number
 
 
 def _workspace(boxes: Tensor, batched: bool) -> Tensor:
@@ -86,14 +85,6 @@ def _(boxes, scores, idxs, iou_threshold):
 
 
 
-def _max_out(v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"max_out must be an int, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"max_out must be >= 0, got {v}")
-    return int(v)
-
-
 def _check(boxes, scores, idxs, iou_threshold, *, values: bool) -> tuple[Tensor | None, float]:
     check_boxes(boxes, "boxes")
     check_tensor(scores, "scores")
@@ -159,11 +150,11 @@ def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int)
     unspecified (but memory-safe) result.
     """
     _, thr = _check(boxes, scores, None, iou_threshold, values=False)
-    return _nms_fixed(boxes, scores, thr, _max_out(max_out))
+    return _nms_fixed(boxes, scores, thr, check_int(max_out, "max_out", minimum=0))
 
 
 def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
                       max_out: int) -> tuple[Tensor, Tensor]:
     """batched_nms() with a fixed-size result (see nms_fixed)."""
     idxs, thr = _check(boxes, scores, idxs, iou_threshold, values=False)
-    return _batched_nms_fixed(boxes, scores, idxs, thr, _max_out(max_out))
+    return _batched_nms_fixed(boxes, scores, idxs, thr, check_int(max_out, "max_out", minimum=0))

@@ -12,14 +12,13 @@ The outputs have a fixed size and the CUDA path never waits for the device.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_tensor, real_number
+from ._checks import autocast_input, check_float, check_int, check_tensor, real_number
 from .box_coder import DEFAULT_CLAMP, _weights
 
 
@@ -55,14 +54,6 @@ def _(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, n
     n = ref.shape[0]
     return (ref.new_empty((n, post_nms_top_n, 4)), ref.new_empty((n, post_nms_top_n)),
             torch.empty(n, dtype=torch.int64, device=ref.device))
-
-
-def _count(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return int(v)
 
 
 def _levels(v, name: str) -> list[Tensor]:
@@ -142,11 +133,12 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         Not differentiable (the inputs are detached, as in torchvision).
     """
     objectness, deltas, anchors, sizes = _check(objectness, deltas, anchors, image_sizes)
+    pre = check_int(pre_nms_top_n, "pre_nms_top_n", minimum=0)
+    post = check_int(post_nms_top_n, "post_nms_top_n", minimum=0)
     return _generate_proposals([o.detach() for o in objectness], [d.detach() for d in deltas],
-                               [a.detach() for a in anchors], sizes, _count(pre_nms_top_n, "pre_nms_top_n"),
-                               _count(post_nms_top_n, "post_nms_top_n"), real_number(nms_thresh, "nms_thresh"),
-                               real_number(score_thresh, "score_thresh"), real_number(min_size, "min_size"), _weights(weights),
-                               real_number(bbox_xform_clip, "bbox_xform_clip"))
+                               [a.detach() for a in anchors], sizes, pre, post, real_number(nms_thresh, "nms_thresh"),
+                               real_number(score_thresh, "score_thresh"), real_number(min_size, "min_size"),
+                               _weights(weights), real_number(bbox_xform_clip, "bbox_xform_clip"))
 
 
 def generate_proposals_list(*args, **kwargs) -> tuple[list[Tensor], list[Tensor]]:

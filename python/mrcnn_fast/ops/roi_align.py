@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_int, check_tensor, pair, positive_float
+from ._checks import autocast_input, check_float, check_int, check_int_pair, check_tensor, positive_float
 from ._layout import is_channels_last, map_layout
 from ._rois import check_batch_indices, convert_boxes_to_rois
 
@@ -233,7 +233,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
         Tensor[K, C, oh, ow], in input's memory format.
     """
     input = _check_features(input, "input")
-    oh, ow = pair(output_size, "output_size")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
     scale = positive_float(spatial_scale, "spatial_scale")
@@ -251,7 +251,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
     in the bins: RoIPool also rounds every bin edge and takes the max over whole feature cells.
     """
     input = _check_features(input, "input")
-    oh, ow = pair(output_size, "output_size")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
     scale = positive_float(spatial_scale, "spatial_scale")
@@ -300,7 +300,7 @@ def multilevel_roi_align(features: list[Tensor], boxes, output_size, spatial_sca
         Tensor[K, C, oh, ow]
     """
     features, scales = _check_level_list(features, spatial_scales)
-    oh, ow = pair(output_size, "output_size")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
     canonical_level = check_int(canonical_level, "canonical_level")
@@ -355,7 +355,7 @@ class MultiScaleRoIAlign(nn.Module):
                  canonical_level: int = 4, aligned: bool = False, mode: str = "avg"):
         super().__init__()
         self.featmap_names = list(featmap_names)
-        self.output_size = pair(output_size, "output_size")
+        self.output_size = check_int_pair(output_size, "output_size", minimum=1)
         self.sampling_ratio = _check_sampling_ratio(sampling_ratio)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_same_device, pair
+from ._checks import autocast_input, check_float, check_int_pair, check_same_device
 from ._layout import is_channels_last, map_layout
 from ._rois import Boxes, check_batch_indices, convert_boxes_to_rois
 
@@ -94,7 +94,7 @@ def roi_pool(input: Tensor, boxes: Boxes, output_size, spatial_scale: float = 1.
     check_float(input, "input")
     if input.dim() != 4:
         raise ValueError(f"input must be a Tensor[N, C, H, W], got shape {list(input.shape)}")
-    oh, ow = pair(output_size, "output_size")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     rois = convert_boxes_to_rois(boxes, "boxes")
     check_same_device(input, rois, "input", "boxes")
     if rois.dtype != input.dtype:
