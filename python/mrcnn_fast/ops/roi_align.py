@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._lib import _C, dl, stream
 from ._checks import autocast_input, check_float, check_int, check_int_pair, check_tensor, positive_float
 from ._layout import is_channels_last, map_layout
-from ._rois import check_batch_indices, convert_boxes_to_rois
+from ._rois import check_batch_indices, convert_boxes_to_rois, roi_dtype
 
 MAX_LEVELS = 8
 _MODES = ("avg", "max")
@@ -38,11 +38,6 @@ def _pooled(like: Tensor, k: int, h: int, w: int) -> Tensor:
     return torch.empty((k, like.shape[1], h, w), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _roi_dtype(dtype: torch.dtype) -> torch.dtype:
-    # RoI coordinates stay float32 for half features: float16 cannot even hold 1333.5.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _grad_dtype(t: Tensor) -> torch.dtype:
     # Half-precision gradients accumulate in float32 (float atomics on CUDA), cast once at the end.
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
@@ -54,7 +49,7 @@ def _grad_dtype(t: Tensor) -> torch.dtype:
 def _roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                sampling_ratio: int, aligned: bool, max_mode: bool, quantize: bool) -> Tensor:
     input = map_layout(input)
-    rois = rois.to(_roi_dtype(input.dtype)).contiguous()
+    rois = rois.to(roi_dtype(input.dtype)).contiguous()
     out = _pooled(input, rois.shape[0], pooled_height, pooled_width)
     _C.roi_align_forward(dl(input), dl(rois), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                          max_mode, quantize, dl(out), stream(input))
@@ -71,7 +66,7 @@ def _roi_align_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                         pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool,
                         quantize: bool) -> Tensor:
     input = map_layout(input)
-    rois = rois.to(_roi_dtype(input.dtype)).contiguous()
+    rois = rois.to(roi_dtype(input.dtype)).contiguous()
     grad_input = torch.empty_like(input, dtype=_grad_dtype(input))  # keeps input's strides; the core fills it
     _C.roi_align_backward(dl(grad), dl(input), dl(rois), spatial_scale, pooled_height, pooled_width,
                           sampling_ratio, aligned, max_mode, quantize, dl(grad_input), stream(input))
@@ -105,7 +100,7 @@ def _multilevel_roi_align(features: list[Tensor], rois: Tensor, spatial_scales: 
                           k_max: int, canonical_level: int, canonical_scale: float, pooled_height: int,
                           pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool) -> Tensor:
     features = _layouts(features)
-    rois = rois.to(_roi_dtype(features[0].dtype)).contiguous()
+    rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     out = _pooled(features[0], rois.shape[0], pooled_height, pooled_width)
     _C.multilevel_roi_align_forward([dl(f) for f in features], list(spatial_scales), dl(rois), k_min, k_max,
                                     canonical_level, canonical_scale, pooled_height, pooled_width, sampling_ratio,
@@ -125,7 +120,7 @@ def _multilevel_roi_align_backward(grad: Tensor, features: list[Tensor], rois: T
                                    pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
                                    max_mode: bool) -> list[Tensor]:
     features = _layouts(features)
-    rois = rois.to(_roi_dtype(features[0].dtype)).contiguous()
+    rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     grads = [torch.empty_like(f, dtype=_grad_dtype(f)) for f in features]
     _C.multilevel_roi_align_backward(dl(grad), [dl(f) for f in features], [dl(g) for g in grads],
                                      list(spatial_scales), dl(rois), k_min, k_max, canonical_level, canonical_scale,
@@ -159,7 +154,7 @@ _multilevel_roi_align.register_autograd(_multilevel_bwd, setup_context=_multilev
 
 @torch.library.custom_op("mrcnn_fast::fpn_level_assign", mutates_args=())
 def _fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int, canonical_scale: float) -> Tensor:
-    boxes = boxes.to(_roi_dtype(boxes.dtype)).contiguous()
+    boxes = boxes.to(roi_dtype(boxes.dtype)).contiguous()
     levels = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)
     _C.fpn_level_assign(dl(boxes), k_min, k_max, canonical_level, canonical_scale, dl(levels), stream(boxes))
     return levels
@@ -204,7 +199,7 @@ def _as_rois(boxes, like: Tensor, name: str = "boxes") -> Tensor:
     if rois.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like the features, got {rois.device}")
     check_batch_indices(rois, like.shape[0], name)
-    return rois.to(_roi_dtype(like.dtype))
+    return rois.to(roi_dtype(like.dtype))
 
 
 def _level_of_scale(scale: float) -> int:
