@@ -10,7 +10,7 @@ from pycocotools import mask as mask_util
 
 from data_helpers import require_shared, write_json
 from mrcnn_fast.data import CocoDetection, build_loader, collate, transforms
-from mrcnn_fast.data.coco import COCO_PERSON_FLIP_PAIRS
+from mrcnn_fast.data.keypoints import COCO_PERSON_FLIP_PAIRS
 from mrcnn_fast.data.loader import EvalBatchSampler, TrainBatchSampler
 
 H, W = 40, 60

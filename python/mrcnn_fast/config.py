@@ -14,7 +14,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .data.keypoints import COCO_PERSON_FLIP_PAIRS
+from .data.shapes import SHAPE_FLIP_PAIRS
 
 
 @dataclass
@@ -113,7 +115,7 @@ class KeypointHeadConfig:
     heatmap_size: int = 56
     loss_weight: float = 1.0
     # index pairs swapped by a horizontal flip (COCO person: left/right eyes, ears, shoulders, ...)
-    flip_pairs: tuple = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+    flip_pairs: tuple = COCO_PERSON_FLIP_PAIRS
 
 
 @dataclass
@@ -241,7 +243,7 @@ def _preset_small_cpu() -> Config:
     m.mask.conv_dim = 64
     m.keypoint.enabled = True           # the synthetic shapes carry 4 keypoints: top, right, bottom, left
     m.keypoint.num_keypoints = 4
-    m.keypoint.flip_pairs = ((1, 3),)
+    m.keypoint.flip_pairs = SHAPE_FLIP_PAIRS
     m.keypoint.conv_dim = 64
     m.keypoint.num_convs = 4
     cfg.input.min_size_train = (192, 224, 256)

@@ -20,8 +20,8 @@ import math
 import operator
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,12 +29,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from .transforms import flip_permutation, hflip
+from .keypoints import COCO_PERSON_FLIP_PAIRS, flip_permutation
+from .transforms import hflip
 
-__all__ = ["CocoDetection", "COCO_PERSON_FLIP_PAIRS", "load_coco_json", "coco_from_dict"]
+__all__ = ["CocoDetection", "load_coco_json", "coco_from_dict"]
 
-# 0-based indices of the 17 COCO person keypoints swapped by a horizontal flip (left_eye <-> right_eye, ...).
-COCO_PERSON_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops._checks import check_int
+from .keypoints import flip_permutation
 
 __all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images", "flip_permutation"]
 
@@ -77,25 +78,6 @@ def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int
     if "area" in t:
         t["area"] = t["area"] * (sx * sy)
     return out, t
-
-
-def flip_permutation(num_keypoints: int, flip_pairs: Sequence[Sequence[int]]) -> list[int]:
-    """The keypoint index permutation a horizontal flip applies (0-based pairs, e.g. left/right eye)."""
-    perm = list(range(num_keypoints))
-    seen = set()
-    for pair in flip_pairs:
-        if len(pair) != 2:
-            raise ValueError(f"flip_pairs entries must be (i, j) pairs, got {pair!r}")
-        i, j = int(pair[0]), int(pair[1])
-        for k in (i, j):
-            if not 0 <= k < num_keypoints:
-                raise ValueError(
-                    f"flip_pairs index {k} out of range for {num_keypoints} keypoints (pairs are 0-based)")
-            if k in seen:
-                raise ValueError(f"flip_pairs uses keypoint {k} twice")
-            seen.add(k)
-        perm[i], perm[j] = j, i
-    return perm
 
 
 def hflip_boxes(boxes: torch.Tensor, width) -> torch.Tensor:

@@ -12,17 +12,18 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..config import Config, KeypointHeadConfig, merge, to_dict
+from ..config import Config, merge, to_dict
+from ..data.keypoints import COCO_PERSON_FLIP_PAIRS, flip_pairs_from_names
 from . import checkpoint as ckpt
 from . import distributed as du
 from . import host_memory
@@ -407,10 +408,10 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
                 log(f"keypoint.flip_pairs: {list(pairs)} -> {list(named)} (left/right pairs of the training "
                     f"set's keypoint names)")
                 kp_over["flip_pairs"] = pairs = named
-        elif pairs == COCO_FLIP_PAIRS and named == () and k == 17:
+        elif pairs == COCO_PERSON_FLIP_PAIRS and named == () and k == 17:
             log("note: the training set's 17 keypoint names have no left/right pairs; keeping the COCO person "
                 "flip pairs (set model.keypoint.flip_pairs if these are not COCO's keypoints)")
-        elif pairs == COCO_FLIP_PAIRS and named == ():
+        elif pairs == COCO_PERSON_FLIP_PAIRS and named == ():
             # COCO's index pairs would fit any set of 17+ keypoints and silently swap unrelated ones
             log(f"keypoint.flip_pairs: {list(pairs)} -> [] (the training set's {k} keypoint names have no "
                 f"left/right pairs; set model.keypoint.flip_pairs to swap some)")
@@ -425,28 +426,6 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
         if kp_over:
             over.setdefault("model", {})["keypoint"] = kp_over
     return merge(cfg, over) if over else cfg
-
-
-COCO_FLIP_PAIRS = KeypointHeadConfig().flip_pairs
-
-
-def flip_pairs_from_names(names: list[str]) -> tuple[tuple[int, int], ...] | None:
-    """The index pairs of keypoint names that are mirror images by their words: "left_eye" / "right_eye",
-    "Left Hand" / "Right Hand", "top" / "bottom" is not one, a lone "left" / "right" is (a shape's left and right
-    vertex). None when the names are not unique (no reliable map); () when no name has a mirror."""
-    low = [n.strip().lower() for n in names]
-    if len(set(low)) != len(low):
-        return None
-    index = {n: i for i, n in enumerate(low)}
-    pairs = []
-    for i, n in enumerate(low):
-        words = re.split(r"([^a-z0-9]+)", n)
-        if "left" not in words:
-            continue
-        j = index.get("".join("right" if w == "left" else w for w in words))
-        if j is not None and j != i:
-            pairs.append((min(i, j), max(i, j)))
-    return tuple(sorted(set(pairs)))
 
 
 def _dataset(json_path, image_dir, cfg: Config, *, train: bool):
