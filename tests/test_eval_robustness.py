@@ -1,11 +1,7 @@
 """Evaluation against ground truth the loader accepts but pycocotools cannot read, category mapping by name,
 and the up-front checks of `eval`, `train --val-json` and `demo` (all before any inference or training)."""
 import json
-import math
-import shutil
-import warnings
 
-import numpy as np
 import pytest
 import torch
 

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import mrcnn_fast
-from conftest import HAS_CUDA, cuda_only
+from conftest import cuda_only
 from mrcnn_fast import ops
 from mrcnn_fast.ops._rois import check_batch_indices, convert_boxes_to_rois
 

@@ -186,6 +186,7 @@ class Trainer:
         self.amp_cpu = self.device.type == "cpu" and bf16
         self.iteration = 0
         self._resume_rng = None
+        self._progress: Progress | None = None   # the progress bar of a running train()
         self.metrics: dict = {}
         self.last_losses: dict[str, float] = {}   # the latest iteration's losses (mean over ranks)
         self.last_grad_norm: float | None = None  # before clipping (only computed when clipping is on)
@@ -346,7 +347,7 @@ class Trainer:
         self.scheduler.kw["max_iter"] = max_iter
         if self.ctx.is_main and (self.output_dir / ckpt.CONFIG_FILE).exists():
             ckpt.save_config(self.output_dir, to_dict(self.cfg))
-        if getattr(self, "_progress", None) is not None:
+        if self._progress is not None:
             self._progress.set_total(max_iter)
 
     def _raise_if_diverged(self, it: int, error: BaseException) -> None:

@@ -11,7 +11,6 @@ padded with -1) and count (Tensor[] int64). nms / batched_nms are those plus a s
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_int, check_int_pair, check_tensor, positive_float
+from ._checks import autocast_input, check_float, check_int, check_int_pair, positive_float
 from ._layout import is_channels_last, map_layout
 from ._rois import check_batch_indices, convert_boxes_to_rois, roi_dtype
 
