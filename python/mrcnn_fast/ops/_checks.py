@@ -1,4 +1,10 @@
-"""Argument validation shared by the ops (and the package's integer arguments): clear errors naming the argument."""
+"""Argument validation shared by the ops (and the package's integer arguments): clear errors naming the argument.
+
+The split with the C++ core: the core checks shapes, dtypes and values of the tensors it receives and raises
+ValueError / TypeError naming the argument; Python coerces Python values (ints, pairs, numbers, lists of boxes),
+checks that tensors are tensors on a device the core runs on, and checks only what its own code needs before
+the kernel runs (e.g. the shapes it allocates outputs from) or what the core cannot see.
+"""
 from __future__ import annotations
 
 import math
@@ -11,15 +17,17 @@ _CUDA_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(t, name: str) -> None:
+    """t is a torch.Tensor on the CPU or a CUDA device (tensors on other devices, e.g. meta, would reach the
+    ops' shape-only fake kernels instead of the core)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on unsupported device {t.device}")
 
 
 def check_float(t: torch.Tensor, name: str) -> None:
     check_tensor(t, name)
     allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} is on unsupported device {t.device}")
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must have a floating dtype ({names} on {t.device.type}), got {t.dtype}")
@@ -44,17 +52,6 @@ def _cpu_autocast_on() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:   # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled()
-
-
-def check_boxes(t: torch.Tensor, name: str, width: int = 4) -> None:
-    check_float(t, name)
-    if t.dim() != 2 or t.shape[1] != width:
-        raise ValueError(f"{name} must have shape [N, {width}], got {list(t.shape)}")
-
-
-def check_same_device(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
-    if a.device != b.device:
-        raise ValueError(f"{na} and {nb} must be on the same device, got {a.device} and {b.device}")
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,13 +29,18 @@ def _(sizes, aspect_ratios, stride_h, stride_w, height, width, dtype, device):
     return torch.empty((height * width * len(sizes) * len(aspect_ratios), 4), dtype=dtype, device=device)
 
 
-def _positive_floats(v, name: str) -> list[float]:
+def _floats(v, name: str) -> list[float]:
     if isinstance(v, (int, float)) or not isinstance(v, (Sequence, Tensor)):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(v).__name__}")
     try:
-        out = [float(x) for x in v]
+        return [float(x) for x in v]
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a sequence of numbers, got {v!r}") from None
+
+
+def _positive_floats(v, name: str) -> list[float]:
+    """For AnchorGenerator's arguments, checked when it is built (the core checks them again per call)."""
+    out = _floats(v, name)
     if not out:
         raise ValueError(f"{name} must not be empty")
     if not all(math.isfinite(x) and x > 0 for x in out):
@@ -67,11 +72,8 @@ def anchors_for_level(sizes: Sequence[float], aspect_ratios: Sequence[float], st
     Returns:
         Tensor[Hf * Wf * A, 4]: (x1, y1, x2, y2), location-major (row by row), anchor-minor.
     """
-    s = _positive_floats(sizes, "sizes")
-    r = _positive_floats(aspect_ratios, "aspect_ratios")
-    if len(s) * len(r) > MAX_ANCHORS_PER_LOCATION:
-        raise ValueError(f"at most {MAX_ANCHORS_PER_LOCATION} anchors per location (sizes x aspect_ratios), "
-                         f"got {len(s) * len(r)}")
+    s, r = _floats(sizes, "sizes"), _floats(aspect_ratios, "aspect_ratios")   # values: checked by the core
+    # strides: the core's message calls them "strides"
     sh, sw = check_int_pair(stride_hw, "stride_hw", minimum=1, scalar=False)
     fh, fw = check_int_pair(feature_hw, "feature_hw", minimum=0, scalar=False)
     device = torch.device(device)

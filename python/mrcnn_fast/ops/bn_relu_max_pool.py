@@ -139,8 +139,6 @@ def _check_x(x) -> None:
     check_tensor(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x must be a Tensor[N, C, H, W], got shape {list(x.shape)}")
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x is on unsupported device {x.device}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32 or float64, got {x.dtype}")
     if x.shape[0] * x.shape[2] * x.shape[3] == 0:

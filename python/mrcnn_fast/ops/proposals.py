@@ -12,7 +12,7 @@ The outputs have a fixed size and the CUDA path never waits for the device.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -70,25 +70,16 @@ def _check(objectness, deltas, anchors, image_sizes):
     objectness, deltas = [autocast_input(o) for o in objectness], [autocast_input(d) for d in deltas]
     if not objectness:
         raise ValueError("objectness must hold at least one level")
-    if not len(objectness) == len(deltas) == len(anchors):
-        raise ValueError(f"objectness, deltas and anchors must have one entry per level, got "
-                         f"{len(objectness)}, {len(deltas)} and {len(anchors)}")
     ref = objectness[0]
-    check_float(ref, "objectness[0]")
+    check_float(ref, "objectness[0]")   # before the per-level dtype checks below, which compare with it
     n = ref.shape[0] if ref.dim() == 2 else -1
-    for lvl, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
-        for t, name in ((o, "objectness"), (d, "deltas"), (a, "anchors")):
-            if t.device != ref.device:
-                raise ValueError(f"{name}[{lvl}] must be on the device of objectness[0] ({ref.device}), got {t.device}")
-            if t.dtype != ref.dtype:
-                raise TypeError(f"{name}[{lvl}] must have dtype {ref.dtype}, got {t.dtype}")
+    for lvl, o in enumerate(objectness):   # the outputs (and the CUDA workspace) are sized from these shapes
         if o.dim() != 2 or o.shape[0] != n:
             raise ValueError(f"objectness[{lvl}] must have shape [N, R] (N = {n} images), got {list(o.shape)}")
-        r = o.shape[1]
-        if d.dim() != 3 or tuple(d.shape) != (n, r, 4):
-            raise ValueError(f"deltas[{lvl}] must have shape [{n}, {r}, 4], got {list(d.shape)}")
-        if a.dim() != 2 or tuple(a.shape) != (r, 4):
-            raise ValueError(f"anchors[{lvl}] must have shape [{r}, 4], got {list(a.shape)}")
+    for name, ts in (("deltas", deltas), ("anchors", anchors)):   # the core's dtype messages name no level
+        for lvl, t in enumerate(ts):
+            if t.dtype != ref.dtype:
+                raise TypeError(f"{name}[{lvl}] must have dtype {ref.dtype}, got {t.dtype}")
     if isinstance(image_sizes, Tensor):
         if image_sizes.dtype.is_complex or image_sizes.dtype == torch.bool:
             raise TypeError(f"image_sizes must be real, got {image_sizes.dtype}")

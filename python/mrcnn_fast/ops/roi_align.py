@@ -16,11 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_int, check_int_pair, positive_float
+from ._checks import autocast_input, check_float, check_int, check_int_pair, check_tensor, positive_float, real_number
 from ._layout import is_channels_last, map_layout
 from ._rois import check_batch_indices, convert_boxes_to_rois, roi_dtype
 
-MAX_LEVELS = 8
 _MODES = ("avg", "max")
 
 
@@ -172,9 +171,10 @@ def _eager() -> bool:
 
 
 def _check_features(t, name: str) -> Tensor:
-    """t validated as Tensor[N, C, H, W]; under CPU autocast in float32 (see autocast_input)."""
+    """t as Tensor[N, C, H, W]; under CPU autocast in float32 (see autocast_input). The rank is checked here because
+    the outputs are allocated from it; the core checks the dtype."""
     t = autocast_input(t)
-    check_float(t, name)
+    check_tensor(t, name)
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got shape {list(t.shape)}")
     return t
@@ -196,8 +196,6 @@ def _check_sampling_ratio(v) -> int:
 def _as_rois(boxes, like: Tensor, name: str = "boxes") -> Tensor:
     """Tensor[K, 5] (batch_index, x1, y1, x2, y2) in the kernels' coordinate dtype, validated."""
     rois = convert_boxes_to_rois(boxes, name, like)
-    if rois.device != like.device:
-        raise ValueError(f"{name} must be on {like.device} like the features, got {rois.device}")
     check_batch_indices(rois, like.shape[0], name)
     return rois.to(roi_dtype(like.dtype))
 
@@ -231,7 +229,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
-    scale = positive_float(spatial_scale, "spatial_scale")
+    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
     rois = _as_rois(boxes, input)
     return _roi_align(input, rois, scale, oh, ow, sr, bool(aligned), mode == "max", False)
 
@@ -249,7 +247,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
     oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
-    scale = positive_float(spatial_scale, "spatial_scale")
+    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
     rois = _as_rois(boxes, input)
     return _roi_align(input, rois, scale, oh, ow, sr, False, mode == "max", True)
 
@@ -257,18 +255,10 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
 def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[float]]:
     if not isinstance(features, (list, tuple)) or len(features) == 0:
         raise TypeError("features must be a non-empty list of Tensor[N, C, H, W]")
-    if len(features) > MAX_LEVELS:
-        raise ValueError(f"features: at most {MAX_LEVELS} levels are supported, got {len(features)}")
     features = [_check_features(f, f"features[{i}]") for i, f in enumerate(features)]
-    f0 = features[0]
-    for i, f in enumerate(features[1:], 1):
-        if f.dtype != f0.dtype:
-            raise TypeError(f"features[{i}] has dtype {f.dtype}, features[0] has {f0.dtype}")
-        if f.device != f0.device:
-            raise ValueError(f"features[{i}] is on {f.device}, features[0] on {f0.device}")
-        if f.shape[:2] != f0.shape[:2]:
-            raise ValueError(f"features[{i}] has batch size and channels {tuple(f.shape[:2])}, features[0] has "
-                             f"{tuple(f0.shape[:2])}: all levels need the same N and C")
+    for i, f in enumerate(features[1:], 1):   # the core's message does not say which level
+        if f.device != features[0].device:
+            raise ValueError(f"features[{i}] is on {f.device}, features[0] on {features[0].device}")
     if not isinstance(spatial_scales, (list, tuple)):
         raise TypeError(f"spatial_scales must be a list of floats, got {type(spatial_scales).__name__}")
     if len(spatial_scales) != len(features):
@@ -315,9 +305,9 @@ def fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int
     Returns:
         Tensor[K] int64 in [0, k_max - k_min].
     """
-    check_float(boxes, "boxes")
-    if boxes.dim() != 2 or boxes.shape[1] not in (4, 5):
-        raise ValueError(f"boxes must have shape [K, 4] or [K, 5], got {list(boxes.shape)}")
+    check_float(boxes, "boxes")   # before the op converts half boxes to float32
+    if boxes.dim() == 0:   # the output is sized from len(boxes); the core checks the shape
+        raise ValueError("boxes must have shape [K, 4] or [K, 5], got []")
     k_min, k_max = check_int(k_min, "k_min"), check_int(k_max, "k_max")
     if k_max < k_min:
         raise ValueError(f"k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
