@@ -13,7 +13,8 @@ from mrcnn_fast.engine import train
 # A shrunken small_cpu: 96-pixel inputs, few proposals; 4 iterations are enough to exercise everything.
 TINY_OPTS = ["input.min_size_train=[96]", "input.max_size_train=128", "input.min_size_test=96",
              "input.max_size_test=128", "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=50",
-             "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=30", "model.roi_heads.batch_size_per_image=32",
+             "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=30",
+             "model.roi_heads.batch_size_per_image=32",
              "solver.ims_per_batch=2", "solver.warmup_iters=2", "solver.base_lr=0.005", "train.checkpoint_period=2",
              "train.num_workers=0", "train.log_period=1", "train.device=cpu", "model.keypoint.num_convs=1",
              "model.keypoint.conv_dim=16", "model.mask.num_convs=1", "model.mask.conv_dim=16"]

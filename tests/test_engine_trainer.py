@@ -251,7 +251,8 @@ def test_demo_time_budget_stops_at_deadline(monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
-    tr = types.SimpleNamespace(max_iter=1000, cfg=types.SimpleNamespace(solver=types.SimpleNamespace(schedule="cosine")))
+    tr = types.SimpleNamespace(max_iter=1000,
+                               cfg=types.SimpleNamespace(solver=types.SimpleNamespace(schedule="cosine")))
 
     def set_max_iter(n, *, steps=None):
         assert steps is None

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from _model_utils import shapes_batch, tiny_cfg
-from mrcnn_fast.modeling import build_model
 from mrcnn_fast.data.transforms import hflip_boxes
+from mrcnn_fast.modeling import build_model
 from mrcnn_fast.modeling.roi_heads import RoIHeads
 
 

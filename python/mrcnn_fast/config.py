@@ -260,9 +260,10 @@ def _preset_small_cpu() -> Config:
 
 def _preset_shapes() -> Config:
     """small_cpu made cheaper for minutes-long CPU runs on the synthetic shapes set (the 30-min recipe; the demo
-    drops its cascade stages, see cli.DEMO_ROI_HEADS): half-width ResNet-18 (4x fewer backbone FLOPs), single-scale training at the test size, gradient clipping
-    against early spikes of the keypoint loss, and a step schedule (measured at 1200 iterations: segm AP 0.58
-    vs 0.49 with cosine decay, which lowers the lr long before a from-scratch model has learnt the shapes).
+    drops its cascade stages, see cli.DEMO_ROI_HEADS): half-width ResNet-18 (4x fewer backbone FLOPs), single-scale
+    training at the test size, gradient clipping against early spikes of the keypoint loss, and a step schedule
+    (measured at 1200 iterations: segm AP 0.58 vs 0.49 with cosine decay, which lowers the lr long before a
+    from-scratch model has learnt the shapes).
     The lr drops 10x at 5/6 of max_iter; `mrcnn-fast train --time-budget` keeps that fraction when it
     changes max_iter."""
     cfg = _preset_small_cpu()

@@ -121,7 +121,8 @@ class Progress:
         self.last_t, self.last_it = now, done
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         gn = f"  gnorm {grad_norm:.3g}" if grad_norm is not None else ""
-        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
+        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  "
+                   f"eta {_fmt_eta(eta)}")
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -293,7 +294,8 @@ class Trainer:
                 vals = du.all_reduce_mean(torch.stack([loss_dict[k].detach().float() for k in names]))
                 current = dict(zip(names, vals.tolist()))
                 if not all(math.isfinite(v) for v in current.values()):
-                    raise FloatingPointError(f"loss is not finite at iteration {it}: {current} (try a lower solver.base_lr)")
+                    raise FloatingPointError(f"loss is not finite at iteration {it}: {current} "
+                                             f"(try a lower solver.base_lr)")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if s.clip_grad_norm > 0:
@@ -338,7 +340,8 @@ class Trainer:
         """
         max_iter = int(max_iter)
         if max_iter < self.iteration or max_iter <= 0:
-            raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, got {max_iter}")
+            raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, "
+                             f"got {max_iter}")
         over = {"max_iter": max_iter}
         if steps is not None:
             over["steps"] = [int(x) for x in steps]
@@ -390,7 +393,8 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
     if names and len(names) == dataset.num_classes:
         over["data"] = {"class_names": names, "category_ids": ids if len(ids) == len(names) else []}
     if cfg.model.roi_heads.num_classes != dataset.num_classes:
-        log(f"roi_heads.num_classes: {cfg.model.roi_heads.num_classes} -> {dataset.num_classes} (from the training set)")
+        log(f"roi_heads.num_classes: {cfg.model.roi_heads.num_classes} -> {dataset.num_classes} "
+            f"(from the training set)")
         over.setdefault("model", {})["roi_heads"] = {"num_classes": dataset.num_classes}
     kp = cfg.model.keypoint
     k = int(getattr(dataset, "num_keypoints", 0) or 0)
@@ -481,8 +485,8 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
 
     def loader_fn(start_iter: int):
         return build_loader(train_set, per_rank, train=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
-                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size, start_iter=start_iter,
-                            pin_memory=ctx.device.type == "cuda")
+                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size,
+                            start_iter=start_iter, pin_memory=ctx.device.type == "cuda")
 
     evaluate_fn = None
     if val_set is not None:
