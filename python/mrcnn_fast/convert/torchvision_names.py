@@ -30,7 +30,9 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("".join(_FIELDS.get(s) or re.escape(s) for s in parts))
 
 
-_COMPILED = tuple((_pattern(ours), ours, _pattern(tv), tv) for ours, tv in _RULES)
+# (pattern of the source name, template of the target name) per direction
+_TO_TV = tuple((_pattern(ours), tv) for ours, tv in _RULES)
+_FROM_TV = tuple((_pattern(tv), ours) for ours, tv in _RULES)
 
 
 def _translate(name: str, pattern: re.Pattern, template: str) -> str | None:
@@ -47,22 +49,22 @@ def _translate(name: str, pattern: re.Pattern, template: str) -> str | None:
     return out if i is None else out.replace("{2i}", str(2 * i)).replace("{i}", str(i))
 
 
-def to_torchvision_name(name: str) -> str:
-    """Our parameter/buffer name -> torchvision's, e.g. "rpn.head.conv.weight" -> "rpn.head.conv.0.0.weight"."""
-    for ours_re, _, _, tv in _COMPILED:
-        out = _translate(name, ours_re, tv)
+def _rename_one(name: str, rules) -> str:
+    for pattern, template in rules:
+        out = _translate(name, pattern, template)
         if out is not None:
             return out
     return name
+
+
+def to_torchvision_name(name: str) -> str:
+    """Our parameter/buffer name -> torchvision's, e.g. "rpn.head.conv.weight" -> "rpn.head.conv.0.0.weight"."""
+    return _rename_one(name, _TO_TV)
 
 
 def from_torchvision_name(name: str) -> str:
     """torchvision's parameter/buffer name -> ours (the inverse of :func:`to_torchvision_name`)."""
-    for _, ours, tv_re, _ in _COMPILED:
-        out = _translate(name, tv_re, ours)
-        if out is not None:
-            return out
-    return name
+    return _rename_one(name, _FROM_TV)
 
 
 def _rename(state_dict: Mapping[str, Tensor], rename) -> dict[str, Tensor]:

@@ -28,17 +28,22 @@ def collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
+def _sampler_args(size, batch_size, rank, world_size, min_size: int) -> tuple[int, int, int, int]:
+    size = check_int(size, "dataset size", minimum=min_size)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    world_size = check_int(world_size, "world_size", minimum=1)
+    rank = check_int(rank, "rank", minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+    return size, batch_size, rank, world_size
+
+
 class TrainBatchSampler(Sampler):
     """Infinite batches of indices (or (index, seed) pairs) for one rank; see the module docstring."""
 
     def __init__(self, size: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  start_iter: int = 0, seeded: bool = False):
-        self.size = check_int(size, "dataset size", minimum=1)
-        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
-        self.world_size = check_int(world_size, "world_size", minimum=1)
-        self.rank = check_int(rank, "rank", minimum=0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size ({self.world_size}), got {rank}")
+        self.size, self.batch_size, self.rank, self.world_size = _sampler_args(size, batch_size, rank, world_size, 1)
         self.start_iter = check_int(start_iter, "start_iter", minimum=0)
         self.seed = int(seed) & _MASK64
         self.seeded = bool(seeded)
@@ -73,12 +78,7 @@ class EvalBatchSampler(Sampler):
     """Sequential batches over this rank's contiguous shard; shards cover every index exactly once."""
 
     def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
-        self.size = check_int(size, "dataset size", minimum=0)
-        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
-        self.world_size = check_int(world_size, "world_size", minimum=1)
-        self.rank = check_int(rank, "rank", minimum=0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size ({self.world_size}), got {rank}")
+        self.size, self.batch_size, self.rank, self.world_size = _sampler_args(size, batch_size, rank, world_size, 0)
         self.begin = self.size * self.rank // self.world_size
         self.end = self.size * (self.rank + 1) // self.world_size
 

@@ -206,6 +206,17 @@ def _level_of_scale(scale: float) -> int:
     return int(round(k)) if abs(k - round(k)) < 1e-6 else int(k)
 
 
+def _single_level(input, boxes, output_size, spatial_scale, sampling_ratio, aligned: bool, mode, quantize: bool):
+    """roi_align (quantize=False) or roi_warp (quantize=True) after the argument checks."""
+    input = _check_features(input, "input")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
+    mode = _check_mode(mode)
+    sr = _check_sampling_ratio(sampling_ratio)
+    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
+    rois = _as_rois(boxes, input)
+    return _roi_align(input, rois, scale, oh, ow, sr, aligned, mode == "max", quantize)
+
+
 # ---- public API ------------------------------------------------------------------------------------
 
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -225,13 +236,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     Returns:
         Tensor[K, C, oh, ow], in input's memory format.
     """
-    input = _check_features(input, "input")
-    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
-    mode = _check_mode(mode)
-    sr = _check_sampling_ratio(sampling_ratio)
-    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
-    rois = _as_rois(boxes, input)
-    return _roi_align(input, rois, scale, oh, ow, sr, bool(aligned), mode == "max", False)
+    return _single_level(input, boxes, output_size, spatial_scale, sampling_ratio, bool(aligned), mode, False)
 
 
 def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2, *,
@@ -243,13 +248,7 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
     Args and returns as roi_align (no half-pixel offset). With ``mode="max"`` RoIWarp differs from RoIPool only
     in the bins: RoIPool also rounds every bin edge and takes the max over whole feature cells.
     """
-    input = _check_features(input, "input")
-    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
-    mode = _check_mode(mode)
-    sr = _check_sampling_ratio(sampling_ratio)
-    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
-    rois = _as_rois(boxes, input)
-    return _roi_align(input, rois, scale, oh, ow, sr, False, mode == "max", True)
+    return _single_level(input, boxes, output_size, spatial_scale, sampling_ratio, False, mode, True)
 
 
 def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[float]]:
