@@ -73,7 +73,7 @@ def anchors_for_level(sizes: Sequence[float], aspect_ratios: Sequence[float], st
         Tensor[Hf * Wf * A, 4]: (x1, y1, x2, y2), location-major (row by row), anchor-minor.
     """
     s, r = _floats(sizes, "sizes"), _floats(aspect_ratios, "aspect_ratios")   # values: checked by the core
-    # strides: the core's message calls them "strides"
+    # checked here although the core checks the strides too: its message does not name stride_hw
     sh, sw = check_int_pair(stride_hw, "stride_hw", minimum=1, scalar=False)
     fh, fw = check_int_pair(feature_hw, "feature_hw", minimum=0, scalar=False)
     device = torch.device(device)
