@@ -36,6 +36,7 @@ def test_ablations_report_and_reuse(tmp_path, capsys):
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in payload["results"]]
 
 
+@pytest.mark.slow
 def test_ablations_c4_head(tmp_path, capsys):
     """--head c4: the paper's Table 2c head (RoIs from C4, res5 box head); the GT-box mask metric goes through the
     shared res5 too, and every run's command names the head so it can be rerun alone."""

@@ -43,6 +43,7 @@ def _assert_same_weights(a, b):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
