@@ -220,7 +220,10 @@ def run_variant(args, variant: str, data: dict, workdir: Path, train_seed: int) 
     cfg = build_config(args, variant, train_seed)
     key = f"{variant}@seed{train_seed}"
     out = workdir / key
-    log = (lambda m: print(f"[{key}] {m}", file=sys.stderr, flush=True))
+
+    def log(m):
+        print(f"[{key}] {m}", file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
     reused = (out / FINAL_WEIGHTS).is_file() and same_config(out / "config.json", cfg)
     if not reused:
@@ -267,16 +270,17 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = ["| variant | seeds | segm AP | AP50 | AP75 | bbox AP | GT-box mask AP | GT-box mask AP75 | segm AP per seed "
-             "| GT-box mask AP75 per seed |",
+    lines = ["| variant | seeds | segm AP | AP50 | AP75 | bbox AP | GT-box mask AP | GT-box mask AP75 "
+             "| segm AP per seed | GT-box mask AP75 per seed |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for name in VARIANTS:
         if name not in summary:
             continue
         v = summary[name]
-        per = lambda m: " / ".join(_pct(_metric(r, *m)) for r in v["runs"])  # noqa: E731
+        per = {m: " / ".join(_pct(_metric(r, *m)) for r in v["runs"])
+               for m in (("segm", "AP"), ("segm_gt_boxes", "AP75"))}
         lines.append(f"| {VARIANTS[name][0]} | {len(v['runs'])} | " + " | ".join(_pct(v[m][0]) for m in METRICS)
-                     + f" | {per(('segm', 'AP'))} | {per(('segm_gt_boxes', 'AP75'))} |")
+                     + f" | {per[('segm', 'AP')]} | {per[('segm_gt_boxes', 'AP75')]} |")
     return "\n".join(lines)
 
 
@@ -363,7 +367,8 @@ def write_report(args, rows: list[dict], out_dir: Path, total_s: float, data_s: 
     summary = summarize(rows)
     dirs = directions(summary)
     run_lines = [f"| {r['key']} | {_pct(_metric(r, 'segm', 'AP'))} | {_pct(_metric(r, 'segm', 'AP75'))} | "
-                 f"{_pct(_metric(r, 'bbox', 'AP'))} | {r['seconds'] / 60:.1f} min{' (re-evaluated)' if r.get('reused') else ''}"
+                 f"{_pct(_metric(r, 'bbox', 'AP'))} | {r['seconds'] / 60:.1f} min"
+                 f"{' (re-evaluated)' if r.get('reused') else ''}"
                  f"{' (from ' + r['included_from'] + ')' if r.get('included_from') else ''}"
                  f" | `{r['command']}` |" for r in rows]
     parts = [

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _tv_reference import build_torchvision_model, copy_weights_to_torchvision  # noqa: E402
-
+from _tv_reference import build_torchvision_model  # noqa: E402
 from mrcnn_fast.config import get_config  # noqa: E402
+from mrcnn_fast.convert import copy_weights_to_torchvision  # noqa: E402
 from mrcnn_fast.modeling import build_model  # noqa: E402
 
 BATCH, SIZE = 4, 256
@@ -188,7 +188,7 @@ def split_table(iters=10, device="cpu", pretrain_iters=0, kept_memory=False):
           f"{'after ' + str(pretrain_iters) + ' pre-training iterations' if pretrain_iters else 'at initialisation'}, "
           f"{torch.get_num_threads()} threads, {'CPU' if CLOCK is time.process_time else 'wall'} time, "
           f"median of {iters}")
-    print(f"| part | mrcnn_fast (ms) | torchvision (ms) | ratio |\n| --- | ---: | ---: | ---: |")
+    print("| part | mrcnn_fast (ms) | torchvision (ms) | ratio |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         a = statistics.median(per["mrcnn_fast"][r]) * 1e3
         b = statistics.median(per["torchvision"][r]) * 1e3

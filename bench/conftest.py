@@ -37,8 +37,9 @@ def pytest_sessionfinish(session, exitstatus):
         name = b.name.split("[")[0]
         impl = "torchvision" if "torchvision" in name else "mrcnn_fast"
         groups.setdefault(b.group or name, {})[impl] = b.stats.median
+    cpu = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     device = os.environ.get("MRCNN_BENCH_DEVICE") or (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+        torch.cuda.get_device_name() if torch.cuda.is_available() else cpu)
     lines = [f"## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_commit()}, {device}, "
              f"torch {torch.__version__}", "", "| case | mrcnn_fast median (ms) | torchvision median (ms) | ratio |",
              "| --- | ---: | ---: | ---: |"]
@@ -52,7 +53,8 @@ def pytest_sessionfinish(session, exitstatus):
     print("\n" + text)
     if os.environ.get("MRCNN_BENCH_NO_SAVE") != "1":
         RESULTS.mkdir(exist_ok=True)
-        tag = "gpu" if "cuda" in os.environ.get("MRCNN_BENCH_DEVICE", "").lower() or torch.cuda.is_available() else "cpu"
+        gpu = "cuda" in os.environ.get("MRCNN_BENCH_DEVICE", "").lower() or torch.cuda.is_available()
+        tag = "gpu" if gpu else "cpu"
         with open(RESULTS / f"{tag}_results.md", "a") as f:
             f.write(text)
 

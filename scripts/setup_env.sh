@@ -5,7 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv="${MRCNN_VENV:-$root/.venv}"
-stamp="$venv/.mrcnn_deps_v1"
+stamp="$venv/.mrcnn_deps_v2"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ]; then
   # --no-cache-dir: no second copy of the wheels in pip's cache (halves the peak disk use of a fresh set-up)
   "$py" -m pip install -q --no-cache-dir "torch==2.14.1" "torchvision==0.29.1"
   "$py" -m pip install -q numpy pycocotools pillow safetensors pyyaml tqdm \
-    pytest pytest-benchmark pytest-timeout "scikit-build-core>=0.9" "pybind11>=2.12" ninja "cmake>=3.24"
+    pytest pytest-benchmark pytest-timeout ruff "scikit-build-core>=0.9" "pybind11>=2.12" ninja "cmake>=3.24"
   touch "$stamp"
 fi
 echo "[setup] building mrcnn_fast (CUDA kernels compile when nvcc is found)"

@@ -44,7 +44,8 @@ def target_from_masks(masks, labels) -> dict:
     n = len(masks)
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
             "labels": torch.tensor(labels, dtype=torch.int64).reshape(n),
-            "masks": torch.from_numpy(np.stack(masks).astype(np.uint8)) if n else torch.zeros((0, 1, 1), dtype=torch.uint8),
+            "masks": (torch.from_numpy(np.stack(masks).astype(np.uint8)) if n
+                      else torch.zeros((0, 1, 1), dtype=torch.uint8)),
             "keypoints": torch.tensor(kps, dtype=torch.float32).reshape(n, 4, 3)}
 
 

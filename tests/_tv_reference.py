@@ -1,5 +1,5 @@
-"""torchvision's MaskRCNN built with the same architecture as an mrcnn_fast FPN config, and a weight copy from
-our model into it. Used by the parity tests and bench/bench_train_step.py (tests and benchmarks only)."""
+"""torchvision's MaskRCNN built with the same architecture as an mrcnn_fast FPN config. Used by the parity tests
+and bench/bench_train_step.py; the weight-name map between the two is mrcnn_fast.convert.torchvision_names."""
 from __future__ import annotations
 
 from torch import nn
@@ -58,32 +58,3 @@ def build_torchvision_model(cfg) -> TVMaskRCNN:
         model.roi_heads.keypoint_head = KeypointRCNNHeads(c, [kp.conv_dim] * kp.num_convs)
         model.roi_heads.keypoint_predictor = KeypointRCNNPredictor(kp.conv_dim, kp.num_keypoints)
     return model
-
-
-def _tv_name(k: str) -> str:
-    parts = k.split(".")
-    if k.startswith("backbone.fpn.") or k.startswith("rpn.head.conv."):
-        if k.startswith("rpn.head.conv."):
-            return "rpn.head.conv.0.0." + parts[-1]
-        return ".".join(parts[:4]) + ".0." + parts[-1]          # inner_blocks.i.0.w -> inner_blocks.i.0.0.w
-    if k.startswith("roi_heads.mask_head.convs."):
-        return f"roi_heads.mask_head.{parts[3]}.0.{parts[-1]}"
-    if k.startswith("roi_heads.mask_head.deconv."):
-        return "roi_heads.mask_predictor.conv5_mask." + parts[-1]
-    if k.startswith("roi_heads.mask_head.predictor."):
-        return "roi_heads.mask_predictor.mask_fcn_logits." + parts[-1]
-    if k.startswith("roi_heads.keypoint_head.convs."):
-        return f"roi_heads.keypoint_head.{2 * int(parts[3])}.{parts[-1]}"
-    if k.startswith("roi_heads.keypoint_head.kps_score_lowres."):
-        return "roi_heads.keypoint_predictor.kps_score_lowres." + parts[-1]
-    return k
-
-
-def copy_weights_to_torchvision(ours: nn.Module, tv: nn.Module) -> None:
-    """Loads our model's parameters and buffers into the torchvision model (names mapped, strict)."""
-    src = {_tv_name(k): v for k, v in ours.state_dict().items() if not k.startswith("pixel_")}
-    missing, unexpected = tv.load_state_dict(src, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
-
-

@@ -113,9 +113,10 @@ def small_cfg(**solver):
 
 
 def _run(args, distributed: bool):
+    from safetensors.torch import save_file
+
     from mrcnn_fast.engine import Trainer, evaluate, seed_everything
     from mrcnn_fast.engine import distributed as du
-    from safetensors.torch import save_file
 
     torch.set_num_threads(1)
     ctx = du.init_distributed("cpu")

@@ -83,6 +83,21 @@ def test_generator_matches_torchvision_fpn(device, hw):
     assert gen.num_anchors_per_location() == [3] * 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generator_levels_match_torchvision(dtype):
+    hw = (100, 136)
+    il = images(2, *hw, dtype=dtype)
+    feats = features(2, *hw, (4, 8, 16, 32, 64), dtype=dtype)
+    gen = ops.AnchorGenerator(FPN_SIZES, FPN_RATIOS[0])
+    levels = gen.levels(hw, [f.shape[-2:] for f in feats], dtype)
+    assert [t.shape[0] for t in levels] == [f.shape[-2] * f.shape[-1] * 3 for f in feats]
+    assert all(t.dtype == dtype for t in levels)
+    assert torch.equal(torch.cat(levels), TVAnchorGenerator(FPN_SIZES, FPN_RATIOS)(il, feats)[0])
+    assert gen.levels(hw, [f.shape[-2:] for f in feats], dtype)[0] is levels[0]  # cached
+    with pytest.raises(ValueError, match="feature maps"):
+        gen.levels(hw, [(25, 34)], dtype)
+
+
 def test_generator_flat_arguments_and_cache():
     tv = TVAnchorGenerator((32, 64), (0.5, 1.0))
     gen = ops.AnchorGenerator((32, 64), (0.5, 1.0), cache_size=2)

@@ -36,6 +36,7 @@ def test_ablations_report_and_reuse(tmp_path, capsys):
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in payload["results"]]
 
 
+@pytest.mark.slow
 def test_ablations_c4_head(tmp_path, capsys):
     """--head c4: the paper's Table 2c head (RoIs from C4, res5 box head); the GT-box mask metric goes through the
     shared res5 too, and every run's command names the head so it can be rerun alone."""
@@ -65,7 +66,8 @@ def test_ablations_c4_head(tmp_path, capsys):
                                                       "roi_warp_max@seed1"]
     assert [bool(r.get("included_from")) for r in merged["results"]] == [True, True, False, False]
     assert [r["metrics"] for r in merged["results"][:2]] == [
-        next(r for r in payload["results"] if r["key"] == k)["metrics"] for k in ("roi_pool@seed0", "roi_warp_max@seed0")]
+        next(r for r in payload["results"] if r["key"] == k)["metrics"]
+        for k in ("roi_pool@seed0", "roi_warp_max@seed0")]
     md = (tmp_path / "out" / "ablations.md").read_text()
     assert "| RoIPool | 2 |" in md and "(from seed0.json (commit" in md
 
@@ -159,7 +161,6 @@ def test_error_analysis_match_greedy_by_score_same_class():
 
 def test_error_analysis_runs_on_a_trained_model(tmp_path, capsys):
     import error_analysis
-
     from mrcnn_fast import cli
     from mrcnn_fast.config import get_config, merge
     from mrcnn_fast.data import make_shapes
@@ -168,7 +169,8 @@ def test_error_analysis_runs_on_a_trained_model(tmp_path, capsys):
     s = make_shapes(tmp_path / "shapes", n_train=2, n_val=2, seed=3, image_size=(64, 64))
     opts = ["input.min_size_train=[64]", "input.max_size_train=64", "input.min_size_test=64", "input.max_size_test=64",
             "solver.ims_per_batch=1", "solver.warmup_iters=1", "train.num_workers=0", "train.checkpoint_period=0",
-            "model.keypoint.num_convs=1", "model.keypoint.conv_dim=8", "model.mask.num_convs=1", "model.mask.conv_dim=8"]
+            "model.keypoint.num_convs=1", "model.keypoint.conv_dim=8", "model.mask.num_convs=1",
+            "model.mask.conv_dim=8"]
     cfg = merge(get_config("shapes"), cli.parse_opts(opts))
     train(cfg, train_json=s["train_json"], train_images=s["train_images"], output_dir=tmp_path / "run", max_iter=2,
           log=lambda m: None)

@@ -269,8 +269,8 @@ def test_cascade_needs_fpn():
 
 def test_demo_keeps_one_box_stage():
     """The 4-minute demo drops the preset's cascade stages (they cost it ~15% of its iterations)."""
-    from mrcnn_fast.demo import demo_config
     from mrcnn_fast.config import get_config
+    from mrcnn_fast.demo import demo_config
 
     assert get_config("shapes").model.roi_heads.cascade_iou_thresholds == (0.6, 0.7)
     r = demo_config(100).model.roi_heads

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,7 +148,8 @@ def test_eval_bad_image_file_one_line(capsys, coco, tmp_path, workers, damage):
 
 def test_cli_message_of_worker_errors():
     wrapped = ValueError("Caught ValueError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 3, in f\n    raise ValueError(msg)\nValueError: bad image a.png\n")
+                         "last):\n  File \"x.py\", line 3, in f\n    raise ValueError(msg)\n"
+                         "ValueError: bad image a.png\n")
     assert cli._message(wrapped) == "bad image a.png (in a data loader worker)"
     assert cli._message(ValueError("plain\n  message")) == "plain message"
     assert cli._message(FileNotFoundError(2, "No such file or directory", "/x/y.png")) == \

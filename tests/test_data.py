@@ -1,6 +1,5 @@
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from pycocotools import mask as mask_util
 
 from data_helpers import require_shared, write_json
 from mrcnn_fast.data import CocoDetection, build_loader, collate, transforms
-from mrcnn_fast.data.coco import COCO_PERSON_FLIP_PAIRS
+from mrcnn_fast.data.keypoints import COCO_PERSON_FLIP_PAIRS
 from mrcnn_fast.data.loader import EvalBatchSampler, TrainBatchSampler
 
 H, W = 40, 60
@@ -169,7 +168,8 @@ def test_coco_samples(tmp_path):
                 np.testing.assert_array_equal(t["masks"][k].numpy(), union)
             if a["iscrowd"]:
                 seen["crowd"] += 1
-                assert isinstance(a["segmentation"]["counts"], list) and int(t["masks"][k].sum()) == sum(a["segmentation"]["counts"][1::2])
+                counts = a["segmentation"]["counts"]
+                assert isinstance(counts, list) and int(t["masks"][k].sum()) == sum(counts[1::2])
         if not anns:
             seen["empty"] += 1
             assert t["masks"].shape == (0, info["height"], info["width"])
@@ -177,7 +177,8 @@ def test_coco_samples(tmp_path):
     # training mode drops the crowd instance
     tr = CocoDetection(root / "annotations.json", root / "images", train=True, flip_prob=0.0)
     crowd_img = ds.ids.index(464689)
-    assert tr[crowd_img][1]["iscrowd"].sum() == 0 and len(tr[crowd_img][1]["boxes"]) == len(ds[crowd_img][1]["boxes"]) - 1
+    assert tr[crowd_img][1]["iscrowd"].sum() == 0
+    assert len(tr[crowd_img][1]["boxes"]) == len(ds[crowd_img][1]["boxes"]) - 1
 
 
 @pytest.mark.parametrize("which", ["coco_samples/keypoints_annotations.json", "coco_persons/annotations.json"])
@@ -288,8 +289,8 @@ def test_resize_shortest_edge():
     assert r3.shape[1:] == (20, 28)
     torch.testing.assert_close(rt3["boxes"], t3["boxes"] * torch.tensor([sx, sy, sx, sy]))
     # empty targets
-    _, e = transforms.resize_shortest_edge(img, {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 50, 70,
-                                                                                                   dtype=torch.uint8)}, 100, 1000)
+    empty = {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 50, 70, dtype=torch.uint8)}
+    _, e = transforms.resize_shortest_edge(img, empty, 100, 1000)
     assert e["boxes"].shape == (0, 4) and e["masks"].shape == (0, 100, 140)
     with pytest.raises(ValueError, match="min_size"):
         transforms.resize_shortest_edge(img, None, 0, 100)
@@ -333,7 +334,7 @@ class _IndexSet(torch.utils.data.Dataset):
 
 def _take(loader, k):
     out = []
-    for b, (imgs, targets) in enumerate(loader):
+    for b, (_, targets) in enumerate(loader):
         if b == k:
             break
         out.append([(t["index"], t["seed"]) for t in targets])

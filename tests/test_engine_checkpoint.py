@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mrcnn_fast.engine import checkpoint as ckpt
 from mrcnn_fast.engine import CheckpointError, load_weights, save_weights
+from mrcnn_fast.engine import checkpoint as ckpt
 
 
 def _model(seed=0):
@@ -162,7 +162,8 @@ def test_training_state_loads_with_weights_only_and_restores_rngs(tmp_path):
     ckpt.save_training_state(tmp_path / "s.pt", state)
     loaded = torch.load(tmp_path / "s.pt", weights_only=True)   # the contract: plain weights_only loading
     assert loaded["config"] == {"a": [1, [2, 3]], "b": "x"}
-    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"],
+                       opt.state_dict()["state"][0]["momentum_buffer"])
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ckpt.set_rng_state(loaded["rng"][0])
     got = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))

@@ -21,6 +21,7 @@ def _torchrun():
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+@pytest.mark.slow
 def test_two_process_gloo_training_stays_in_sync_and_gathers_every_image_once(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in sys.path if p])

@@ -13,7 +13,8 @@ from mrcnn_fast.engine import train
 # A shrunken small_cpu: 96-pixel inputs, few proposals; 4 iterations are enough to exercise everything.
 TINY_OPTS = ["input.min_size_train=[96]", "input.max_size_train=128", "input.min_size_test=96",
              "input.max_size_test=128", "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=50",
-             "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=30", "model.roi_heads.batch_size_per_image=32",
+             "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=30",
+             "model.roi_heads.batch_size_per_image=32",
              "solver.ims_per_batch=2", "solver.warmup_iters=2", "solver.base_lr=0.005", "train.checkpoint_period=2",
              "train.num_workers=0", "train.log_period=1", "train.device=cpu", "model.keypoint.num_convs=1",
              "model.keypoint.conv_dim=16", "model.mask.num_convs=1", "model.mask.conv_dim=16"]
@@ -34,6 +35,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_cli_train_then_eval_prints_ap_table(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["train", "--train-json", shapes["train_json"], "--train-images", shapes["train_images"],
@@ -82,6 +84,7 @@ def test_cli_train_time_budget_and_scaled_steps(shapes, tmp_path, capsys):
     assert "--time-budget must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_model_resume_matches_uninterrupted(shapes, tmp_path):
     cfg = merge(get_config("small_cpu"), cli.parse_opts(TINY_OPTS + ["train.log_period=100"]))
     kw = dict(train_json=shapes["train_json"], train_images=shapes["train_images"], max_iter=5, log=lambda m: None)
@@ -102,6 +105,7 @@ def test_real_model_resume_matches_uninterrupted(shapes, tmp_path):
     assert max(diff.values()) == 0.0, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
 
 
+@pytest.mark.slow
 def test_cli_train_under_torchrun_two_processes(shapes, tmp_path):
     import os
     import subprocess
@@ -135,6 +139,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert "[demo] total wall time" in captured.err
 
 
+@pytest.mark.slow
 def test_cpu_bfloat16_autocast_trains_and_resumes_exactly(shapes, tmp_path):
     """solver.cpu_autocast=bfloat16: the model runs under CPU bfloat16 autocast (the ops take the bfloat16
     features in float32), losses, weights and checkpoints stay float32, training changes the weights and a

@@ -43,6 +43,7 @@ def _assert_same_weights(a, b):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
@@ -252,7 +253,8 @@ def test_demo_time_budget_stops_at_deadline(monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(hooks.time, "perf_counter", lambda: clock[0])
-    tr = types.SimpleNamespace(max_iter=1000, cfg=types.SimpleNamespace(solver=types.SimpleNamespace(schedule="cosine")))
+    tr = types.SimpleNamespace(max_iter=1000,
+                               cfg=types.SimpleNamespace(solver=types.SimpleNamespace(schedule="cosine")))
 
     def set_max_iter(n, *, steps=None):
         assert steps is None

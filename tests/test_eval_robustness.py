@@ -1,11 +1,7 @@
 """Evaluation against ground truth the loader accepts but pycocotools cannot read, category mapping by name,
 and the up-front checks of `eval`, `train --val-json` and `demo` (all before any inference or training)."""
 import json
-import math
-import shutil
-import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -262,7 +258,8 @@ def test_keypoint_flip_pairs_follow_the_sets_keypoint_names():
     left/right pairs of its keypoint names are flipped instead (detectron2 takes a name-based flip map)."""
     from types import SimpleNamespace
 
-    from mrcnn_fast.engine.trainer import COCO_FLIP_PAIRS, flip_pairs_from_names
+    from mrcnn_fast.data.keypoints import COCO_PERSON_FLIP_PAIRS as COCO_FLIP_PAIRS
+    from mrcnn_fast.data.keypoints import flip_pairs_from_names
 
     coco = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
             "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",

@@ -167,7 +167,8 @@ def test_paste_empty():
 
 def test_paste_image_smaller_than_boxes():
     g = torch.Generator().manual_seed(5)
-    masks, boxes = rand_masks(4, 28, g), torch.tensor([[0.0, 0, 0.5, 0.5], [-3, -3, 2, 2], [0, 0, 1, 1], [-9, -9, 9, 9]])
+    masks = rand_masks(4, 28, g)
+    boxes = torch.tensor([[0.0, 0, 0.5, 0.5], [-3, -3, 2, 2], [0, 0, 1, 1], [-9, -9, 9, 9]])
     for shape in [(1, 1), (1, 7), (5, 1)]:
         torch.testing.assert_close(ops.paste_masks_in_image(masks, boxes, shape), tv_paste(masks, boxes, shape),
                                    rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 import math
 import time
 
+import pytest
 import torch
 
 from _model_utils import mask_iou, shapes_batch, tiny_cfg
@@ -11,6 +12,7 @@ from mrcnn_fast.ops import box_iou
 ITERS = 250
 
 
+@pytest.mark.slow
 def test_overfit_shapes():
     threads = torch.get_num_threads()
     # one thread: on a shared 2-core machine a second OpenMP thread that gets descheduled stalls every op

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from _model_utils import shapes_batch, tiny_cfg
-from _tv_reference import build_torchvision_model, copy_weights_to_torchvision
+from _tv_reference import build_torchvision_model
+from mrcnn_fast.convert import copy_weights_to_torchvision
 from mrcnn_fast.modeling import build_model
 
 

@@ -5,6 +5,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+
 from _model_utils import shapes_batch, tiny_cfg
 from mrcnn_fast.modeling import (
     CascadeRefinement,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from _model_utils import tiny_cfg
-from mrcnn_fast.modeling import BalancedSampler, Matcher, RoIHeads, RPN, keypoint_targets, mask_targets
+from mrcnn_fast.modeling import RPN, BalancedSampler, Matcher, RoIHeads, keypoint_targets, mask_targets
 
 B, X = Matcher.BELOW_LOW, Matcher.BETWEEN
 

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import mrcnn_fast
-from conftest import HAS_CUDA, cuda_only
+from conftest import cuda_only
 from mrcnn_fast import ops
 from mrcnn_fast.ops._rois import check_batch_indices, convert_boxes_to_rois
 
@@ -108,7 +108,8 @@ def test_matches_torchvision_forward_and_backward(device, dtype, fmt, scale, out
     g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(3)).to(device)
     out.backward(g)
     ref.backward(g)
-    assert x.grad.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    assert x.grad.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(x.grad, x_tv.grad, rtol=1e-6, atol=1e-6)
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from _model_utils import shapes_batch, tiny_cfg
-from mrcnn_fast.modeling import build_model, inference_model
 from mrcnn_fast.data.transforms import hflip_boxes
+from mrcnn_fast.modeling import build_model, inference_model
 from mrcnn_fast.modeling.poolers import boxes_to_rois
 from mrcnn_fast.modeling.roi_heads import RoIHeads
 from mrcnn_fast.modeling.tta import FlipTTA, mirror_batch

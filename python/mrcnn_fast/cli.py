@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluation not included)")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/last_checkpoint.pt if present")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
-    t.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. solver.base_lr=0.01")
+    t.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. solver.base_lr=0.01")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="COCO-evaluate a checkpoint", description="Evaluate weights on a COCO-format "
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at most {DEMO_MAX_ITER})")
     d.add_argument("--time-budget", type=float, default=DEMO_TIME_BUDGET,
                    help=f"seconds the whole demo should take (default {DEMO_TIME_BUDGET:.0f})")
-    d.add_argument("--train", type=int, default=DEMO_TRAIN_IMAGES, help=f"training images (default {DEMO_TRAIN_IMAGES})")
+    d.add_argument("--train", type=int, default=DEMO_TRAIN_IMAGES,
+                   help=f"training images (default {DEMO_TRAIN_IMAGES})")
     d.add_argument("--val", type=int, default=DEMO_VAL_IMAGES, help=f"validation images (default {DEMO_VAL_IMAGES})")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--num-images", type=int, default=8, help="PNGs to write (default 8)")

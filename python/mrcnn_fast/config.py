@@ -14,7 +14,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .data.keypoints import COCO_PERSON_FLIP_PAIRS
+from .data.shapes import SHAPE_FLIP_PAIRS
 
 
 @dataclass
@@ -118,7 +120,7 @@ class KeypointHeadConfig:
     loss_weight: float = 1.0
     # index pairs swapped by a horizontal flip (COCO person: left/right eyes, ears, shoulders, ...): training
     # augmentation and roi_heads.test_flip
-    flip_pairs: tuple = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+    flip_pairs: tuple = COCO_PERSON_FLIP_PAIRS
 
 
 @dataclass
@@ -246,7 +248,7 @@ def _preset_small_cpu() -> Config:
     m.mask.conv_dim = 64
     m.keypoint.enabled = True           # the synthetic shapes carry 4 keypoints: top, right, bottom, left
     m.keypoint.num_keypoints = 4
-    m.keypoint.flip_pairs = ((1, 3),)
+    m.keypoint.flip_pairs = SHAPE_FLIP_PAIRS
     m.keypoint.conv_dim = 64
     m.keypoint.num_convs = 4
     cfg.input.min_size_train = (192, 224, 256)
@@ -263,9 +265,10 @@ def _preset_small_cpu() -> Config:
 
 def _preset_shapes() -> Config:
     """small_cpu made cheaper for minutes-long CPU runs on the synthetic shapes set (the 30-min recipe; the demo
-    drops its cascade stages, see demo.DEMO_ROI_HEADS): half-width ResNet-18 (4x fewer backbone FLOPs), single-scale training at the test size, gradient clipping
-    against early spikes of the keypoint loss, and a step schedule (measured at 1200 iterations: segm AP 0.58
-    vs 0.49 with cosine decay, which lowers the lr long before a from-scratch model has learnt the shapes).
+    drops its cascade stages, see demo.DEMO_ROI_HEADS): half-width ResNet-18 (4x fewer backbone FLOPs), single-scale
+    training at the test size, gradient clipping against early spikes of the keypoint loss, and a step schedule
+    (measured at 1200 iterations: segm AP 0.58 vs 0.49 with cosine decay, which lowers the lr long before a
+    from-scratch model has learnt the shapes).
     The lr drops 10x at 5/6 of max_iter; `mrcnn-fast train --time-budget` keeps that fraction when it
     changes max_iter."""
     cfg = _preset_small_cpu()
@@ -362,7 +365,7 @@ def load_file(path: str | Path) -> dict:
 def scale_schedule(cfg: Config, max_iter: int) -> Config:
     """cfg with max_iter iterations; a step schedule's steps keep their fractions of the run."""
     s = cfg.solver
-    over: dict[str, Any] = {"max_iter": int(max_iter)}
+    over: dict = {"max_iter": int(max_iter)}
     if s.schedule == "step" and s.steps:
         over["steps"] = [max(1, round(x * max_iter / s.max_iter)) for x in s.steps]
     return merge(cfg, {"solver": over})

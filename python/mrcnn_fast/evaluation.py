@@ -19,8 +19,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -266,7 +266,8 @@ class COCOEvaluator:
             else:
                 sig = np.asarray(kpt_oks_sigmas, dtype=np.float64).reshape(-1)
                 if sig.size != self.num_keypoints or not (np.isfinite(sig).all() and (sig > 0).all()):
-                    raise ValueError(f"kpt_oks_sigmas must be {self.num_keypoints} positive numbers, got {sig.tolist()}")
+                    raise ValueError(f"kpt_oks_sigmas must be {self.num_keypoints} positive numbers, "
+                                     f"got {sig.tolist()}")
             self.kpt_oks_sigmas = sig
         self.coco_evals: dict[str, COCOeval] = {}
         self.reset()
@@ -390,7 +391,8 @@ class COCOEvaluator:
             raise ValueError(f"image ids {unknown[:10]} are not in the ground truth")
         foreign = {r.get("image_id") for r in results} - set(self.coco_gt.imgs)
         if foreign:
-            raise ValueError(f"results refer to image ids {sorted(foreign, key=str)[:10]} that are not in the ground truth")
+            raise ValueError(f"results refer to image ids {sorted(foreign, key=str)[:10]} that are not in the "
+                             f"ground truth")
         metrics = {}
         for t in self.iou_types:
             metrics[t] = self._evaluate_type(t, results, img_ids)

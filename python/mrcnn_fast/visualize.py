@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = N
     """
     img = to_pil(image)
     w, h = img.size
-    scores = output["scores"].detach().cpu().numpy() if torch.is_tensor(output["scores"]) else np.asarray(output["scores"])
+    scores = output["scores"]
+    scores = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
     keep = np.nonzero(scores >= score_thresh)[0]
     keep = keep[np.argsort(-scores[keep], kind="stable")][::-1]   # best drawn last, on top
     boxes = np.asarray(output["boxes"].detach().cpu() if torch.is_tensor(output["boxes"]) else output["boxes"])

@@ -20,8 +20,8 @@ import math
 import operator
 import random
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,12 +29,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from .transforms import flip_permutation, hflip
+from .keypoints import COCO_PERSON_FLIP_PAIRS, flip_permutation
+from .transforms import hflip
 
-__all__ = ["CocoDetection", "COCO_PERSON_FLIP_PAIRS", "load_coco_json", "coco_from_dict"]
+__all__ = ["CocoDetection", "load_coco_json", "coco_from_dict"]
 
-# 0-based indices of the 17 COCO person keypoints swapped by a horizontal flip (left_eye <-> right_eye, ...).
-COCO_PERSON_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
@@ -137,14 +136,9 @@ def validate_coco_dict(data, source: str = "<dict>", *, check_non_finite: bool =
         if not isinstance(data[k], list):
             raise ValueError(f"COCO JSON {source}: {k!r} must be a list, got {type(data[k]).__name__}")
 
-    image_ids = set()
-    for img in data["images"]:
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise ValueError(f"COCO JSON {source}: image entry without an integer 'id': {str(img)[:200]}")
+    image_ids, cat_ids, ann_ids = set(), set(), set()
+    for img in _with_unique_ids(data["images"], "image", image_ids, source):
         iid = img["id"]
-        if iid in image_ids:
-            raise ValueError(f"COCO JSON {source}: duplicate image id {iid}")
-        image_ids.add(iid)
         if not isinstance(img.get("file_name"), str):
             raise ValueError(f"COCO JSON {source}: image id {iid} has no 'file_name' string")
         for k in ("width", "height"):
@@ -152,25 +146,13 @@ def validate_coco_dict(data, source: str = "<dict>", *, check_non_finite: bool =
                 raise ValueError(f"COCO JSON {source}: image id {iid} needs a positive integer {k!r}, "
                                  f"got {img.get(k)!r}")
 
-    cat_ids = set()
-    for cat in data["categories"]:
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise ValueError(f"COCO JSON {source}: category entry without an integer 'id': {str(cat)[:200]}")
-        if cat["id"] in cat_ids:
-            raise ValueError(f"COCO JSON {source}: duplicate category id {cat['id']}")
-        cat_ids.add(cat["id"])
+    for cat in _with_unique_ids(data["categories"], "category", cat_ids, source):
         kps = cat.get("keypoints")
         if kps is not None and not isinstance(kps, list):
             raise ValueError(f"COCO JSON {source}: category id {cat['id']} 'keypoints' must be a list of names")
 
-    ann_ids = set()
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise ValueError(f"COCO JSON {source}: annotation without an integer 'id': {str(ann)[:200]}")
+    for ann in _with_unique_ids(data["annotations"], "annotation", ann_ids, source):
         aid = ann["id"]
-        if aid in ann_ids:
-            raise ValueError(f"COCO JSON {source}: duplicate annotation id {aid}")
-        ann_ids.add(aid)
         if ann.get("image_id") not in image_ids:
             raise ValueError(f"COCO JSON {source}: annotation id {aid} refers to unknown image id "
                              f"{ann.get('image_id')!r}")
@@ -189,6 +171,18 @@ def validate_coco_dict(data, source: str = "<dict>", *, check_non_finite: bool =
                 if where:
                     raise ValueError(f"COCO JSON {source}: {section[:-1]} id {entry.get('id')} has a non-finite "
                                      f"value (NaN/Infinity) in {where!r}")
+
+
+def _with_unique_ids(entries: list, what: str, seen: set, source) -> Iterator[dict]:
+    """The entries of one section, each checked to be an object with an integer 'id' not seen before (ids are
+    added to ``seen``)."""
+    for e in entries:
+        if not isinstance(e, dict) or not _is_int(e.get("id")):
+            raise ValueError(f"COCO JSON {source}: {what} entry without an integer 'id': {str(e)[:200]}")
+        if e["id"] in seen:
+            raise ValueError(f"COCO JSON {source}: duplicate {what} id {e['id']}")
+        seen.add(e["id"])
+        yield e
 
 
 def coco_from_dict(data: dict) -> COCO:

@@ -10,11 +10,13 @@ with a seed derived from (seed, stream position), so random augmentations replay
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from ..ops._checks import check_int
 
 __all__ = ["collate", "build_loader", "TrainBatchSampler", "EvalBatchSampler"]
 
@@ -22,18 +24,18 @@ _MASK64 = (1 << 64) - 1
 
 
 def collate(batch):
-    """[(image, target), ...] -> (list[image], list[target]); images keep their own sizes."""
-    images, targets = [], []
-    for image, target in batch:
-        images.append(image)
-        targets.append(target)
-    return images, targets
+    """[(image, target), ...] -> (list of images, list of targets); no stacking: images keep their own sizes."""
+    return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+def _sampler_args(size, batch_size, rank, world_size, min_size: int) -> tuple[int, int, int, int]:
+    size = check_int(size, "dataset size", minimum=min_size)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    world_size = check_int(world_size, "world_size", minimum=1)
+    rank = check_int(rank, "rank", minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+    return size, batch_size, rank, world_size
 
 
 class TrainBatchSampler(Sampler):
@@ -41,13 +43,8 @@ class TrainBatchSampler(Sampler):
 
     def __init__(self, size: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  start_iter: int = 0, seeded: bool = False):
-        self.size = _check_int("dataset size", size, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size ({self.world_size}), got {rank}")
-        self.start_iter = _check_int("start_iter", start_iter, 0)
+        self.size, self.batch_size, self.rank, self.world_size = _sampler_args(size, batch_size, rank, world_size, 1)
+        self.start_iter = check_int(start_iter, "start_iter", minimum=0)
         self.seed = int(seed) & _MASK64
         self.seeded = bool(seeded)
         self._perm_cache: tuple[int, np.ndarray] | None = None
@@ -81,12 +78,7 @@ class EvalBatchSampler(Sampler):
     """Sequential batches over this rank's contiguous shard; shards cover every index exactly once."""
 
     def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
-        self.size = _check_int("dataset size", size, 0)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size ({self.world_size}), got {rank}")
+        self.size, self.batch_size, self.rank, self.world_size = _sampler_args(size, batch_size, rank, world_size, 0)
         self.begin = self.size * self.rank // self.world_size
         self.end = self.size * (self.rank + 1) // self.world_size
 
@@ -124,7 +116,7 @@ def build_loader(dataset, batch_size: int, *, train: bool, num_workers: int = 0,
         distributed, rank, world_size: sharding; with distributed=False, rank/world_size must be 0/1.
         start_iter: training iteration to resume from.
     """
-    num_workers = _check_int("num_workers", num_workers, 0)
+    num_workers = check_int(num_workers, "num_workers", minimum=0)
     if not distributed and (rank != 0 or world_size != 1):
         raise ValueError(f"rank={rank}, world_size={world_size} given with distributed=False")
     n = len(dataset)

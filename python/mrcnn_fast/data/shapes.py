@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from ..ops._checks import check_int
+
 __all__ = ["make_shapes", "SHAPE_CATEGORIES", "SHAPE_KEYPOINT_NAMES", "SHAPE_FLIP_PAIRS"]
 
 SHAPE_KEYPOINT_NAMES = ["top", "right", "bottom", "left"]
@@ -236,9 +238,8 @@ def make_shapes(out_dir, n_train: int = 256, n_val: int = 64, seed: int = 0, ima
     Returns:
         dict(train_json=, train_images=, val_json=, val_images=) of path strings.
     """
-    for name, v in (("n_train", n_train), ("n_val", n_val), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    n_train, n_val, seed = (check_int(v, name, minimum=0) for name, v in
+                            (("n_train", n_train), ("n_val", n_val), ("seed", seed)))
     try:
         h, w = (int(v) for v in image_size)
     except (TypeError, ValueError):
@@ -250,7 +251,7 @@ def make_shapes(out_dir, n_train: int = 256, n_val: int = 64, seed: int = 0, ima
     label = occluded_keypoints == "label"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_json, train_images = _make_split(out, "train", 0, int(n_train), int(seed), h, w, label)
-    val_json, val_images = _make_split(out, "val", 1, int(n_val), int(seed), h, w, label)
+    train_json, train_images = _make_split(out, "train", 0, n_train, seed, h, w, label)
+    val_json, val_images = _make_split(out, "val", 1, n_val, seed, h, w, label)
     return {"train_json": str(train_json), "train_images": str(train_images),
             "val_json": str(val_json), "val_images": str(val_images)}

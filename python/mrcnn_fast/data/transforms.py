@@ -10,10 +10,13 @@ horizontal flip maps x to W - x and a resize by s maps x to x * s.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..ops._checks import check_int
+from .keypoints import flip_permutation
 
 __all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images", "flip_permutation"]
 
@@ -37,10 +40,8 @@ def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int
         (Tensor[C, h, w], dict | None)
     """
     _check_image(image)
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size <= 0:
-        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+    min_size = check_int(min_size, "min_size", minimum=1)
+    max_size = check_int(max_size, "max_size", minimum=1)
     h, w = image.shape[-2:]
     if h == 0 or w == 0:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
@@ -77,25 +78,6 @@ def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int
     if "area" in t:
         t["area"] = t["area"] * (sx * sy)
     return out, t
-
-
-def flip_permutation(num_keypoints: int, flip_pairs: Sequence[Sequence[int]]) -> list[int]:
-    """The keypoint index permutation a horizontal flip applies (0-based pairs, e.g. left/right eye)."""
-    perm = list(range(num_keypoints))
-    seen = set()
-    for pair in flip_pairs:
-        if len(pair) != 2:
-            raise ValueError(f"flip_pairs entries must be (i, j) pairs, got {pair!r}")
-        i, j = int(pair[0]), int(pair[1])
-        for k in (i, j):
-            if not 0 <= k < num_keypoints:
-                raise ValueError(
-                    f"flip_pairs index {k} out of range for {num_keypoints} keypoints (pairs are 0-based)")
-            if k in seen:
-                raise ValueError(f"flip_pairs uses keypoint {k} twice")
-            seen.add(k)
-        perm[i], perm[j] = j, i
-    return perm
 
 
 def hflip_boxes(boxes: torch.Tensor, width) -> torch.Tensor:
@@ -144,8 +126,7 @@ def batch_images(images: Sequence[torch.Tensor], size_divisible: int = 32):
         images = list(images.unbind(0)) if images.dim() == 4 else [images]
     if len(images) == 0:
         raise ValueError("images must not be empty")
-    if isinstance(size_divisible, bool) or not isinstance(size_divisible, int) or size_divisible < 0:
-        raise ValueError(f"size_divisible must be an int >= 0, got {size_divisible!r}")
+    size_divisible = check_int(size_divisible, "size_divisible", minimum=0)
     first = images[0]
     for i, img in enumerate(images):
         _check_image(img, f"images[{i}]")

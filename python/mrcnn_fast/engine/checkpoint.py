@@ -120,7 +120,8 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
-def save_weights(model_or_state: torch.nn.Module | dict, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+def save_weights(model_or_state: torch.nn.Module | dict, path: str | os.PathLike, *,
+                 metadata: dict | None = None) -> Path:
     """Writes the model's state dict (parameters and buffers) to a .safetensors file, atomically."""
     from safetensors.torch import save
 
@@ -152,7 +153,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CheckpointError(
             f"{path} does not hold a state dict (expected a mapping of names to tensors, or a dict with 'model')"
         )
@@ -170,7 +172,8 @@ def _names(keys, n: int = 8) -> str:
     return head + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> tuple[list[str], list[str]]:
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, *,
+                 strict: bool = True) -> tuple[list[str], list[str]]:
     """Loads weights into model from .safetensors, a plain state-dict .pt/.pth, or a dict holding one under "model".
 
     Torch files are read with weights_only=True (no arbitrary code runs). A "module." prefix (a state dict
@@ -232,7 +235,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():

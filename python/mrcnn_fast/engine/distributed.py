@@ -157,4 +157,5 @@ def exit_after_cleanup(code: int = 0):
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel (or DataParallel) wrapper."""
-    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
+    wrapped = isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
+    return model.module if wrapped else model

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 
 class TimeBudget:

@@ -4,17 +4,14 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..data.loader import collate
 from . import distributed as du
-
-
-def collate(batch):
-    """[(image, target), ...] -> (list of images, list of targets); no stacking (sizes differ)."""
-    return [b[0] for b in batch], [b[1] for b in batch]
 
 
 def _to_cpu(v):
@@ -90,7 +87,8 @@ def _iou_types(has_keypoints: bool) -> tuple[str, ...]:
     return ("bbox", "segm", "keypoints") if has_keypoints else ("bbox", "segm")
 
 
-def evaluate(model: torch.nn.Module, dataset, *, distributed: bool | None = None, iou_types: Sequence[str] | None = None,
+def evaluate(model: torch.nn.Module, dataset, *, distributed: bool | None = None,
+             iou_types: Sequence[str] | None = None,
              evaluator_factory: Callable[[tuple[str, ...]], object] | None = None, batch_size: int = 1,
              num_workers: int = 0, log: Callable[[str], None] | None = None) -> dict:
     """COCO metrics of model on dataset: {"bbox": {"AP": ..., ...}, "segm": {...}[, "keypoints": {...}]}.
@@ -145,7 +143,10 @@ def evaluate(model: torch.nn.Module, dataset, *, distributed: bool | None = None
 
 def summary_line(metrics: dict) -> str:
     """`segm AP <x> bbox AP <y>[ keypoints AP <z>]` (AP in [0, 1]), the CLI's machine-readable last line."""
-    line = f"segm AP {metrics.get('segm', {}).get('AP', float('nan')):.4f} bbox AP {metrics.get('bbox', {}).get('AP', float('nan')):.4f}"
+    def ap(kind: str) -> float:
+        return metrics.get(kind, {}).get("AP", float("nan"))
+
+    line = f"segm AP {ap('segm'):.4f} bbox AP {ap('bbox'):.4f}"
     if "keypoints" in metrics:
         line += f" keypoints AP {metrics['keypoints'].get('AP', float('nan')):.4f}"
     return line

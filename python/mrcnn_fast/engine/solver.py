@@ -103,7 +103,7 @@ class LRSchedule:
         self.iteration = 0
 
     @classmethod
-    def from_config(cls, optimizer: torch.optim.Optimizer, solver: SolverConfig) -> "LRSchedule":
+    def from_config(cls, optimizer: torch.optim.Optimizer, solver: SolverConfig) -> LRSchedule:
         return cls(optimizer, max_iter=solver.max_iter, schedule=solver.schedule, steps=solver.steps,
                    gamma=solver.gamma, warmup_iters=solver.warmup_iters, warmup_factor=solver.warmup_factor)
 

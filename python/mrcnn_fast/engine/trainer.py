@@ -12,17 +12,18 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..config import Config, KeypointHeadConfig, merge, to_dict
+from ..config import Config, merge, to_dict
+from ..data.keypoints import COCO_PERSON_FLIP_PAIRS, flip_pairs_from_names
 from . import checkpoint as ckpt
 from . import distributed as du
 from . import host_memory
@@ -120,7 +121,8 @@ class Progress:
         self.last_t, self.last_it = now, done
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         gn = f"  gnorm {grad_norm:.3g}" if grad_norm is not None else ""
-        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  eta {_fmt_eta(eta)}")
+        self.write(f"iter {done}/{self.total}  {_fmt_losses(losses)}  lr {lr:.4g}{gn}  {rate:.2f} it/s  "
+                   f"eta {_fmt_eta(eta)}")
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -185,6 +187,7 @@ class Trainer:
         self.amp_cpu = self.device.type == "cpu" and bf16
         self.iteration = 0
         self._resume_rng = None
+        self._progress: Progress | None = None   # the progress bar of a running train()
         self.metrics: dict = {}
         self.last_losses: dict[str, float] = {}   # the latest iteration's losses (mean over ranks)
         self.last_grad_norm: float | None = None  # before clipping (only computed when clipping is on)
@@ -291,7 +294,8 @@ class Trainer:
                 vals = du.all_reduce_mean(torch.stack([loss_dict[k].detach().float() for k in names]))
                 current = dict(zip(names, vals.tolist()))
                 if not all(math.isfinite(v) for v in current.values()):
-                    raise FloatingPointError(f"loss is not finite at iteration {it}: {current} (try a lower solver.base_lr)")
+                    raise FloatingPointError(f"loss is not finite at iteration {it}: {current} "
+                                             f"(try a lower solver.base_lr)")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if s.clip_grad_norm > 0:
@@ -336,7 +340,8 @@ class Trainer:
         """
         max_iter = int(max_iter)
         if max_iter < self.iteration or max_iter <= 0:
-            raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, got {max_iter}")
+            raise ValueError(f"max_iter must be >= the current iteration ({self.iteration}) and positive, "
+                             f"got {max_iter}")
         over = {"max_iter": max_iter}
         if steps is not None:
             over["steps"] = [int(x) for x in steps]
@@ -345,7 +350,7 @@ class Trainer:
         self.scheduler.kw["max_iter"] = max_iter
         if self.ctx.is_main and (self.output_dir / ckpt.CONFIG_FILE).exists():
             ckpt.save_config(self.output_dir, to_dict(self.cfg))
-        if getattr(self, "_progress", None) is not None:
+        if self._progress is not None:
             self._progress.set_total(max_iter)
 
     def _raise_if_diverged(self, it: int, error: BaseException) -> None:
@@ -388,7 +393,8 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
     if names and len(names) == dataset.num_classes:
         over["data"] = {"class_names": names, "category_ids": ids if len(ids) == len(names) else []}
     if cfg.model.roi_heads.num_classes != dataset.num_classes:
-        log(f"roi_heads.num_classes: {cfg.model.roi_heads.num_classes} -> {dataset.num_classes} (from the training set)")
+        log(f"roi_heads.num_classes: {cfg.model.roi_heads.num_classes} -> {dataset.num_classes} "
+            f"(from the training set)")
         over.setdefault("model", {})["roi_heads"] = {"num_classes": dataset.num_classes}
     kp = cfg.model.keypoint
     k = int(getattr(dataset, "num_keypoints", 0) or 0)
@@ -407,10 +413,10 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
                 log(f"keypoint.flip_pairs: {list(pairs)} -> {list(named)} (left/right pairs of the training "
                     f"set's keypoint names)")
                 kp_over["flip_pairs"] = pairs = named
-        elif pairs == COCO_FLIP_PAIRS and named == () and k == 17:
+        elif pairs == COCO_PERSON_FLIP_PAIRS and named == () and k == 17:
             log("note: the training set's 17 keypoint names have no left/right pairs; keeping the COCO person "
                 "flip pairs (set model.keypoint.flip_pairs if these are not COCO's keypoints)")
-        elif pairs == COCO_FLIP_PAIRS and named == ():
+        elif pairs == COCO_PERSON_FLIP_PAIRS and named == ():
             # COCO's index pairs would fit any set of 17+ keypoints and silently swap unrelated ones
             log(f"keypoint.flip_pairs: {list(pairs)} -> [] (the training set's {k} keypoint names have no "
                 f"left/right pairs; set model.keypoint.flip_pairs to swap some)")
@@ -425,28 +431,6 @@ def adapt_config_to_dataset(cfg: Config, dataset, log: Callable[[str], None] = d
         if kp_over:
             over.setdefault("model", {})["keypoint"] = kp_over
     return merge(cfg, over) if over else cfg
-
-
-COCO_FLIP_PAIRS = KeypointHeadConfig().flip_pairs
-
-
-def flip_pairs_from_names(names: list[str]) -> tuple[tuple[int, int], ...] | None:
-    """The index pairs of keypoint names that are mirror images by their words: "left_eye" / "right_eye",
-    "Left Hand" / "Right Hand", "top" / "bottom" is not one, a lone "left" / "right" is (a shape's left and right
-    vertex). None when the names are not unique (no reliable map); () when no name has a mirror."""
-    low = [n.strip().lower() for n in names]
-    if len(set(low)) != len(low):
-        return None
-    index = {n: i for i, n in enumerate(low)}
-    pairs = []
-    for i, n in enumerate(low):
-        words = re.split(r"([^a-z0-9]+)", n)
-        if "left" not in words:
-            continue
-        j = index.get("".join("right" if w == "left" else w for w in words))
-        if j is not None and j != i:
-            pairs.append((min(i, j), max(i, j)))
-    return tuple(sorted(set(pairs)))
 
 
 def _dataset(json_path, image_dir, cfg: Config, *, train: bool):
@@ -501,8 +485,8 @@ def train(cfg: Config, *, train_json, train_images, output_dir, val_json=None, v
 
     def loader_fn(start_iter: int):
         return build_loader(train_set, per_rank, train=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
-                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size, start_iter=start_iter,
-                            pin_memory=ctx.device.type == "cuda")
+                            distributed=ctx.distributed, rank=ctx.rank, world_size=ctx.world_size,
+                            start_iter=start_iter, pin_memory=ctx.device.type == "cuda")
 
     evaluate_fn = None
     if val_set is not None:

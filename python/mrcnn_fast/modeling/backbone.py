@@ -320,7 +320,7 @@ class Backbone(nn.Module):
             self.out_channels = body.out_channels[body.out_features[-1]]
 
     @classmethod
-    def from_config(cls, cfg) -> "Backbone":
+    def from_config(cls, cfg) -> Backbone:
         m = cfg.model
         b = m.backbone
         if m.fpn.enabled:

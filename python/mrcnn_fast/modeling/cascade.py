@@ -49,7 +49,7 @@ class CascadeRoIHeads(RoIHeads):
         self.cascade_matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in thresholds]
 
     @classmethod
-    def from_config(cls, cfg, in_channels: int, strides, res5=None, *, refiners=()) -> "CascadeRoIHeads":
+    def from_config(cls, cfg, in_channels: int, strides, res5=None, *, refiners=()) -> CascadeRoIHeads:
         if res5 is not None:
             raise ValueError("roi_heads.cascade_iou_thresholds needs the FPN box head (fpn.enabled = true)")
         r = cfg.model.roi_heads

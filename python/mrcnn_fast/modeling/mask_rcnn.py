@@ -72,7 +72,7 @@ class MaskRCNN(nn.Module):
         self.register_state_dict_post_hook(_contiguous_state_dict)
 
     @classmethod
-    def from_config(cls, cfg) -> "MaskRCNN":
+    def from_config(cls, cfg) -> MaskRCNN:
         m = cfg.model
         backbone = Backbone.from_config(cfg)
         rpn = RPN.from_config(cfg, backbone.out_channels)

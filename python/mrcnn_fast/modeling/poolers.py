@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._rois import roi_dtype
 
 POOLER_TYPES = ("roi_align", "roi_align_max", "roi_warp", "roi_warp_max", "roi_pool")
 
@@ -69,8 +70,7 @@ class RoIPooler(nn.Module):
         if len(feats) < len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature levels, got {len(feats)}")
         feats = feats[:len(self.strides)]
-        # coordinates stay float32 under mixed precision: float16 cannot hold 1333.5
-        rois = rois.to(torch.float64 if feats[0].dtype == torch.float64 else torch.float32)
+        rois = rois.to(roi_dtype(feats[0].dtype))
         if rois.shape[0] == 0:   # no RoIs: an empty batch keeps the heads in the graph without calling a kernel
             return feats[0].new_zeros((0, feats[0].shape[1], self.output_size, self.output_size))
         if len(feats) == 1:

@@ -13,7 +13,8 @@ Tensor[N, P, 4] + Tensor[N]); the networks run on the valid rows only, packed im
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

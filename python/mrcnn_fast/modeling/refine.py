@@ -28,7 +28,7 @@ def clip_or_keep(new: Tensor, old: Tensor, image_hw) -> Tensor:
 
 
 @torch.no_grad()
-def refine_boxes(predictor: "RoIPredictor", dets: Detections, image_sizes, stage: int = 0) -> Detections:
+def refine_boxes(predictor: RoIPredictor, dets: Detections, image_sizes, stage: int = 0) -> Detections:
     """One pass of iterative box regression: box stage `stage` (0: the box head, k >= 1: cascade stage k) sees
     each detected box as a proposal, its regression for the detected class gives the new box (clipped to the
     image; a box that would collapse keeps its old one) and the score becomes sqrt(score * p(class | new pass)).
@@ -75,11 +75,11 @@ def mask_box_edges(probs: Tensor, boxes: Tensor, threshold: float = 0.5) -> tupl
         above = profile >= threshold
         first = torch.where(above, cells, m).min(dim=1).values
         last = torch.where(above, cells, -1).max(dim=1).values
-        f, l = first.clamp(1, m - 1), last.clamp(0, m - 2)
+        f, j = first.clamp(1, m - 1), last.clamp(0, m - 2)
         a, b = profile[rows, f - 1], profile[rows, f]
         lo = (f - 1).to(profile.dtype) + ((threshold - a) / (b - a).clamp_min(1e-6)).clamp(0, 1) + 0.5
-        a, b = profile[rows, l], profile[rows, l + 1]
-        hi = l.to(profile.dtype) + ((a - threshold) / (a - b).clamp_min(1e-6)).clamp(0, 1) + 0.5
+        a, b = profile[rows, j], profile[rows, j + 1]
+        hi = j.to(profile.dtype) + ((a - threshold) / (a - b).clamp_min(1e-6)).clamp(0, 1) + 0.5
         found = last >= 0
         return lo, hi, found & (first > 0), found & (last < m - 1)
 
@@ -92,7 +92,7 @@ def mask_box_edges(probs: Tensor, boxes: Tensor, threshold: float = 0.5) -> tupl
 
 
 @torch.no_grad()
-def mask_box_sides(predictor: "RoIPredictor", dets: Detections, image_sizes, *, weight: float,
+def mask_box_sides(predictor: RoIPredictor, dets: Detections, image_sizes, *, weight: float,
                    expand: float) -> Detections:
     """Moves each detected box's sides towards the edges of its mask: the mask head runs on the box enlarged
     `expand` times about its centre, and every side where the mask's edge lies inside that box moves to
@@ -126,7 +126,7 @@ class IterativeBoxRefinement:
             raise ValueError(f"test_box_refine must be an int >= 0, got {passes!r}")
         self.passes = passes
 
-    def __call__(self, predictor: "RoIPredictor", dets: Detections, image_sizes) -> Detections:
+    def __call__(self, predictor: RoIPredictor, dets: Detections, image_sizes) -> Detections:
         for _ in range(self.passes):
             dets = refine_boxes(predictor, dets, image_sizes, 0)
         return dets
@@ -147,7 +147,7 @@ class MaskBoxRefinement:
             raise ValueError(f"test_mask_box_expand must be a number in [1, 4], got {expand!r}")
         self.weight, self.expand = float(weight), float(expand)
 
-    def __call__(self, predictor: "RoIPredictor", dets: Detections, image_sizes) -> Detections:
+    def __call__(self, predictor: RoIPredictor, dets: Detections, image_sizes) -> Detections:
         return mask_box_sides(predictor, dets, image_sizes, weight=self.weight, expand=self.expand)
 
     def __repr__(self) -> str:

@@ -6,17 +6,35 @@ detections at inference (refine.py, run through `refiners`) and flip test-time a
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .heads import (FastRCNNPredictor, KeypointHead, MaskFCNHead, MaskMLPHead, Res5Head, TwoMLPHead,
-                    fast_rcnn_loss, keypoint_loss, keypoint_targets, mask_loss, mask_targets)
+from .heads import (
+    FastRCNNPredictor,
+    KeypointHead,
+    MaskFCNHead,
+    MaskMLPHead,
+    Res5Head,
+    TwoMLPHead,
+    fast_rcnn_loss,
+    keypoint_loss,
+    keypoint_targets,
+    mask_loss,
+    mask_targets,
+)
 from .poolers import RoIPooler, boxes_to_rois
-from .postprocess import (Detections, class_probs_and_boxes, detections_from_box_outputs, mask_probs,
-                          rois_from_padded, select_detections)
+from .postprocess import (
+    Detections,
+    class_probs_and_boxes,
+    detections_from_box_outputs,
+    mask_probs,
+    rois_from_padded,
+    select_detections,
+)
 from .sampling import BalancedSampler, Matcher
 
 # (predictor, dets, image_sizes) -> Detections, see refine.py
@@ -30,7 +48,7 @@ class RoIPredictor:
     rois: Tensor[R, 5] (batch index, x1, y1, x2, y2) in the resized images' coordinates.
     """
 
-    def __init__(self, heads: "RoIHeads", feats: list[Tensor]):
+    def __init__(self, heads: RoIHeads, feats: list[Tensor]):
         self.heads, self.feats = heads, feats
 
     def boxes(self, rois: Tensor, stage: int = 0) -> tuple[Tensor, Tensor]:
@@ -105,7 +123,7 @@ class RoIHeads(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, strides, res5: tuple[nn.Module, int] | None = None, *,
-                    refiners: Sequence[Refiner] = ()) -> "RoIHeads":
+                    refiners: Sequence[Refiner] = ()) -> RoIHeads:
         """strides: of the feature maps the RoIs are pooled from; res5: (layer4, channels) for the C4 model;
         refiners: see the class (mask_rcnn.build_roi_heads builds them from the config)."""
         kw = cls.box_branch_kwargs(cfg, in_channels, strides, res5)

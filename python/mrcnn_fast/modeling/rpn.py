@@ -6,50 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.anchors import AnchorGenerator
 from .layers import conv1x1
 from .sampling import BalancedSampler, Matcher
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
-
-
-class AnchorGenerator(nn.Module):
-    """Anchors per feature level, torchvision's conventions (rounded cell anchors, stride = padded image size //
-    feature size, index (y * W + x) * A + a). Cached per (grid, stride, dtype, device).
-
-    Args:
-        sizes: one tuple of sizes per level.
-        aspect_ratios: one tuple per level, or a single tuple used for every level (height / width).
-    """
-
-    def __init__(self, sizes, aspect_ratios):
-        super().__init__()
-        sizes = tuple(tuple(s) for s in sizes)
-        if aspect_ratios and not isinstance(aspect_ratios[0], (tuple, list)):
-            aspect_ratios = (tuple(aspect_ratios),) * len(sizes)
-        if len(aspect_ratios) != len(sizes):
-            raise ValueError(f"aspect_ratios needs one entry per level ({len(sizes)}), got {len(aspect_ratios)}")
-        self.sizes = sizes
-        self.aspect_ratios = tuple(tuple(a) for a in aspect_ratios)
-        self._cache: dict = {}
-
-    def num_anchors_per_location(self) -> list[int]:
-        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
-
-    def forward(self, image_hw, feature_hws, dtype=torch.float32, device="cpu") -> list[Tensor]:
-        """image_hw: padded batch (H, W); feature_hws: [(h, w)] per level -> list of Tensor[h * w * A, 4]."""
-        if len(feature_hws) != len(self.sizes):
-            raise ValueError(f"got {len(feature_hws)} feature levels but anchors for {len(self.sizes)}")
-        key = (tuple(image_hw), tuple(map(tuple, feature_hws)), dtype, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        out = [ops.anchors_for_level(s, a, (int(image_hw[0]) // int(fh), int(image_hw[1]) // int(fw)),
-                                     (int(fh), int(fw)), dtype=dtype, device=device)
-               for (fh, fw), s, a in zip(feature_hws, self.sizes, self.aspect_ratios)]
-        if len(self._cache) > 32:
-            self._cache.clear()
-        self._cache[key] = out
-        return out
 
 
 class RPNHead(nn.Module):
@@ -127,7 +88,7 @@ class RPN(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
 
     @classmethod
-    def from_config(cls, cfg, in_channels: int) -> "RPN":
+    def from_config(cls, cfg, in_channels: int) -> RPN:
         m = cfg.model
         ag = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios)
         nums = set(ag.num_anchors_per_location())
@@ -148,7 +109,7 @@ class RPN(nn.Module):
         dtype = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
         logits = [o.to(dtype) for o in logits]
         deltas = [d.to(dtype) for d in deltas]
-        anchors = self.anchor_generator(image_hw, [f.shape[-2:] for f in feats], dtype, feats[0].device)
+        anchors = self.anchor_generator.levels(image_hw, [f.shape[-2:] for f in feats], dtype, feats[0].device)
         return logits, deltas, anchors
 
     @torch.no_grad()

@@ -96,7 +96,7 @@ class FlipTTA(nn.Module):
             keypoint.flip_pairs); used when the model has a keypoint head.
     """
 
-    def __init__(self, model: "MaskRCNN", keypoint_flip_pairs=()):
+    def __init__(self, model: MaskRCNN, keypoint_flip_pairs=()):
         super().__init__()
         self.model = model
         self.keypoint_flip_perm = None
@@ -109,7 +109,7 @@ class FlipTTA(nn.Module):
                 raise ValueError(f"keypoint_flip_pairs do not fit the {k} keypoints: {e}") from None
 
     @classmethod
-    def from_config(cls, cfg, model: "MaskRCNN") -> "FlipTTA":
+    def from_config(cls, cfg, model: MaskRCNN) -> FlipTTA:
         return cls(model, keypoint_flip_pairs=tuple(tuple(p) for p in cfg.model.keypoint.flip_pairs))
 
     def predictor(self, feats: list[Tensor], mirror_feats: list[Tensor], image_sizes,

@@ -1,7 +1,14 @@
-"""Argument validation shared by the ops: clear Python errors naming the argument."""
+"""Argument validation shared by the ops (and the package's integer arguments): clear errors naming the argument.
+
+The split with the C++ core: the core checks shapes, dtypes and values of the tensors it receives and raises
+ValueError / TypeError naming the argument; Python coerces Python values (ints, pairs, numbers, lists of boxes),
+checks that tensors are tensors on a device the core runs on, and checks only what its own code needs before
+the kernel runs (e.g. the shapes it allocates outputs from) or what the core cannot see.
+"""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -10,15 +17,17 @@ _CUDA_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(t, name: str) -> None:
+    """t is a torch.Tensor on the CPU or a CUDA device (tensors on other devices, e.g. meta, would reach the
+    ops' shape-only fake kernels instead of the core)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on unsupported device {t.device}")
 
 
 def check_float(t: torch.Tensor, name: str) -> None:
     check_tensor(t, name)
     allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} is on unsupported device {t.device}")
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must have a floating dtype ({names} on {t.device.type}), got {t.dtype}")
@@ -45,38 +54,51 @@ def _cpu_autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def check_boxes(t: torch.Tensor, name: str, width: int = 4) -> None:
-    check_float(t, name)
-    if t.dim() != 2 or t.shape[1] != width:
-        raise ValueError(f"{name} must have shape [N, {width}], got {list(t.shape)}")
-
-
-def check_same_device(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
-    if a.device != b.device:
-        raise ValueError(f"{na} and {nb} must be on the same device, got {a.device} and {b.device}")
-
-
 def check_finite(t: torch.Tensor, name: str) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
+def _at_least(minimum: int) -> str:
+    return "positive" if minimum == 1 else f">= {minimum}"
+
+
+def check_int(v, name: str, *, minimum: int | None = None) -> int:
+    """v as a Python int: Python and numpy integers, one-element integer tensors; never a bool or a float.
+
+    Raises:
+        TypeError: not an integer.
+        ValueError: below ``minimum`` (when given).
+    """
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and not v.is_complex() \
+            and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be {_at_least(minimum)}, got {v}")
+    return v
+
+
+def check_int_pair(v, name: str, *, minimum: int | None = None, scalar: bool = True) -> tuple[int, int]:
+    """(h, w) from a pair of ints, or (v, v) from a single int when ``scalar``; each entry as :func:`check_int`.
+
+    Raises:
+        TypeError: not a pair of ints (or, with ``scalar``, an int).
+        ValueError: an entry below ``minimum`` (when given).
+    """
+    what = "an int or a pair of ints" if scalar else "a pair of ints (h, w)"
+    if scalar and isinstance(v, numbers.Integral) and not isinstance(v, bool):
         v = (v, v)
     try:
-        h, w = (int(x) for x in v)
+        a, b = v
+        out = check_int(a, name), check_int(b, name)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be positive, got {(h, w)}")
-    return h, w
-
-
-def check_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    return v
+        raise TypeError(f"{name} must be {what}, got {v!r}") from None
+    if minimum is not None and min(out) < minimum:
+        raise ValueError(f"{name} must be {_at_least(minimum)}, got {out}")
+    return out
 
 
 def positive_float(v, name: str) -> float:
@@ -91,8 +113,6 @@ def positive_float(v, name: str) -> float:
 
 def real_number(v, name: str) -> float:
     """A real, non-NaN Python number (bools and tensors rejected) as float."""
-    import numbers
-
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)

@@ -11,7 +11,8 @@ on bad indices regardless (such RoIs pool to zeros).
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -19,6 +20,13 @@ from torch import Tensor
 from ._checks import check_float
 
 Boxes = Union[Tensor, Sequence[Tensor]]
+
+
+def roi_dtype(feature_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of RoI coordinates for features of ``feature_dtype``: float64 for float64 features, else float32
+    (half precision cannot hold image coordinates: float16 rounds 1333.5 to 1334). roi_pool is the exception:
+    like torchvision's, it takes RoIs in the input's dtype."""
+    return torch.float64 if feature_dtype == torch.float64 else torch.float32
 
 
 def _tracing() -> bool:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import _CPU_FLOATS, _CUDA_FLOATS
+from ._checks import _CPU_FLOATS, _CUDA_FLOATS, check_int_pair
 
 MAX_ANCHORS_PER_LOCATION = 128  # detail::kMaxCellAnchors in the core
 
@@ -29,35 +29,23 @@ def _(sizes, aspect_ratios, stride_h, stride_w, height, width, dtype, device):
     return torch.empty((height * width * len(sizes) * len(aspect_ratios), 4), dtype=dtype, device=device)
 
 
-def _positive_floats(v, name: str) -> list[float]:
+def _floats(v, name: str) -> list[float]:
     if isinstance(v, (int, float)) or not isinstance(v, (Sequence, Tensor)):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(v).__name__}")
     try:
-        out = [float(x) for x in v]
+        return [float(x) for x in v]
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a sequence of numbers, got {v!r}") from None
+
+
+def _positive_floats(v, name: str) -> list[float]:
+    """For AnchorGenerator's arguments, checked when it is built (the core checks them again per call)."""
+    out = _floats(v, name)
     if not out:
         raise ValueError(f"{name} must not be empty")
     if not all(math.isfinite(x) and x > 0 for x in out):
         raise ValueError(f"{name} must be positive and finite, got {out}")
     return out
-
-
-def _int_pair(v, name: str, minimum: int) -> tuple[int, int]:
-    try:
-        a, b = v
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a pair of ints (h, w), got {v!r}") from None
-    out = []
-    for x in (a, b):
-        if isinstance(x, Tensor) and x.numel() == 1 and not x.is_floating_point():
-            x = int(x)
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must be a pair of ints (h, w), got {v!r}")
-        if x < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
-        out.append(x)
-    return out[0], out[1]
 
 
 def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
@@ -84,13 +72,10 @@ def anchors_for_level(sizes: Sequence[float], aspect_ratios: Sequence[float], st
     Returns:
         Tensor[Hf * Wf * A, 4]: (x1, y1, x2, y2), location-major (row by row), anchor-minor.
     """
-    s = _positive_floats(sizes, "sizes")
-    r = _positive_floats(aspect_ratios, "aspect_ratios")
-    if len(s) * len(r) > MAX_ANCHORS_PER_LOCATION:
-        raise ValueError(f"at most {MAX_ANCHORS_PER_LOCATION} anchors per location (sizes x aspect_ratios), "
-                         f"got {len(s) * len(r)}")
-    sh, sw = _int_pair(stride_hw, "stride_hw", 1)
-    fh, fw = _int_pair(feature_hw, "feature_hw", 0)
+    s, r = _floats(sizes, "sizes"), _floats(aspect_ratios, "aspect_ratios")   # values: checked by the core
+    # checked here although the core checks the strides too: its message does not name stride_hw
+    sh, sw = check_int_pair(stride_hw, "stride_hw", minimum=1, scalar=False)
+    fh, fw = check_int_pair(feature_hw, "feature_hw", minimum=0, scalar=False)
     device = torch.device(device)
     _check_dtype(dtype, device)
     return _grid_anchors(s, r, sh, sw, fh, fw, dtype, device)
@@ -128,7 +113,8 @@ class AnchorGenerator(nn.Module):
     Tensor[B, 3, H, W], ``.image_sizes``: B sizes) and the feature maps (list of Tensor[B, C, Hf, Wf]);
     strides are H // Hf and W // Wf. Returns a list of B Tensor[sum_l Hf_l * Wf_l * A_l, 4]. All images share
     one (cached) tensor: do not modify it in place. Feature dtypes the core lacks on a device (float16 and
-    bfloat16 on the CPU) are computed in float32 and cast.
+    bfloat16 on the CPU) are computed in float32 and cast. :meth:`levels` gives the same anchors per level
+    from sizes alone (what the RPN uses).
     """
 
     def __init__(self, sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5,
@@ -152,34 +138,50 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
 
-    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
-        try:
-            batch, image_sizes = image_list.tensors, image_list.image_sizes
-        except AttributeError:
-            raise TypeError("image_list must have .tensors and .image_sizes (an ImageList)") from None
-        if len(feature_maps) != len(self.sizes):
-            raise ValueError(f"got {len(feature_maps)} feature maps for {len(self.sizes)} anchor levels")
-        ih, iw = int(batch.shape[-2]), int(batch.shape[-1])
-        grids = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps)
+    def _grids_and_strides(self, image_hw, feature_hws):
+        if len(feature_hws) != len(self.sizes):
+            raise ValueError(f"got {len(feature_hws)} feature maps for {len(self.sizes)} anchor levels")
+        ih, iw = int(image_hw[0]), int(image_hw[1])
+        grids = tuple((int(h), int(w)) for h, w in feature_hws)
         for g in grids:
             if g[0] <= 0 or g[1] <= 0:
                 raise ValueError(f"feature maps must be non-empty, got grid sizes {list(grids)}")
         strides = tuple((ih // g[0], iw // g[1]) for g in grids)
         if any(s[0] < 1 or s[1] < 1 for s in strides):
-            raise ValueError(f"feature maps {list(grids)} larger than the images ({ih}, {iw}) give strides {list(strides)}"
-                             " below 1")
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
-        key = (grids, strides, dtype, device)
+            raise ValueError(f"feature maps {list(grids)} larger than the images ({ih}, {iw}) give strides "
+                             f"{list(strides)} below 1")
+        return grids, strides
+
+    def _anchors(self, kind: str, image_hw, feature_hws, dtype: torch.dtype, device) -> list[Tensor] | Tensor:
+        """The anchors of every level ("levels") or all levels concatenated ("concat"), cached."""
+        grids, strides = self._grids_and_strides(image_hw, feature_hws)
+        device = torch.device(device)
+        key = (kind, grids, strides, dtype, device)
         anchors = self._cache.get(key)
-        if anchors is None:
-            allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
-            work = dtype if dtype in allowed else torch.float32
-            levels = grid_anchors(self.sizes, self.aspect_ratios, strides, grids, dtype=work, device=device)
-            anchors = torch.cat(levels).to(dtype)
-            if self.cache_size > 0:
-                self._cache[key] = anchors
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        else:
+        if anchors is not None:
             self._cache.move_to_end(key)
+            return anchors
+        allowed = _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
+        work = dtype if dtype in allowed else torch.float32
+        levels = grid_anchors(self.sizes, self.aspect_ratios, strides, grids, dtype=work, device=device)
+        anchors = torch.cat(levels).to(dtype) if kind == "concat" else [t.to(dtype) for t in levels]
+        if self.cache_size > 0:
+            self._cache[key] = anchors
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return anchors
+
+    def levels(self, image_hw, feature_hws, dtype: torch.dtype = torch.float32, device="cpu") -> list[Tensor]:
+        """Anchors per level for a padded batch of size image_hw = (H, W) and feature grids feature_hws =
+        [(Hf_l, Wf_l), ...] -> list of Tensor[Hf_l * Wf_l * A_l, 4] (cached: do not modify in place)."""
+        return self._anchors("levels", image_hw, feature_hws, dtype, device)
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        try:
+            batch, image_sizes = image_list.tensors, image_list.image_sizes
+        except AttributeError:
+            raise TypeError("image_list must have .tensors and .image_sizes (an ImageList)") from None
+        f0 = feature_maps[0] if len(feature_maps) else batch
+        anchors = self._anchors("concat", batch.shape[-2:], [f.shape[-2:] for f in feature_maps], f0.dtype,
+                                f0.device)
         return [anchors for _ in range(len(image_sizes))]

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._lib import _C, dl, stream
-from ._checks import check_tensor, pair
+from ._checks import check_int_pair, check_tensor
 from ._layout import map_layout, memory_format
 
 _FLOATS = (torch.float32, torch.float64)
@@ -139,21 +139,10 @@ def _check_x(x) -> None:
     check_tensor(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x must be a Tensor[N, C, H, W], got shape {list(x.shape)}")
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x is on unsupported device {x.device}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32 or float64, got {x.dtype}")
     if x.shape[0] * x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"x has no values per channel (shape {list(x.shape)})")
-
-
-def _pads(padding) -> tuple[int, int]:
-    if isinstance(padding, bool) or not isinstance(padding, (int, tuple, list)):
-        raise TypeError(f"padding must be an int or a pair of ints, got {padding!r}")
-    p = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    if len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p):
-        raise TypeError(f"padding must be an int or a pair of ints, got {padding!r}")
-    return p
 
 
 def batch_norm_relu_max_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -173,8 +162,9 @@ def batch_norm_relu_max_pool(x: Tensor, weight: Tensor | None, bias: Tensor | No
         Tensor[N, C, OH, OW]. Differentiable w.r.t. x, weight and bias (first order).
     """
     _check_x(x)
-    kernel, strides = pair(kernel_size, "kernel_size"), pair(stride, "stride")
-    pads = _pads(padding)
+    kernel = check_int_pair(kernel_size, "kernel_size", minimum=1)
+    strides = check_int_pair(stride, "stride", minimum=1)
+    pads = check_int_pair(padding, "padding")
     if min(pads) < 0 or 2 * pads[0] > kernel[0] or 2 * pads[1] > kernel[1]:
         raise ValueError(f"padding must be between 0 and half the kernel size, got {pads} for kernel {kernel}")
     if min(_pooled_shape(x, kernel, strides, pads)[2:]) < 1:

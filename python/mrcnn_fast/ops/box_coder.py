@@ -5,13 +5,13 @@ encode_boxes / decode_boxes / clip_boxes are differentiable (backward formulas i
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_boxes, check_float, check_same_device, real_number
+from ._checks import check_tensor, real_number
 
 # log(1000/16): keeps exp() of a wild dw/dh from overflowing (torchvision's bbox_xform_clip).
 DEFAULT_CLAMP = math.log(1000.0 / 16)
@@ -153,8 +153,6 @@ def _weights(weights) -> list[float]:
         raise TypeError(f"weights must be a sequence of 4 numbers, got {weights!r}") from None
     if len(w) != 4:
         raise ValueError(f"weights must have 4 entries (wx, wy, ww, wh), got {len(w)}")
-    if not all(math.isfinite(x) and x != 0 for x in w):
-        raise ValueError(f"weights must be finite and non-zero, got {w}")
     return w
 
 
@@ -169,14 +167,8 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor,
     Returns:
         Tensor[N, 4]: (dx, dy, dw, dh). Differentiable w.r.t. both inputs.
     """
-    check_boxes(reference_boxes, "reference_boxes")
-    check_boxes(proposals, "proposals")
-    check_same_device(reference_boxes, proposals, "reference_boxes", "proposals")
-    if proposals.dtype != reference_boxes.dtype:
-        raise TypeError(f"proposals must have the dtype of reference_boxes ({reference_boxes.dtype}), got {proposals.dtype}")
-    if proposals.shape[0] != reference_boxes.shape[0]:
-        raise ValueError(f"proposals must have as many rows as reference_boxes ({reference_boxes.shape[0]}), "
-                         f"got {proposals.shape[0]}")
+    check_tensor(reference_boxes, "reference_boxes")
+    check_tensor(proposals, "proposals")
     return _encode_boxes(reference_boxes, proposals, _weights(weights))
 
 
@@ -193,14 +185,11 @@ def decode_boxes(deltas: Tensor, boxes: Tensor, weights: Sequence[float] = (1.0,
         Tensor[N, K, 4]: always three-dimensional, also for K = 1 (as BoxCoder.decode).
         Differentiable w.r.t. deltas and boxes.
     """
-    check_float(deltas, "deltas")
-    check_boxes(boxes, "boxes")
-    check_same_device(deltas, boxes, "deltas", "boxes")
-    if deltas.dim() != 2 or deltas.shape[1] == 0 or deltas.shape[1] % 4:
+    check_tensor(deltas, "deltas")
+    check_tensor(boxes, "boxes")
+    if deltas.dim() != 2:   # the output is allocated from deltas' shape
         raise ValueError(f"deltas must have shape [N, 4 * K], got {list(deltas.shape)}")
-    if deltas.shape[0] != boxes.shape[0]:
-        raise ValueError(f"deltas must have as many rows as boxes ({boxes.shape[0]}), got {deltas.shape[0]}")
-    if deltas.dtype != boxes.dtype:
+    if deltas.dtype != boxes.dtype:   # the core's message names deltas only
         raise TypeError(f"boxes must have the dtype of deltas ({deltas.dtype}), got {boxes.dtype}")
     return _decode_boxes(deltas, boxes, _weights(weights), real_number(clamp, "clamp"))
 
@@ -214,15 +203,13 @@ def clip_boxes(boxes: Tensor, image_hw) -> Tensor:
     Returns:
         Tensor[..., 4]. Differentiable (the gradient passes where a coordinate was not clamped).
     """
-    check_float(boxes, "boxes")
-    if boxes.dim() < 1 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape [..., 4], got {list(boxes.shape)}")
+    check_tensor(boxes, "boxes")
     try:
         h, w = image_hw
     except (TypeError, ValueError):
         raise TypeError(f"image_hw must be a (height, width) pair, got {image_hw!r}") from None
     h, w = real_number(h, "image_hw[0]"), real_number(w, "image_hw[1]")
-    if not (math.isfinite(h) and math.isfinite(w) and h >= 0 and w >= 0):
+    if not (math.isfinite(h) and math.isfinite(w) and h >= 0 and w >= 0):   # the core calls it "image size"
         raise ValueError(f"image_hw must be finite and non-negative, got {(h, w)}")
     return _clip_boxes(boxes, h, w)
 
@@ -236,7 +223,7 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     Returns:
         Tensor[K] int64, ascending.
     """
-    check_boxes(boxes, "boxes")
+    check_tensor(boxes, "boxes")
     return _remove_small_boxes(boxes, real_number(min_size, "min_size"))
 
 

@@ -5,20 +5,20 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_boxes, check_same_device
+from ._checks import check_tensor
 
 
 @torch.library.custom_op("mrcnn_fast::box_iou", mutates_args=())
 def _box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     boxes1, boxes2 = boxes1.contiguous(), boxes2.contiguous()
-    out = boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
+    out = boxes1.new_empty(boxes1.shape[:1] + boxes2.shape[:1])   # [N, M]; the core checks the shapes
     _C.box_iou(dl(boxes1), dl(boxes2), dl(out), stream(boxes1))
     return out
 
 
 @_box_iou.register_fake
 def _(boxes1, boxes2):
-    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
+    return boxes1.new_empty(boxes1.shape[:1] + boxes2.shape[:1])
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -29,9 +29,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         Tensor[N, M]
     """
-    check_boxes(boxes1, "boxes1")
-    check_boxes(boxes2, "boxes2")
-    check_same_device(boxes1, boxes2, "boxes1", "boxes2")
-    if boxes1.dtype != boxes2.dtype:
+    check_tensor(boxes1, "boxes1")
+    check_tensor(boxes2, "boxes2")
+    if boxes1.dtype != boxes2.dtype:   # the core's message names boxes2 only
         raise TypeError(f"boxes1 and boxes2 must have the same dtype, got {boxes1.dtype} and {boxes2.dtype}")
     return _box_iou(boxes1, boxes2)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_float, check_same_device, check_tensor, pair, real_number
+from ._checks import check_int, check_int_pair, check_tensor, real_number
 
 
 @torch.library.custom_op("mrcnn_fast::paste_masks", mutates_args=())
@@ -61,19 +61,18 @@ def _(masks, boxes, img_h, img_w, threshold, padding, aligned=False):
 
 
 def _prepare(masks, boxes, img_shape, padding, aligned):
-    """Validated (masks Tensor[N, Mh, Mw], boxes Tensor[N, 4] float32/float64, (H, W), padding)."""
-    check_float(masks, "masks")
+    """(masks Tensor[N, Mh, Mw], boxes Tensor[N, 4] float32/float64, (H, W), padding), checked as far as the
+    core does not: the masks' rank (reshaped here), and what the CUDA RLE path (windows computed on the host from
+    the boxes alone) needs; the core checks dtypes, the boxes' shape and devices."""
+    check_tensor(masks, "masks")
     if not (masks.dim() == 3 or (masks.dim() == 4 and masks.shape[1] == 1)):
         raise ValueError(f"masks must have shape [N, 1, M, M] or [N, M, M], got {list(masks.shape)}")
     if masks.shape[-1] == 0 or masks.shape[-2] == 0:
         raise ValueError(f"masks must have non-empty spatial dims, got {list(masks.shape)}")
     check_tensor(boxes, "boxes")
-    check_same_device(masks, boxes, "masks", "boxes")
     if not boxes.is_floating_point():
         raise TypeError(f"boxes must have a floating dtype, got {boxes.dtype}")
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4], got {list(boxes.shape)}")
-    if boxes.shape[0] != masks.shape[0]:
+    if boxes.dim() and boxes.shape[0] != masks.shape[0]:
         raise ValueError(f"boxes and masks must have the same length, got {boxes.shape[0]} boxes and "
                          f"{masks.shape[0]} masks")
     if boxes.dtype not in (torch.float32, torch.float64):
@@ -82,11 +81,8 @@ def _prepare(masks, boxes, img_shape, padding, aligned):
     if boxes.device.type == "cuda" and not torch.compiler.is_compiling() and boxes.numel():
         if not bool(torch.isfinite(boxes).all()):
             raise ValueError("boxes contains NaN or infinite values")
-    h, w = pair(img_shape, "img_shape")
-    if isinstance(padding, bool) or not isinstance(padding, int):
-        raise TypeError(f"padding must be an int, got {type(padding).__name__}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    h, w = check_int_pair(img_shape, "img_shape", minimum=1)
+    padding = check_int(padding, "padding", minimum=0)
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool, got {type(aligned).__name__}")
     if aligned and padding != 1:

@@ -11,14 +11,11 @@ padded with -1) and count (Tensor[] int64). nms / batched_nms are those plus a s
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import check_boxes, check_finite, check_same_device, check_tensor, real_number
+from ._checks import check_finite, check_int, check_tensor, real_number
 
 
 def _workspace(boxes: Tensor, batched: bool) -> Tensor:
@@ -86,30 +83,15 @@ def _(boxes, scores, idxs, iou_threshold):
 
 
 
-def _max_out(v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"max_out must be an int, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"max_out must be >= 0, got {v}")
-    return int(v)
-
-
 def _check(boxes, scores, idxs, iou_threshold, *, values: bool) -> tuple[Tensor | None, float]:
-    check_boxes(boxes, "boxes")
+    check_tensor(boxes, "boxes")
     check_tensor(scores, "scores")
-    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have shape [N] with N = len(boxes) = {boxes.shape[0]}, got {list(scores.shape)}")
-    check_same_device(boxes, scores, "boxes", "scores")
-    if scores.dtype != boxes.dtype:
-        raise TypeError(f"scores must have the dtype of boxes ({boxes.dtype}), got {scores.dtype}")
+    if boxes.dim() == 0:   # the kernel's output is sized from len(boxes)
+        raise ValueError("boxes must have shape [N, 4], got []")
     if idxs is not None:
         check_tensor(idxs, "idxs")
-        if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
-            raise ValueError(f"idxs must have shape [N] with N = len(boxes) = {boxes.shape[0]}, got {list(idxs.shape)}")
-        check_same_device(boxes, idxs, "boxes", "idxs")
-        if idxs.dtype.is_floating_point or idxs.dtype.is_complex or idxs.dtype == torch.bool:
-            raise TypeError(f"idxs must have an integer dtype, got {idxs.dtype}")
-        idxs = idxs.to(torch.int64)
+        if not (idxs.dtype.is_floating_point or idxs.dtype.is_complex or idxs.dtype == torch.bool):
+            idxs = idxs.to(torch.int64)   # any integer categories; the core takes int64
     thr = real_number(iou_threshold, "iou_threshold")
     # The CPU kernel rejects NaN/inf itself (for free, while it reads the boxes); on CUDA this check
     # costs a device sync, which nms() pays anyway and nms_fixed() must not.
@@ -159,11 +141,11 @@ def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int)
     unspecified (but memory-safe) result.
     """
     _, thr = _check(boxes, scores, None, iou_threshold, values=False)
-    return _nms_fixed(boxes, scores, thr, _max_out(max_out))
+    return _nms_fixed(boxes, scores, thr, check_int(max_out, "max_out", minimum=0))
 
 
 def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
                       max_out: int) -> tuple[Tensor, Tensor]:
     """batched_nms() with a fixed-size result (see nms_fixed)."""
     idxs, thr = _check(boxes, scores, idxs, iou_threshold, values=False)
-    return _batched_nms_fixed(boxes, scores, idxs, thr, _max_out(max_out))
+    return _batched_nms_fixed(boxes, scores, idxs, thr, check_int(max_out, "max_out", minimum=0))

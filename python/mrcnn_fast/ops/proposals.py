@@ -12,14 +12,13 @@ The outputs have a fixed size and the CUDA path never waits for the device.
 """
 from __future__ import annotations
 
-import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_tensor, real_number
+from ._checks import autocast_input, check_float, check_int, check_tensor, real_number
 from .box_coder import DEFAULT_CLAMP, _weights
 
 
@@ -57,14 +56,6 @@ def _(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, n
             torch.empty(n, dtype=torch.int64, device=ref.device))
 
 
-def _count(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return int(v)
-
-
 def _levels(v, name: str) -> list[Tensor]:
     if isinstance(v, Tensor) or not isinstance(v, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors (one per level), got {type(v).__name__}")
@@ -79,25 +70,16 @@ def _check(objectness, deltas, anchors, image_sizes):
     objectness, deltas = [autocast_input(o) for o in objectness], [autocast_input(d) for d in deltas]
     if not objectness:
         raise ValueError("objectness must hold at least one level")
-    if not len(objectness) == len(deltas) == len(anchors):
-        raise ValueError(f"objectness, deltas and anchors must have one entry per level, got "
-                         f"{len(objectness)}, {len(deltas)} and {len(anchors)}")
     ref = objectness[0]
-    check_float(ref, "objectness[0]")
+    check_float(ref, "objectness[0]")   # before the per-level dtype checks below, which compare with it
     n = ref.shape[0] if ref.dim() == 2 else -1
-    for lvl, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
-        for t, name in ((o, "objectness"), (d, "deltas"), (a, "anchors")):
-            if t.device != ref.device:
-                raise ValueError(f"{name}[{lvl}] must be on the device of objectness[0] ({ref.device}), got {t.device}")
-            if t.dtype != ref.dtype:
-                raise TypeError(f"{name}[{lvl}] must have dtype {ref.dtype}, got {t.dtype}")
+    for lvl, o in enumerate(objectness):   # the outputs (and the CUDA workspace) are sized from these shapes
         if o.dim() != 2 or o.shape[0] != n:
             raise ValueError(f"objectness[{lvl}] must have shape [N, R] (N = {n} images), got {list(o.shape)}")
-        r = o.shape[1]
-        if d.dim() != 3 or tuple(d.shape) != (n, r, 4):
-            raise ValueError(f"deltas[{lvl}] must have shape [{n}, {r}, 4], got {list(d.shape)}")
-        if a.dim() != 2 or tuple(a.shape) != (r, 4):
-            raise ValueError(f"anchors[{lvl}] must have shape [{r}, 4], got {list(a.shape)}")
+    for name, ts in (("deltas", deltas), ("anchors", anchors)):   # the core's dtype messages name no level
+        for lvl, t in enumerate(ts):
+            if t.dtype != ref.dtype:
+                raise TypeError(f"{name}[{lvl}] must have dtype {ref.dtype}, got {t.dtype}")
     if isinstance(image_sizes, Tensor):
         if image_sizes.dtype.is_complex or image_sizes.dtype == torch.bool:
             raise TypeError(f"image_sizes must be real, got {image_sizes.dtype}")
@@ -142,11 +124,12 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         Not differentiable (the inputs are detached, as in torchvision).
     """
     objectness, deltas, anchors, sizes = _check(objectness, deltas, anchors, image_sizes)
+    pre = check_int(pre_nms_top_n, "pre_nms_top_n", minimum=0)
+    post = check_int(post_nms_top_n, "post_nms_top_n", minimum=0)
     return _generate_proposals([o.detach() for o in objectness], [d.detach() for d in deltas],
-                               [a.detach() for a in anchors], sizes, _count(pre_nms_top_n, "pre_nms_top_n"),
-                               _count(post_nms_top_n, "post_nms_top_n"), real_number(nms_thresh, "nms_thresh"),
-                               real_number(score_thresh, "score_thresh"), real_number(min_size, "min_size"), _weights(weights),
-                               real_number(bbox_xform_clip, "bbox_xform_clip"))
+                               [a.detach() for a in anchors], sizes, pre, post, real_number(nms_thresh, "nms_thresh"),
+                               real_number(score_thresh, "score_thresh"), real_number(min_size, "min_size"),
+                               _weights(weights), real_number(bbox_xform_clip, "bbox_xform_clip"))
 
 
 def generate_proposals_list(*args, **kwargs) -> tuple[list[Tensor], list[Tensor]]:

@@ -16,11 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_int, check_tensor, pair, positive_float
+from ._checks import autocast_input, check_float, check_int, check_int_pair, check_tensor, positive_float, real_number
 from ._layout import is_channels_last, map_layout
-from ._rois import check_batch_indices, convert_boxes_to_rois
+from ._rois import check_batch_indices, convert_boxes_to_rois, roi_dtype
 
-MAX_LEVELS = 8
 _MODES = ("avg", "max")
 
 
@@ -38,11 +37,6 @@ def _pooled(like: Tensor, k: int, h: int, w: int) -> Tensor:
     return torch.empty((k, like.shape[1], h, w), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _roi_dtype(dtype: torch.dtype) -> torch.dtype:
-    # RoI coordinates stay float32 for half features: float16 cannot even hold 1333.5.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _grad_dtype(t: Tensor) -> torch.dtype:
     # Half-precision gradients accumulate in float32 (float atomics on CUDA), cast once at the end.
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
@@ -54,7 +48,7 @@ def _grad_dtype(t: Tensor) -> torch.dtype:
 def _roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                sampling_ratio: int, aligned: bool, max_mode: bool, quantize: bool) -> Tensor:
     input = map_layout(input)
-    rois = rois.to(_roi_dtype(input.dtype)).contiguous()
+    rois = rois.to(roi_dtype(input.dtype)).contiguous()
     out = _pooled(input, rois.shape[0], pooled_height, pooled_width)
     _C.roi_align_forward(dl(input), dl(rois), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                          max_mode, quantize, dl(out), stream(input))
@@ -71,7 +65,7 @@ def _roi_align_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                         pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool,
                         quantize: bool) -> Tensor:
     input = map_layout(input)
-    rois = rois.to(_roi_dtype(input.dtype)).contiguous()
+    rois = rois.to(roi_dtype(input.dtype)).contiguous()
     grad_input = torch.empty_like(input, dtype=_grad_dtype(input))  # keeps input's strides; the core fills it
     _C.roi_align_backward(dl(grad), dl(input), dl(rois), spatial_scale, pooled_height, pooled_width,
                           sampling_ratio, aligned, max_mode, quantize, dl(grad_input), stream(input))
@@ -105,7 +99,7 @@ def _multilevel_roi_align(features: list[Tensor], rois: Tensor, spatial_scales: 
                           k_max: int, canonical_level: int, canonical_scale: float, pooled_height: int,
                           pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool) -> Tensor:
     features = _layouts(features)
-    rois = rois.to(_roi_dtype(features[0].dtype)).contiguous()
+    rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     out = _pooled(features[0], rois.shape[0], pooled_height, pooled_width)
     _C.multilevel_roi_align_forward([dl(f) for f in features], list(spatial_scales), dl(rois), k_min, k_max,
                                     canonical_level, canonical_scale, pooled_height, pooled_width, sampling_ratio,
@@ -125,7 +119,7 @@ def _multilevel_roi_align_backward(grad: Tensor, features: list[Tensor], rois: T
                                    pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
                                    max_mode: bool) -> list[Tensor]:
     features = _layouts(features)
-    rois = rois.to(_roi_dtype(features[0].dtype)).contiguous()
+    rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     grads = [torch.empty_like(f, dtype=_grad_dtype(f)) for f in features]
     _C.multilevel_roi_align_backward(dl(grad), [dl(f) for f in features], [dl(g) for g in grads],
                                      list(spatial_scales), dl(rois), k_min, k_max, canonical_level, canonical_scale,
@@ -159,7 +153,7 @@ _multilevel_roi_align.register_autograd(_multilevel_bwd, setup_context=_multilev
 
 @torch.library.custom_op("mrcnn_fast::fpn_level_assign", mutates_args=())
 def _fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int, canonical_scale: float) -> Tensor:
-    boxes = boxes.to(_roi_dtype(boxes.dtype)).contiguous()
+    boxes = boxes.to(roi_dtype(boxes.dtype)).contiguous()
     levels = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)
     _C.fpn_level_assign(dl(boxes), k_min, k_max, canonical_level, canonical_scale, dl(levels), stream(boxes))
     return levels
@@ -177,9 +171,10 @@ def _eager() -> bool:
 
 
 def _check_features(t, name: str) -> Tensor:
-    """t validated as Tensor[N, C, H, W]; under CPU autocast in float32 (see autocast_input)."""
+    """t as Tensor[N, C, H, W]; under CPU autocast in float32 (see autocast_input). The rank is checked here because
+    the outputs are allocated from it; the core checks the dtype."""
     t = autocast_input(t)
-    check_float(t, name)
+    check_tensor(t, name)
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got shape {list(t.shape)}")
     return t
@@ -201,16 +196,25 @@ def _check_sampling_ratio(v) -> int:
 def _as_rois(boxes, like: Tensor, name: str = "boxes") -> Tensor:
     """Tensor[K, 5] (batch_index, x1, y1, x2, y2) in the kernels' coordinate dtype, validated."""
     rois = convert_boxes_to_rois(boxes, name, like)
-    if rois.device != like.device:
-        raise ValueError(f"{name} must be on {like.device} like the features, got {rois.device}")
     check_batch_indices(rois, like.shape[0], name)
-    return rois.to(_roi_dtype(like.dtype))
+    return rois.to(roi_dtype(like.dtype))
 
 
 def _level_of_scale(scale: float) -> int:
     # torchvision: int(-log2(float32(scale))); the snap absorbs float32-vs-float64 rounding of log2.
     k = -math.log2(scale)
     return int(round(k)) if abs(k - round(k)) < 1e-6 else int(k)
+
+
+def _single_level(input, boxes, output_size, spatial_scale, sampling_ratio, aligned: bool, mode, quantize: bool):
+    """roi_align (quantize=False) or roi_warp (quantize=True) after the argument checks."""
+    input = _check_features(input, "input")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
+    mode = _check_mode(mode)
+    sr = _check_sampling_ratio(sampling_ratio)
+    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
+    rois = _as_rois(boxes, input)
+    return _roi_align(input, rois, scale, oh, ow, sr, aligned, mode == "max", quantize)
 
 
 # ---- public API ------------------------------------------------------------------------------------
@@ -232,13 +236,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     Returns:
         Tensor[K, C, oh, ow], in input's memory format.
     """
-    input = _check_features(input, "input")
-    oh, ow = pair(output_size, "output_size")
-    mode = _check_mode(mode)
-    sr = _check_sampling_ratio(sampling_ratio)
-    scale = positive_float(spatial_scale, "spatial_scale")
-    rois = _as_rois(boxes, input)
-    return _roi_align(input, rois, scale, oh, ow, sr, bool(aligned), mode == "max", False)
+    return _single_level(input, boxes, output_size, spatial_scale, sampling_ratio, bool(aligned), mode, False)
 
 
 def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2, *,
@@ -250,30 +248,16 @@ def roi_warp(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, samp
     Args and returns as roi_align (no half-pixel offset). With ``mode="max"`` RoIWarp differs from RoIPool only
     in the bins: RoIPool also rounds every bin edge and takes the max over whole feature cells.
     """
-    input = _check_features(input, "input")
-    oh, ow = pair(output_size, "output_size")
-    mode = _check_mode(mode)
-    sr = _check_sampling_ratio(sampling_ratio)
-    scale = positive_float(spatial_scale, "spatial_scale")
-    rois = _as_rois(boxes, input)
-    return _roi_align(input, rois, scale, oh, ow, sr, False, mode == "max", True)
+    return _single_level(input, boxes, output_size, spatial_scale, sampling_ratio, False, mode, True)
 
 
 def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[float]]:
     if not isinstance(features, (list, tuple)) or len(features) == 0:
         raise TypeError("features must be a non-empty list of Tensor[N, C, H, W]")
-    if len(features) > MAX_LEVELS:
-        raise ValueError(f"features: at most {MAX_LEVELS} levels are supported, got {len(features)}")
     features = [_check_features(f, f"features[{i}]") for i, f in enumerate(features)]
-    f0 = features[0]
-    for i, f in enumerate(features[1:], 1):
-        if f.dtype != f0.dtype:
-            raise TypeError(f"features[{i}] has dtype {f.dtype}, features[0] has {f0.dtype}")
-        if f.device != f0.device:
-            raise ValueError(f"features[{i}] is on {f.device}, features[0] on {f0.device}")
-        if f.shape[:2] != f0.shape[:2]:
-            raise ValueError(f"features[{i}] has batch size and channels {tuple(f.shape[:2])}, features[0] has "
-                             f"{tuple(f0.shape[:2])}: all levels need the same N and C")
+    for i, f in enumerate(features[1:], 1):   # the core's message does not say which level
+        if f.device != features[0].device:
+            raise ValueError(f"features[{i}] is on {f.device}, features[0] on {features[0].device}")
     if not isinstance(spatial_scales, (list, tuple)):
         raise TypeError(f"spatial_scales must be a list of floats, got {type(spatial_scales).__name__}")
     if len(spatial_scales) != len(features):
@@ -300,7 +284,7 @@ def multilevel_roi_align(features: list[Tensor], boxes, output_size, spatial_sca
         Tensor[K, C, oh, ow]
     """
     features, scales = _check_level_list(features, spatial_scales)
-    oh, ow = pair(output_size, "output_size")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     mode = _check_mode(mode)
     sr = _check_sampling_ratio(sampling_ratio)
     canonical_level = check_int(canonical_level, "canonical_level")
@@ -320,9 +304,9 @@ def fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int
     Returns:
         Tensor[K] int64 in [0, k_max - k_min].
     """
-    check_float(boxes, "boxes")
-    if boxes.dim() != 2 or boxes.shape[1] not in (4, 5):
-        raise ValueError(f"boxes must have shape [K, 4] or [K, 5], got {list(boxes.shape)}")
+    check_float(boxes, "boxes")   # before the op converts half boxes to float32
+    if boxes.dim() == 0:   # the output is sized from len(boxes); the core checks the shape
+        raise ValueError("boxes must have shape [K, 4] or [K, 5], got []")
     k_min, k_max = check_int(k_min, "k_min"), check_int(k_max, "k_max")
     if k_max < k_min:
         raise ValueError(f"k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
@@ -355,7 +339,7 @@ class MultiScaleRoIAlign(nn.Module):
                  canonical_level: int = 4, aligned: bool = False, mode: str = "avg"):
         super().__init__()
         self.featmap_names = list(featmap_names)
-        self.output_size = pair(output_size, "output_size")
+        self.output_size = check_int_pair(output_size, "output_size", minimum=1)
         self.sampling_ratio = _check_sampling_ratio(sampling_ratio)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level

@@ -1,13 +1,11 @@
 """RoIPool (Fast R-CNN), drop-in compatible with torchvision.ops.roi_pool."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from .._lib import _C, dl, stream
-from ._checks import autocast_input, check_float, check_same_device, pair
+from ._checks import autocast_input, check_float, check_int_pair, real_number
 from ._layout import is_channels_last, map_layout
 from ._rois import Boxes, check_batch_indices, convert_boxes_to_rois
 
@@ -94,17 +92,11 @@ def roi_pool(input: Tensor, boxes: Boxes, output_size, spatial_scale: float = 1.
     check_float(input, "input")
     if input.dim() != 4:
         raise ValueError(f"input must be a Tensor[N, C, H, W], got shape {list(input.shape)}")
-    oh, ow = pair(output_size, "output_size")
+    oh, ow = check_int_pair(output_size, "output_size", minimum=1)
     rois = convert_boxes_to_rois(boxes, "boxes")
-    check_same_device(input, rois, "input", "boxes")
-    if rois.dtype != input.dtype:
+    if rois.dtype != input.dtype:   # the core's message calls them "rois"
         raise TypeError(f"boxes must have input's dtype {input.dtype}, got {rois.dtype}")
-    try:
-        scale = float(spatial_scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"spatial_scale must be a number, got {type(spatial_scale).__name__}") from None
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"spatial_scale must be positive and finite, got {spatial_scale!r}")
+    scale = real_number(spatial_scale, "spatial_scale")   # the core checks the value
     check_batch_indices(rois, input.shape[0], "boxes")
     return _roi_pool(input, rois, scale, oh, ow)[0]
 
