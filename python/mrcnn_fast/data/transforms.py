@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..ops._checks import check_int
 from .keypoints import flip_permutation
 
-__all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images", "flip_permutation"]
+__all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images"]
 
 
 def _check_image(image, name: str = "image") -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._rois import roi_dtype
+from ..ops._rois import roi_dtype, stack_with_batch_index
 
 POOLER_TYPES = ("roi_align", "roi_align_max", "roi_warp", "roi_warp_max", "roi_pool")
 
@@ -16,8 +16,7 @@ def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     """list of Tensor[Ki, 4] -> Tensor[sum Ki, 5] (batch index, x1, y1, x2, y2)."""
     if not boxes:
         raise ValueError("boxes must be a non-empty list (one tensor per image)")
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
-    return torch.cat([idx, torch.cat(boxes)], 1)
+    return stack_with_batch_index(boxes)
 
 
 class RoIPooler(nn.Module):

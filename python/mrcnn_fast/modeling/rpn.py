@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._rois import roi_dtype
 from ..ops.anchors import AnchorGenerator
 from .layers import conv1x1
 from .sampling import BalancedSampler, Matcher
@@ -106,7 +107,7 @@ class RPN(nn.Module):
         [H*W*A, 4] per level) for the padded batch size image_hw (H, W)."""
         logits, deltas = self.head(feats)
         # box arithmetic in float32 also under mixed precision (float16 anchors would be off by pixels)
-        dtype = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
+        dtype = roi_dtype(feats[0].dtype)
         logits = [o.to(dtype) for o in logits]
         deltas = [d.to(dtype) for d in deltas]
         anchors = self.anchor_generator.levels(image_hw, [f.shape[-2:] for f in feats], dtype, feats[0].device)

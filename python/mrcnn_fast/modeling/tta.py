@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..data.transforms import flip_permutation, hflip_boxes
+from ..data.keypoints import flip_permutation
+from ..data.transforms import hflip_boxes
 from .postprocess import check_mask_format, pack, rois_from_padded
 from .roi_heads import RoIHeads, RoIPredictor
 

@@ -33,6 +33,12 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def stack_with_batch_index(boxes) -> Tensor:
+    """list of Tensor[Li, 4] (one per image, same dtype and device) -> Tensor[sum Li, 5] with batch index i."""
+    ids = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat([ids, torch.cat(list(boxes))], dim=1)
+
+
 def convert_boxes_to_rois(boxes: Boxes, name: str = "boxes", like: Tensor | None = None) -> Tensor:
     """Validates ``boxes`` and returns them as RoIs.
 
@@ -66,8 +72,7 @@ def convert_boxes_to_rois(boxes: Boxes, name: str = "boxes", like: Tensor | None
                 raise TypeError(f"{name}[{i}] has dtype {b.dtype}, but {name}[0] has {boxes[0].dtype}")
             if b.device != boxes[0].device:
                 raise ValueError(f"{name}[{i}] is on {b.device}, but {name}[0] is on {boxes[0].device}")
-        ids = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
-        rois = torch.cat([ids, torch.cat(list(boxes))], dim=1)
+        rois = stack_with_batch_index(boxes)
     else:
         raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if rois.numel() and not _tracing() and not bool(torch.isfinite(rois).all()):
