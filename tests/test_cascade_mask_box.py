@@ -274,7 +274,7 @@ def test_demo_keeps_one_box_stage():
 
     assert get_config("shapes").model.roi_heads.cascade_iou_thresholds == (0.6, 0.7)
     r = demo_config(100).model.roi_heads
-    assert tuple(r.cascade_iou_thresholds) == () and r.test_box_refine == 1 and r.test_mask_box == 0.0
+    assert tuple(r.cascade_iou_thresholds) == () and r.test_box_refine == 1 and r.test_mask_box == 0.35
     assert not isinstance(build_model(demo_config(100)).roi_heads, CascadeRoIHeads)
     # the demo's other choices (demo.DEMO_ROI_HEADS): 64 RoIs per image, flip TTA, quarter keypoint loss
     cfg = demo_config(100)
