@@ -1,25 +1,25 @@
 """Mask R-CNN in torch on the mrcnn_fast ops: backbones, FPN / C4 heads, RPN, RoI heads, post-processing."""
 from .backbone import (
-                       Backbone,
-                       FeaturePyramidNetwork,
-                       FrozenBatchNorm2d,
-                       LastLevelMaxPool,
-                       ResNet,
-                       resnet_state_dict_to_c4,
+    Backbone,
+    FeaturePyramidNetwork,
+    FrozenBatchNorm2d,
+    LastLevelMaxPool,
+    ResNet,
+    resnet_state_dict_to_c4,
 )
 from .cascade import CascadeRefinement, CascadeRoIHeads
 from .heads import (
-                       FastRCNNPredictor,
-                       KeypointHead,
-                       MaskFCNHead,
-                       MaskMLPHead,
-                       Res5Head,
-                       TwoMLPHead,
-                       fast_rcnn_loss,
-                       keypoint_loss,
-                       keypoint_targets,
-                       mask_loss,
-                       mask_targets,
+    FastRCNNPredictor,
+    KeypointHead,
+    MaskFCNHead,
+    MaskMLPHead,
+    Res5Head,
+    TwoMLPHead,
+    fast_rcnn_loss,
+    keypoint_loss,
+    keypoint_targets,
+    mask_loss,
+    mask_targets,
 )
 from .mask_rcnn import MaskRCNN, build_model, build_roi_heads, inference_model
 from .poolers import RoIPooler
