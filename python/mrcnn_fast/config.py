@@ -267,16 +267,12 @@ def _preset_shapes() -> Config:
     """small_cpu made cheaper for minutes-long CPU runs on the synthetic shapes set (the 30-min recipe; the demo
     drops its cascade stages, see demo.DEMO_ROI_HEADS): half-width ResNet-18 (4x fewer backbone FLOPs), single-scale
     training at the test size, gradient clipping against early spikes of the keypoint loss, and a step schedule
-    (measured at 1200 iterations: segm AP 0.58 vs 0.49 with cosine decay, which lowers the lr long before a
-    from-scratch model has learnt the shapes).
-    The lr drops 10x at 5/6 of max_iter; `mrcnn-fast train --time-budget` keeps that fraction when it
-    changes max_iter."""
+    (cosine decay lowers the lr long before a from-scratch model has learnt the shapes). The lr drops 10x at 5/6
+    of max_iter; `mrcnn-fast train --time-budget` keeps that fraction. Measurements: bench/results/accuracy_30min.md."""
     cfg = _preset_small_cpu()
     cfg.model.backbone.width = 32
-    # Box AP at high IoU is what this preset lacked (bench/results/accuracy_30min.md). Two cascade stages (IoU 0.6,
-    # 0.7; ~20% fewer iterations in 30 min) and mask-derived box sides at inference: on the 30-min seed-0 run
-    # bbox AP 0.758 (one extra pass of the single box head, the previous recipe) -> 0.800 (cascade) -> 0.809
-    # (+ test_mask_box 0.35), keypoints 0.617 -> 0.658, segm 0.830 -> 0.834.
+    # Box AP at high IoU is what this preset lacked: two cascade stages and mask-derived box sides at inference
+    # raise it more than the iterations they cost (bench/results/accuracy_30min.md).
     r = cfg.model.roi_heads
     r.cascade_iou_thresholds = (0.6, 0.7)
     r.test_box_refine = 0

@@ -15,7 +15,7 @@ visible; a horizontal flip swaps right and left: flip pairs ((1, 3),). A keypoin
 not labelled by default (occluded_keypoints="omit": [0, 0, 0], COCO's "not labelled"): it is an extreme point of
 the hidden full shape, which the image does not determine (on a 30-min model its median error was 0.55
 sqrt(area) against 0.03 for visible ones), so it would train and score noise. occluded_keypoints="label" keeps
-it with visibility 1 (the set's definition before 2026-11-25).
+it with visibility 1 (the set's earlier definition).
 
 Everything is a function of (seed, split, image index): the same seed gives byte-identical JSON and PNGs, and
 a larger n_train only appends images.

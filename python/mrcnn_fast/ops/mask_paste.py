@@ -11,7 +11,7 @@ Two conventions, chosen by ``aligned``:
 * ``aligned=True``: detectron2's convention. The mask M[Mh, Mw] covers the continuous box (x1, y1, x2, y2)
   exactly (pixel i covers [i, i + 1)), which inverts the RoIAlign(aligned=True) that makes Mask R-CNN's mask
   targets; torchvision's convention is misaligned with those targets by up to ~1 px (an oracle pasting
-  RoIAligned ground-truth masks back scores segm AP 0.892 on coco_samples with it, 1.000 aligned). Image pixel
+  RoIAligned ground-truth masks back scores clearly lower with it: bench/results/overfit_coco.md). Image pixel
   (y, x) is the bilinear sample of M at ``u = (x + 0.5 - x1) * Mw / (x2 - x1) - 0.5``,
   ``v = (y + 0.5 - y1) * Mh / (y2 - y1) - 0.5`` with zero padding outside the mask, i.e.
   ``F.grid_sample(M, grid, mode="bilinear", padding_mode="zeros", align_corners=False)`` on the grid normalised
