@@ -103,6 +103,7 @@ def run_demo(output, *, max_iter: int | None = None, time_budget: float = DEMO_T
     from .data import CocoDetection, make_shapes
     from .engine import load_weights, train
     from .engine.hooks import TimeBudget
+    from .engine.trainer import cpu_bf16_autocast
     from .modeling import build_model, inference_model
     from .visualize import save_predictions
 
@@ -130,8 +131,6 @@ def run_demo(output, *, max_iter: int | None = None, time_budget: float = DEMO_T
         length = f"as many iterations as fit in {time_budget:.0f} s (at most {cfg.solver.max_iter})"
     else:
         length = f"{cfg.solver.max_iter} iterations"
-    from .engine.trainer import cpu_bf16_autocast
-
     precision = "bfloat16 autocast" if cpu_bf16_autocast(cfg.solver.cpu_autocast) else "float32"
     log(f"[demo] data ready in {time.perf_counter() - t0:.0f} s; training the shapes recipe (R18-FPN at half "
         f"width, masks + keypoints, {precision} on the CPU) for {length}")
