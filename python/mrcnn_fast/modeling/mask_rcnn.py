@@ -220,24 +220,28 @@ class MaskRCNN(nn.Module):
     # ---- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def inference(self, batch: Tensor, image_sizes, input_sizes, *, mask_format: str = "prob") -> list[dict]:
+    def inference(self, batch: Tensor, image_sizes, input_sizes, *, mask_format: str = "prob",
+                  stages=None) -> list[dict]:
         """The eval path on a preprocessed batch: the networks, and between them the three stages.
 
         Args:
             batch (Tensor[N, 3, Hp, Wp]): normalised, padded, in the model's layout (see preprocess).
             image_sizes: (h, w) of each resized image in the batch; input_sizes: (h0, w0) of each input image.
             mask_format: see the class doc.
+            stages: what runs the three stages: an object with proposal_stage, detection_stage and result_stage
+                taking this model's arguments (e.g. the C++ inference graph); None: this model's torch reference.
         """
         rh = self.roi_heads
+        st = self if stages is None else stages
         feats = self.backbone(batch)
         objectness, deltas, anchors = self.rpn.predict(batch.shape[-2:], feats)
-        proposals, counts, box_features = self.proposal_stage(objectness, deltas, anchors, feats, image_sizes)
+        proposals, counts, box_features = st.proposal_stage(objectness, deltas, anchors, feats, image_sizes)
         class_logits, box_regression = rh.box_head_outputs(box_features)
-        dets, mask_features, keypoint_features = self.detection_stage(class_logits, box_regression, proposals,
-                                                                      counts, feats, image_sizes)
+        dets, mask_features, keypoint_features = st.detection_stage(class_logits, box_regression, proposals,
+                                                                    counts, feats, image_sizes)
         mask_logits = None if mask_features is None else rh.mask_logits(mask_features)
         keypoint_logits = None if keypoint_features is None else rh.keypoint_logits(keypoint_features)
-        return self.result_stage(dets, mask_logits, keypoint_logits, image_sizes, input_sizes, mask_format=mask_format)
+        return st.result_stage(dets, mask_logits, keypoint_logits, image_sizes, input_sizes, mask_format=mask_format)
 
     @torch.no_grad()
     def proposal_stage(self, objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
