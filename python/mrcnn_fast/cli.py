@@ -1,8 +1,9 @@
-"""Command line: `mrcnn-fast` (or `python -m mrcnn_fast`) train | eval | make-shapes | demo.
+"""Command line: `mrcnn-fast` (or `python -m mrcnn_fast`) train | eval | predict | make-shapes | demo.
 
     mrcnn-fast demo                                   # synthetic set -> train -> evaluate -> PNGs (CPU, minutes)
     mrcnn-fast train --train-json J --train-images D --val-json J --val-images D --output runs/x --config small_cpu
     mrcnn-fast eval --weights runs/x/model_final.safetensors --json J --images D
+    mrcnn-fast predict photos/ more/*.jpg --weights runs/x --output preds   # overlays + preds/results.json
     torchrun --nproc_per_node=8 -m mrcnn_fast train ...   # multi-process (DDP)
 
 Bad input (missing files, malformed JSON or config, unknown preset, bad options) ends with a one-line error
@@ -207,6 +208,242 @@ def cmd_eval(args) -> int:
     _print_metrics(metrics)
     return 0
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+def collect_images(items) -> tuple[list[Path], list[str]]:
+    """The image paths that files, folders (their images, sorted by name) and glob patterns name, each once, in
+    the order given -> (paths, problems): an item that names nothing is a problem, reported by the caller."""
+    import glob
+
+    paths: list[Path] = []
+    problems: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{item}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        elif glob.has_magic(item):
+            found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
+            if not found:
+                problems.append(f"{item}: the pattern matches no file")
+            paths.extend(found)
+        else:
+            problems.append(f"{item}: file not found")
+    seen: set = set()
+    unique = []
+    for q in paths:
+        key = q.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(q)
+    return unique, problems
+
+
+def image_ids_for(paths: list[Path]) -> list[int]:
+    """COCO image ids of the inputs: the file names' numbers where every name is a distinct number (COCO's own
+    000000000139.jpg -> 139, so that COCOeval can score the results against its annotations), else 1..N."""
+    stems = [q.stem for q in paths]
+    if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+def overlay_names(paths: list[Path]) -> list[str]:
+    """<stem>.png for each input; a stem that repeats (same name in two folders) gets _<n> appended."""
+    names, used = [], set()
+    for q in paths:
+        name, n = f"{q.stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{q.stem}_{n}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def coco_results(result: dict, image_id: int, file_name: str, category_id) -> list[dict]:
+    """COCO results entries of one Predictor result (mask_format "rle"): bbox xywh, score, segmentation RLE
+    with str counts, keypoints [x, y, score] * K when present, and the image's file name."""
+    boxes = result["boxes"].double().reshape(-1, 4).tolist()
+    scores = result["scores"].tolist()
+    labels = result["labels"].tolist()
+    masks = result.get("masks")
+    kps = result.get("keypoints")
+    kps_scores = result.get("keypoints_scores")
+    out = []
+    for d, ((x1, y1, x2, y2), score, label) in enumerate(zip(boxes, scores, labels)):
+        entry = {"image_id": int(image_id), "file_name": file_name, "category_id": category_id(int(label)),
+                 "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                 "score": round(float(score), 5)}
+        if masks is not None:
+            rle = masks[d]
+            counts = rle["counts"]
+            entry["segmentation"] = {"size": [int(v) for v in rle["size"]],
+                                     "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        if kps is not None:
+            xy = kps[d][:, :2].double().tolist()
+            v = (kps_scores[d] if kps_scores is not None else kps[d][:, 2]).double().tolist()
+            entry["keypoints"] = [round(c, 3) for (x, y), s in zip(xy, v) for c in (x, y, s)]
+        out.append(entry)
+    return out
+
+
+class _Counter:
+    """A progress line on stderr where tqdm is not installed: "predict: 12/40 images"."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.n, self.enabled = total, 0, enabled
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.enabled:
+            end = "\n" if self.n >= self.total else ""
+            print(f"\rpredict: {self.n}/{self.total} images", end=end, file=sys.stderr, flush=True)
+
+    def write(self, msg: str) -> None:
+        if self.enabled and 0 < self.n < self.total:
+            print(file=sys.stderr)
+        print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Counter(total, enabled)
+
+    class _Bar(tqdm):
+        def write(self, msg):   # tqdm.write is a classmethod; route failures through it so the bar stays intact
+            tqdm.write(msg, file=sys.stderr)
+
+    return _Bar(total=total, disable=not enabled, unit="img", desc="predict", file=sys.stderr, dynamic_ncols=True)
+
+
+def cmd_predict(args) -> int:
+    from .engine import distributed as du
+    from .predictor import Predictor, read_image, to_image_tensor
+    from .visualize import draw_instances, skeleton_of_config
+
+    if args.weights_format != "ours":
+        raise UsageError(f"--weights-format {args.weights_format}: torchvision and detectron2 checkpoints are not "
+                         f"supported yet (their import comes with the checkpoint-import issue); only 'ours' (the "
+                         f"weights `{PROG} train` writes)")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        raise UsageError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if not 0.0 <= args.draw_threshold <= 1.0:
+        raise UsageError(f"--draw-threshold must be in [0, 1], got {args.draw_threshold}")
+    if not Path(args.weights).exists():
+        raise FileNotFoundError(f"--weights not found: {args.weights}")
+    out_dir = Path(args.output) if args.output else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"--output is not a directory: {out_dir}")
+        _require_writable_file(out_dir / "results.json", "--output")
+    paths, problems = collect_images(args.images)
+    if not paths:
+        raise UsageError("no images to predict on: " + "; ".join(problems))
+
+    ctx = du.init_distributed(args.device)
+    predictor = Predictor(args.weights, config=args.config, device=str(ctx.device), precision=args.precision,
+                          score_threshold=args.score_threshold, mask_format=args.mask_format)
+    ids = image_ids_for(paths)
+    names = overlay_names(paths)
+    mine = list(range(ctx.rank, len(paths), ctx.world_size))
+    skeleton = skeleton_of_config(predictor.cfg)
+    if out_dir is not None and ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
+    _err(f"predicting {len(paths)} images with {predictor.weights} ({where}, precision {predictor.precision})")
+    for msg in problems:
+        _err(f"error: {msg}")
+
+    bar = _progress(len(mine), enabled=ctx.is_main)
+    prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
+    results: list[dict] = []
+    failed: list[str] = []
+    t0 = time.perf_counter()
+    done = 0
+
+    def run(batch):
+        nonlocal done
+        outputs = predictor.predict_tensors([t for _, _, t in batch])
+        for (i, pixels, _), res in zip(batch, outputs):
+            if out_dir is not None:
+                drawn = draw_instances(pixels, res, class_names=predictor.class_names,
+                                       score_thresh=max(args.draw_threshold, predictor.score_threshold),
+                                       skeleton=skeleton)
+                drawn.save(out_dir / names[i])
+            if res.get("masks") is not None and not isinstance(res["masks"], list):
+                res = dict(res, masks=_to_rles(res["masks"]))
+            results.extend(coco_results(res, ids[i], str(paths[i]), predictor.category_id))
+        done += len(batch)
+        bar.update(len(batch))
+
+    batch = []
+    for i in mine:
+        try:
+            pixels = read_image(paths[i])
+        except ValueError as e:   # ImageReadError: report it by name, go on with the others
+            failed.append(str(paths[i]))
+            bar.write(f"{prefix}error: {e}")
+            bar.update(1)
+            continue
+        batch.append((i, pixels, to_image_tensor(pixels)))
+        if len(batch) == args.batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    gathered = du.all_gather_object({"results": results, "failed": failed, "done": done, "seconds": seconds})
+    n_done = sum(g["done"] for g in gathered)
+    n_failed = sum(len(g["failed"]) for g in gathered) + len(problems)
+    if ctx.is_main:
+        merged = sorted((r for g in gathered for r in g["results"]),
+                        key=lambda r: (r["image_id"], -r["score"]))
+        text = json.dumps(merged) + "\n"
+        if out_dir is not None:
+            from .engine.checkpoint import atomic_write_text
+
+            atomic_write_text(out_dir / "results.json", text)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        wall = max(g["seconds"] for g in gathered)
+        rate = n_done / wall if wall > 0 else float("nan")
+        _err(f"predicted {n_done} images in {wall:.1f} s: {rate:.2f} images/s "
+             f"({sum(len(g['results']) for g in gathered)} detections"
+             + (f", {n_failed} failed" if n_failed else "") + ")")
+        if out_dir is not None:
+            _err(f"results: {out_dir / 'results.json'}; overlays: {out_dir}/*.png")
+    return 1 if n_failed else 0
+
+
+def _to_rles(masks) -> list[dict]:
+    """COCO RLEs of bool / probability masks (Tensor[D, H, W] or [D, 1, H, W], foreground > 0.5)."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    m = masks[:, 0] if masks.dim() == 4 else masks
+    m = (m > 0.5).to("cpu").numpy().astype(np.uint8)
+    if m.shape[0] == 0:
+        return []
+    return list(mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0))))
+
+
 
 def cmd_make_shapes(args) -> int:
     from .data import make_shapes
@@ -246,7 +483,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEMO_MAX_ITER, DEMO_TIME_BUDGET, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
 
-    p = _Parser(prog=PROG, description="Fast Mask R-CNN: train, evaluate, synthetic data, demo.")
+    p = _Parser(prog=PROG, description="Fast Mask R-CNN: train, evaluate, predict, synthetic data, demo.")
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -284,6 +521,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     e.set_defaults(func=cmd_eval)
 
+    pr = sub.add_parser("predict", help="detect objects in images: overlay PNGs and a COCO results JSON",
+                        description="Run trained weights on image files, folders (their images, sorted) and glob "
+                        "patterns. Writes OUTPUT/<name>.png (masks, boxes, class names, scores, keypoints drawn) and "
+                        "OUTPUT/results.json (COCO results: image_id, file_name, category_id, bbox, score, "
+                        "segmentation, keypoints), or the JSON to stdout without --output. Under torchrun the "
+                        "images are split over the processes and rank 0 writes the merged file. An image that "
+                        "cannot be read is reported and skipped; the exit status is then 1.")
+    pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
+    pr.add_argument("--weights", required=True, help="a `train` run folder (model_final.safetensors + config.json) "
+                    "or a weights file with config.json beside it")
+    pr.add_argument("--weights-format", default="ours", choices=["ours", "torchvision", "detectron2"],
+                    help="checkpoint kind (only 'ours' for now)")
+    pr.add_argument("--config", help="preset or file (default: config.json beside the weights)")
+    pr.add_argument("--output", help="folder for the overlay PNGs and results.json (default: the JSON to stdout, "
+                    "no PNGs)")
+    pr.add_argument("--score-threshold", type=float, help="drop detections scoring below it (default: the "
+                    "config's model.roi_heads.score_thresh_test)")
+    pr.add_argument("--draw-threshold", type=float, default=0.5, help="draw the detections scoring at least "
+                    "this in the PNGs (default 0.5; results.json keeps all)")
+    pr.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
+    pr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="auto (default): bf16 where native and its measured AP cost is small, else fp32")
+    pr.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    pr.add_argument("--mask-format", choices=["rle", "bool", "prob"], default="rle",
+                    help="how masks leave the model (the output files are the same; rle, the default, never "
+                    "builds image-sized masks)")
+    pr.set_defaults(func=cmd_predict)
+
     s = sub.add_parser("make-shapes", help="write the synthetic shapes set", description="Write a synthetic "
                        "COCO-format set of triangles, rectangles and ellipses with masks and 4 keypoints.")
     s.add_argument("out_dir", metavar="OUT_DIR")
@@ -320,7 +585,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
-            raise UsageError(f"a command is required: train, eval, make-shapes or demo (see {PROG} --help)")
+            raise UsageError(f"a command is required: train, eval, predict, make-shapes or demo (see {PROG} --help)")
         code = args.func(args)
     except SystemExit as e:   # --help / --version
         code = e.code if isinstance(e.code, int) else 0

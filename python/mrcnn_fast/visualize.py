@@ -40,18 +40,21 @@ def to_pil(image) -> Image.Image:
 
 
 def _masks(output: dict, keep: np.ndarray, h: int, w: int, thresh: float) -> list[np.ndarray] | None:
-    if "masks" in output:
-        m = output["masks"]
+    m = output.get("masks")
+    rles = output.get("masks_rle")
+    if isinstance(m, (list, tuple)):   # the Predictor's mask_format="rle": RLE dicts under "masks"
+        m, rles = None, m
+    if m is not None:
         m = m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m)
         if m.ndim == 4:
             m = m[:, 0]
         return [m[i] > thresh for i in keep]
-    if "masks_rle" in output:
+    if rles is not None:
         from pycocotools import mask as mask_util
 
         out = []
         for i in keep:
-            rle = dict(output["masks_rle"][i])
+            rle = dict(rles[i])
             if isinstance(rle["counts"], str):
                 rle["counts"] = rle["counts"].encode("ascii")
             with warnings.catch_warnings():   # pycocotools' numpy-2 __array__ deprecation noise
@@ -68,15 +71,38 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _edge(m: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of mask m within `width` pixels of its border (4-neighbour erosion, repeated)."""
+    inner = m.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return m & ~inner
+
+
+def _numpy_of(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+
+
 def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = None, score_thresh: float = 0.5,
                    mask_thresh: float = 0.5, alpha: float = 0.45, skeleton: Sequence[Sequence[int]] = (),
                    keypoint_thresh: float | None = None) -> Image.Image:
     """The image with the detections of output drawn on it (a new PIL RGB image).
 
+    Each instance gets its own colour: its mask blended in (alpha) with a solid outline, its box, its keypoints
+    joined by the skeleton, and a label "<class> <score>" in white with a dark outline on a box of its colour.
+    Line widths and the font scale with the image size; labels are drawn last, so that no mask or box hides
+    them, and kept inside the image.
+
     Args:
         image: Tensor[3, H, W] (float in [0, 1] or uint8), an H x W x 3 uint8 array, or a PIL image.
-        output: one image's model output: "boxes" [D, 4] xyxy pixels, "labels" [D] (1..C), "scores" [D], and
-            optionally "masks" [D, 1, H, W] probabilities or "masks_rle" (D RLE dicts), "keypoints" [D, K, 3],
+        output: one image's detections: "boxes" [D, 4] xyxy pixels, "labels" [D] (1..C), "scores" [D], and
+            optionally "masks" ([D, 1, H, W] probabilities, [D, H, W] bool, or a list of D RLE dicts as the
+            Predictor's mask_format="rle" gives) or "masks_rle" (D RLE dicts), "keypoints" [D, K, 3],
             "keypoints_scores" [D, K].
         class_names: class_names[label - 1] is drawn with the score (default: the label number).
         score_thresh: detections scoring below it are not drawn.
@@ -85,13 +111,14 @@ def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = N
     """
     img = to_pil(image)
     w, h = img.size
-    scores = output["scores"]
-    scores = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
+    scores = _numpy_of(output["scores"]).astype(np.float64).reshape(-1)
     keep = np.nonzero(scores >= score_thresh)[0]
     keep = keep[np.argsort(-scores[keep], kind="stable")][::-1]   # best drawn last, on top
-    boxes = np.asarray(output["boxes"].detach().cpu() if torch.is_tensor(output["boxes"]) else output["boxes"])
-    labels = np.asarray(output["labels"].detach().cpu() if torch.is_tensor(output["labels"]) else output["labels"])
+    boxes = _numpy_of(output["boxes"]).reshape(-1, 4)
+    labels = _numpy_of(output["labels"]).reshape(-1)
     colors = {int(i): PALETTE[rank % len(PALETTE)] for rank, i in enumerate(sorted(keep))}
+    side = min(h, w)
+    line = max(1, round(side / 200))
 
     masks = _masks(output, keep, h, w, mask_thresh)
     if masks:
@@ -99,41 +126,76 @@ def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = N
         for i, m in zip(keep, masks):
             if m.shape != (h, w):
                 raise ValueError(f"mask of detection {int(i)} is {m.shape}, the image {(h, w)}")
-            arr[m] = arr[m] * (1 - alpha) + np.asarray(colors[int(i)], np.float32) * alpha
+            c = np.asarray(colors[int(i)], np.float32)
+            arr[m] = arr[m] * (1 - alpha) + c * alpha
+            arr[_edge(m, line)] = c
         img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), "RGB")
 
     draw = ImageDraw.Draw(img)
-    font = _font(max(10, min(h, w) // 24))
-    line = max(1, min(h, w) // 160)
     for i in keep:
-        c = colors[int(i)]
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        draw.rectangle([x1, y1, x2, y2], outline=c, width=line)
-        lab = int(labels[i])
-        name = class_names[lab - 1] if class_names is not None and 1 <= lab <= len(class_names) else str(lab)
-        text = f"{name} {scores[i]:.2f}"
-        tx, ty = x1, max(0.0, y1 - font.size - 3 if hasattr(font, "size") else y1 - 12)
-        bbox = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle([bbox[0] - 1, bbox[1] - 1, bbox[2] + 1, bbox[3] + 1], fill=c)
-        draw.text((tx, ty), text, fill=(255, 255, 255), font=font)
+        draw.rectangle([float(v) for v in boxes[i]], outline=colors[int(i)], width=line)
 
     if "keypoints" in output:
-        kps = output["keypoints"]
-        kps = kps.detach().cpu().numpy() if torch.is_tensor(kps) else np.asarray(kps)
+        kps = _numpy_of(output["keypoints"])
         ks = output.get("keypoints_scores")
-        ks = ks.detach().cpu().numpy() if torch.is_tensor(ks) else (np.asarray(ks) if ks is not None else None)
-        r = max(2, min(h, w) // 100)
+        ks = _numpy_of(ks) if ks is not None else None
+        r = max(2, round(side / 120))
         for i in keep:
             pts = kps[i]
             ok = np.ones(len(pts), bool) if keypoint_thresh is None or ks is None else ks[i] >= keypoint_thresh
             for a, b in skeleton:
                 if a < len(pts) and b < len(pts) and ok[a] and ok[b]:
-                    draw.line([tuple(pts[a, :2]), tuple(pts[b, :2])], fill=colors[int(i)], width=line)
+                    seg = [tuple(pts[a, :2]), tuple(pts[b, :2])]
+                    draw.line(seg, fill=(0, 0, 0), width=line + 2)   # a dark rim: visible on any background
+                    draw.line(seg, fill=colors[int(i)], width=line)
             for k, (x, y) in enumerate(pts[:, :2]):
                 if ok[k]:
                     draw.ellipse([x - r, y - r, x + r, y + r], fill=KEYPOINT_COLORS[k % len(KEYPOINT_COLORS)],
-                                 outline=(0, 0, 0))
+                                 outline=(0, 0, 0), width=max(1, line // 2))
+
+    font = _font(max(10, round(side / 28)))
+    stroke = max(1, round(side / 400))
+    pad = max(1, line)
+    for i in keep:
+        c = colors[int(i)]
+        x1, y1 = float(boxes[i][0]), float(boxes[i][1])
+        lab = int(labels[i])
+        name = class_names[lab - 1] if class_names is not None and 1 <= lab <= len(class_names) else str(lab)
+        text = f"{name} {scores[i]:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
+        tw, th = right - left + 2 * pad, bottom - top + 2 * pad
+        # above the box where there is room, else just inside its top; always inside the image
+        tx = min(max(0.0, x1), max(0.0, w - tw))
+        ty = y1 - th if y1 - th >= 0 else min(max(0.0, y1), max(0.0, h - th))
+        dark = tuple(int(v * 0.6) for v in c)   # white text reads better on a darkened instance colour
+        draw.rectangle([tx, ty, tx + tw - 1, ty + th - 1], fill=dark, outline=c)
+        draw.text((tx + pad - left, ty + pad - top), text, fill=(255, 255, 255), font=font, stroke_width=stroke,
+                  stroke_fill=(0, 0, 0))
     return img
+
+
+# The COCO person keypoints' skeleton as 0-based index pairs (COCO's category metadata, 1-based there).
+COCO_PERSON_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
+                        (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
+# The synthetic shapes' keypoints (top, right, bottom, left) joined round the shape.
+SHAPES_SKELETON = ((0, 1), (1, 2), (2, 3), (3, 0))
+
+
+def skeleton_of_config(cfg) -> tuple[tuple[int, int], ...]:
+    """The skeleton to draw for a config's keypoints, recognised by their count and flip pairs (a config does not
+    record one): COCO person, the synthetic shapes, or none."""
+    from .data.keypoints import COCO_PERSON_FLIP_PAIRS
+    from .data.shapes import SHAPE_FLIP_PAIRS
+
+    kp = cfg.model.keypoint
+    if not kp.enabled:
+        return ()
+    pairs = tuple(tuple(int(v) for v in p) for p in kp.flip_pairs)
+    if kp.num_keypoints == 17 and pairs == tuple(tuple(p) for p in COCO_PERSON_FLIP_PAIRS):
+        return COCO_PERSON_SKELETON
+    if kp.num_keypoints == 4 and pairs == tuple(tuple(p) for p in SHAPE_FLIP_PAIRS):
+        return SHAPES_SKELETON
+    return ()
 
 
 def skeleton_of(dataset) -> list[tuple[int, int]]:
