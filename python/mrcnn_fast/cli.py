@@ -233,7 +233,7 @@ def collect_images(items) -> tuple[list[Path], list[str]]:
                 problems.append(f"{item}: the pattern matches no file")
             paths.extend(found)
         else:
-            problems.append(f"{item}: file not found")
+            problems.append(f"cannot read image {item}: file not found")
     seen: set = set()
     unique = []
     for q in paths:
