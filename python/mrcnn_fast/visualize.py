@@ -153,24 +153,29 @@ def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = N
                     draw.ellipse([x - r, y - r, x + r, y + r], fill=KEYPOINT_COLORS[k % len(KEYPOINT_COLORS)],
                                  outline=(0, 0, 0), width=max(1, line // 2))
 
-    font = _font(max(10, round(side / 28)))
+    font = _font(max(10, round(side / 30)))
     stroke = max(1, round(side / 400))
     pad = max(1, line)
-    for i in keep:
-        c = colors[int(i)]
-        x1, y1 = float(boxes[i][0]), float(boxes[i][1])
+    placed: dict[int, tuple] = {}   # detection -> (x, y, width, height) of its label, text, text offset
+    for i in keep[::-1]:   # the best detections choose their label's place first
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
         lab = int(labels[i])
         name = class_names[lab - 1] if class_names is not None and 1 <= lab <= len(class_names) else str(lab)
         text = f"{name} {scores[i]:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
         tw, th = right - left + 2 * pad, bottom - top + 2 * pad
-        # above the box where there is room, else just inside its top; always inside the image
         tx = min(max(0.0, x1), max(0.0, w - tw))
-        ty = y1 - th if y1 - th >= 0 else min(max(0.0, y1), max(0.0, h - th))
+        # above the box, else just inside its top, else below it: the first spot free of the labels placed so far
+        spots = [y for y in (y1 - th, y1, y2) if 0 <= y <= h - th] or [min(max(0.0, y1), max(0.0, h - th))]
+        free = [y for y in spots if not any(tx < px + pw and px < tx + tw and y < py + ph and py < y + th
+                                            for (px, py, pw, ph), _, _ in placed.values())]
+        placed[int(i)] = ((tx, (free or spots)[0], tw, th), text, (pad - left, pad - top))
+    for i in keep:   # drawn best last, on top
+        (tx, ty, tw, th), text, (ox, oy) = placed[int(i)]
+        c = colors[int(i)]
         dark = tuple(int(v * 0.6) for v in c)   # white text reads better on a darkened instance colour
         draw.rectangle([tx, ty, tx + tw - 1, ty + th - 1], fill=dark, outline=c)
-        draw.text((tx + pad - left, ty + pad - top), text, fill=(255, 255, 255), font=font, stroke_width=stroke,
-                  stroke_fill=(0, 0, 0))
+        draw.text((tx + ox, ty + oy), text, fill=(255, 255, 255), font=font, stroke_width=stroke, stroke_fill=(0, 0, 0))
     return img
 
 
