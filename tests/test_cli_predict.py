@@ -124,6 +124,9 @@ def test_usage_errors(capsys, run_dir, images, tmp_path):
         code, _, err = _run(capsys, "predict", files[0], *argv)
         assert code == 2 and err.startswith("mrcnn-fast: error: ") and needle in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, err
+    if not torch.cuda.is_available():
+        code, _, err = _run(capsys, "predict", files[0], "--weights", run_dir, "--device", "cuda")
+        assert code == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = _run(capsys, "predict", tmp_path / "nothing*.jpg", "--weights", run_dir)
     assert code == 2 and "no images" in err
     empty = tmp_path / "empty_dir"

@@ -150,6 +150,31 @@ def test_every_input_kind_gives_the_same_detections(predictor):
     assert_same(ref, predictor([rgb])[0])
 
 
+def test_fp32_gives_the_eval_models_detections(run_dir):
+    """precision fp32: the detections of the model in eval mode (boxes within 0.05 px, scores within 1e-3, mask
+    IoU >= 0.99: BatchNorm folded into the convolutions rounds differently)."""
+    from mrcnn_fast.config import get_config
+    from mrcnn_fast.engine import load_weights
+    from mrcnn_fast.modeling import inference_model
+
+    p = mrcnn_fast.Predictor(run_dir, precision="fp32")
+    cfg = get_config(str(run_dir / "config.json"))
+    model = build_model(cfg)
+    load_weights(model, run_dir / FINAL_WEIGHTS)
+    model = inference_model(model, cfg).eval()
+    for path in photos(2):
+        image = pred_mod.to_image_tensor(path)
+        want = model([image], mask_format="bool")[0]
+        got = p(path)
+        assert want["boxes"].shape[0] > 0
+        assert torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["boxes"], want["boxes"], atol=0.05, rtol=0)
+        torch.testing.assert_close(got["scores"], want["scores"], atol=1e-3, rtol=0)
+        inter = (got["masks"] & want["masks"]).flatten(1).sum(1)
+        union = (got["masks"] | want["masks"]).flatten(1).sum(1)
+        assert bool((inter >= 0.99 * union).all())
+
+
 def test_result_layout_and_mask_formats(predictor):
     path = photos(1)[0]
     h, w = np.asarray(Image.open(path)).shape[:2]

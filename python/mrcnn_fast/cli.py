@@ -329,7 +329,7 @@ def _progress(total: int, enabled: bool):
 
 def cmd_predict(args) -> int:
     from .engine import distributed as du
-    from .predictor import Predictor, read_image, to_image_tensor
+    from .predictor import Predictor, _resolve_device, read_image, to_image_tensor
     from .visualize import draw_instances, skeleton_of_config
 
     if args.weights_format != "ours":
@@ -349,6 +349,7 @@ def cmd_predict(args) -> int:
         if out_dir.exists() and not out_dir.is_dir():
             raise NotADirectoryError(f"--output is not a directory: {out_dir}")
         _require_writable_file(out_dir / "results.json", "--output")
+    _resolve_device(args.device)   # its own message, before init_distributed's (which speaks of train.device)
     paths, problems = collect_images(args.images)
     if not paths:
         raise UsageError("no images to predict on: " + "; ".join(problems))
