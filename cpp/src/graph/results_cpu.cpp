@@ -1,0 +1,245 @@
+// Stage 3's per-element work on the CPU: box and keypoint rescaling, the labelled class's mask probabilities,
+// and keypoints from heatmaps (torch's bicubic resize to the box's ceil'd size, then the arg-max).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "graph_cpu.h"
+#include "mrcnn/common/check.h"
+#include "mrcnn/common/dispatch.h"
+#include "mrcnn/common/fp_math.h"
+#include "mrcnn/common/parallel.h"
+#include "mrcnn/common/simd.h"
+
+namespace mrcnn {
+
+namespace {
+
+bool cpu_has_fma() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return true;
+#endif
+}
+
+// ---- bicubic resize, torch's upsample_bicubic2d (align_corners=False) ------------------------------------
+// torch's CPU kernel is compiled with FMA contraction where the CPU has FMA; Fused mirrors its fused steps
+// (the cubic coefficients, the source index and the accumulation over the taps).
+
+template <bool Fused, class T> MRCNN_ALWAYS_INLINE T cubic1(T x, T a) {
+  if (Fused) return detail::fma_rn(detail::fma_rn(a + T(2), x, -(a + T(3))) * x, x, T(1));
+  return ((a + T(2)) * x - (a + T(3))) * x * x + T(1);
+}
+template <bool Fused, class T> MRCNN_ALWAYS_INLINE T cubic2(T x, T a) {
+  if (Fused)
+    return detail::fma_rn(detail::fma_rn(detail::fma_rn(a, x, -(T(5) * a)), x, T(8) * a), x, -(T(4) * a));
+  return ((a * x - T(5) * a) * x + T(8) * a) * x - T(4) * a;
+}
+
+// The four taps (clamped indices) and weights of every output index of a resize from `in` to `out` samples.
+template <bool Fused, class T> MRCNN_ALWAYS_INLINE void cubic_taps(int64_t in, int64_t out, int64_t* idx, T* wt) {
+  const T scale = T(in) / T(out);
+  const T a = T(-0.75);
+  for (int64_t o = 0; o < out; ++o) {
+    const T pos = T(o) + T(0.5);
+    const T src = Fused ? detail::fma_rn(scale, pos, T(-0.5)) : scale * pos - T(0.5);
+    int64_t i0 = std::min(static_cast<int64_t>(floorf(static_cast<float>(src))), in - 1);
+    T t = std::min(std::max(src - T(i0), T(0)), T(1));
+    wt[4 * o] = cubic2<Fused>(t + T(1), a);
+    wt[4 * o + 1] = cubic1<Fused>(t, a);
+    wt[4 * o + 2] = cubic1<Fused>(T(1) - t, a);
+    wt[4 * o + 3] = cubic2<Fused>(T(1) - t + T(1), a);
+    for (int j = 0; j < 4; ++j) idx[4 * o + j] = std::max<int64_t>(std::min<int64_t>(i0 - 1 + j, in - 1), 0);
+  }
+}
+
+template <bool Fused, class T> MRCNN_ALWAYS_INLINE T taps4(const T* v, const T* w) {
+  T acc = v[0] * w[0];
+  for (int j = 1; j < 4; ++j) acc = Fused ? detail::fma_rn(v[j], w[j], acc) : acc + v[j] * w[j];
+  return acc;
+}
+
+struct KeypointScratch {
+  std::vector<int64_t> xi, yi;
+  std::vector<double> xw, yw, rows;
+};
+
+// One detection: each of its k heatmaps [s_h, s_w] resized to (hc, wc), the first arg-max cell.
+template <bool Fused, class T>
+MRCNN_ALWAYS_INLINE void keypoints_one(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy,
+                                       T* score, KeypointScratch& s) {
+  const T bw = std::max(box[2] - box[0], T(1)), bh = std::max(box[3] - box[1], T(1));
+  const T wc = std::ceil(bw), hc = std::ceil(bh);
+  const int64_t ow = int64_t(wc), oh = int64_t(hc);
+  s.xi.resize(4 * ow), s.yi.resize(4 * oh);
+  s.xw.resize(4 * ow), s.yw.resize(4 * oh), s.rows.resize(sh * ow);
+  T* xw = reinterpret_cast<T*>(s.xw.data());
+  T* yw = reinterpret_cast<T*>(s.yw.data());
+  T* rows = reinterpret_cast<T*>(s.rows.data());
+  cubic_taps<Fused>(sw, ow, s.xi.data(), xw);
+  cubic_taps<Fused>(sh, oh, s.yi.data(), yw);
+  const T sx = bw / T(ow), sy = bh / T(oh);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const T* m = maps + kk * sh * sw;
+    // Horizontal pass for every source row: the inner sum of torch's kernel, computed once per (row, x).
+    for (int64_t y = 0; y < sh; ++y)
+      for (int64_t x = 0; x < ow; ++x) {
+        const int64_t* ix = s.xi.data() + 4 * x;
+        const T v[4] = {m[y * sw + ix[0]], m[y * sw + ix[1]], m[y * sw + ix[2]], m[y * sw + ix[3]]};
+        rows[y * ow + x] = taps4<Fused>(v, xw + 4 * x);
+      }
+    T best = T(0);
+    int64_t bx = 0, by = 0;
+    bool first = true;
+    for (int64_t y = 0; y < oh; ++y) {
+      const int64_t* iy = s.yi.data() + 4 * y;
+      const T* w = yw + 4 * y;
+      const T* r0 = rows + iy[0] * ow;
+      const T* r1 = rows + iy[1] * ow;
+      const T* r2 = rows + iy[2] * ow;
+      const T* r3 = rows + iy[3] * ow;
+      for (int64_t x = 0; x < ow; ++x) {
+        const T v[4] = {r0[x], r1[x], r2[x], r3[x]};
+        const T val = taps4<Fused>(v, w);
+        // torch.argmax: the first maximum; NaN counts as the maximum.
+        if (first || (!std::isnan(best) && (val > best || std::isnan(val)))) {
+          best = val, bx = x, by = y, first = false;
+        }
+      }
+    }
+    xy[3 * kk] = (T(bx) + T(0.5)) * sx + box[0];
+    xy[3 * kk + 1] = (T(by) + T(0.5)) * sy + box[1];
+    xy[3 * kk + 2] = T(1);
+    score[kk] = best;
+  }
+}
+
+template <class T>
+MRCNN_X86_FMA_TARGET void keypoints_fused(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy,
+                                          T* score, KeypointScratch& s) {
+  keypoints_one<true>(maps, k, sh, sw, box, xy, score, s);
+}
+template <class T>
+void keypoints_plain(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy, T* score,
+                     KeypointScratch& s) {
+  keypoints_one<false>(maps, k, sh, sw, box, xy, score, s);
+}
+
+template <class T> T sigmoid(T x) { return T(1) / (T(1) + detail::exp_t(-x)); }
+
+}  // namespace
+
+void heatmaps_to_keypoints_cpu(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
+                               const TensorView& scores) {
+  const int64_t d = maps.size(0), k = maps.size(1), sh = maps.size(2), sw = maps.size(3);
+  const bool fused = cpu_has_fma();
+  MRCNN_DISPATCH_CPU_FLOAT(maps.dtype, "heatmaps_to_keypoints", [&] {
+    const scalar_t* m = maps.ptr<scalar_t>();
+    const scalar_t* b = boxes.ptr<scalar_t>();
+    for (int64_t i = 0; i < 4 * d; ++i)
+      MRCNN_CHECK_VALUE(std::isfinite(b[i]), "keypoint boxes contain NaN or infinite values");
+    scalar_t* o = xy.ptr<scalar_t>();
+    scalar_t* sc = scores.ptr<scalar_t>();
+    parallel_for(0, d, 1, [&](int64_t lo, int64_t hi) {
+      KeypointScratch s;
+      for (int64_t i = lo; i < hi; ++i) {
+        if (fused)
+          keypoints_fused(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+        else
+          keypoints_plain(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+      }
+    });
+  });
+}
+
+template <class T>
+void rescale_boxes_cpu(const TensorView& boxes, const TensorView& counts, const double* hw, const double* hw0,
+                       T* resized, T* input) {
+  const int64_t n = boxes.size(0), d = boxes.size(1);
+  const int64_t* cnt = counts.ptr<int64_t>();
+  const T* b = boxes.ptr<T>();
+  int64_t r = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T rx = T(hw0[2 * i + 1] / hw[2 * i + 1]), ry = T(hw0[2 * i] / hw[2 * i]);
+    const T f[4] = {rx, ry, rx, ry};
+    for (int64_t j = 0; j < cnt[i]; ++j, ++r)
+      for (int c = 0; c < 4; ++c) {
+        resized[4 * r + c] = b[4 * (i * d + j) + c];
+        input[4 * r + c] = b[4 * (i * d + j) + c] * f[c];
+      }
+  }
+}
+
+template <class T>
+void rescale_keypoints_cpu(const TensorView& counts, const double* hw, const double* hw0, int64_t k, T* xy) {
+  const int64_t* cnt = counts.ptr<int64_t>();
+  int64_t r = 0;
+  for (int64_t i = 0; i < counts.size(0); ++i) {
+    const T rx = T(hw0[2 * i + 1] / hw[2 * i + 1]), ry = T(hw0[2 * i] / hw[2 * i]);
+    for (int64_t j = 0; j < cnt[i] * k; ++j) {
+      xy[3 * (r * k + j)] *= rx;
+      xy[3 * (r * k + j) + 1] *= ry;
+    }
+    r += cnt[i];
+  }
+}
+
+template <class T>
+void mask_probs_cpu(const TensorView& logits, const TensorView& labels, const TensorView& counts, MaskLoss loss,
+                    T* probs) {
+  const int64_t r = logits.size(0), ch = logits.size(1), mm = logits.size(2) * logits.size(3);
+  const int64_t n = labels.size(0), d = labels.size(1);
+  const bool agnostic = ch <= (loss == MaskLoss::Sigmoid ? 1 : 2);
+  // packed labels of the valid detections
+  std::vector<int64_t> lab;
+  lab.reserve(r);
+  const int64_t* cnt = counts.ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < cnt[i]; ++j) lab.push_back(labels.ptr<int64_t>()[i * d + j]);
+  for (int64_t j = 0; j < r; ++j) {
+    const int64_t c = agnostic ? (loss == MaskLoss::Sigmoid ? 0 : 1) : lab[j];
+    MRCNN_CHECK_VALUE(c >= 0 && c < ch, "detection label ", c, " has no mask channel (mask_logits has ", ch,
+                      " channels)");
+    lab[j] = c;
+  }
+  const T* x = logits.ptr<T>();
+  const T tiny = std::numeric_limits<T>::min();
+  parallel_for(0, r, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> ex(ch);
+    for (int64_t j = b; j < e; ++j) {
+      const T* xj = x + j * ch * mm;
+      T* o = probs + j * mm;
+      const int64_t c = lab[j];
+      if (loss == MaskLoss::Sigmoid) {
+        for (int64_t q = 0; q < mm; ++q) o[q] = sigmoid(xj[c * mm + q]);
+        continue;
+      }
+      // softmax: p_c / (p_c + max_{j != c} p_j), as postprocess.mask_probs
+      for (int64_t q = 0; q < mm; ++q) {
+        T mx = xj[q];
+        for (int64_t a = 1; a < ch; ++a) mx = std::max(mx, xj[a * mm + q]);
+        T sum = T(0);
+        for (int64_t a = 0; a < ch; ++a) sum += (ex[a] = detail::exp_t(xj[a * mm + q] - mx));
+        T other = T(-1);
+        for (int64_t a = 0; a < ch; ++a)
+          if (a != c) other = std::max(other, ex[a] / sum);
+        const T own = ex[c] / sum;
+        o[q] = own / std::max(own + other, tiny);
+      }
+    }
+  });
+}
+
+template void rescale_boxes_cpu<float>(const TensorView&, const TensorView&, const double*, const double*, float*,
+                                       float*);
+template void rescale_boxes_cpu<double>(const TensorView&, const TensorView&, const double*, const double*,
+                                        double*, double*);
+template void rescale_keypoints_cpu<float>(const TensorView&, const double*, const double*, int64_t, float*);
+template void rescale_keypoints_cpu<double>(const TensorView&, const double*, const double*, int64_t, double*);
+template void mask_probs_cpu<float>(const TensorView&, const TensorView&, const TensorView&, MaskLoss, float*);
+template void mask_probs_cpu<double>(const TensorView&, const TensorView&, const TensorView&, MaskLoss, double*);
+
+}  // namespace mrcnn

@@ -1,0 +1,206 @@
+"""Inference-only rewrites of a trained model: frozen batch norm folded into the convolutions, the networks in
+reduced precision and channels-last, optionally compiled.
+
+    model = optimize_for_inference(model, precision="bf16", compile=True)
+    batch, image_sizes, _, input_sizes = model.preprocess(images)
+    results = model.inference(model.to_model_layout(batch), image_sizes, input_sizes, mask_format="bool")
+
+The model stays a MaskRCNN with the same call signatures; only its networks change. The three stages between
+the networks (proposals, detections, results) always see float32 tensors: the networks' outputs are cast back
+to float32 where they leave a network, the pooled RoI features are cast to the network's dtype where they
+enter one. Speeds are in bench/results/e2e.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import BasicBlock, Bottleneck, FrozenBatchNorm2d, ResNet
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+# ---- batch-norm folding --------------------------------------------------------------------------
+
+
+def _foldable_norm(m: nn.Module) -> bool:
+    if type(m) is FrozenBatchNorm2d:
+        return True
+    # a BatchNorm2d in eval mode with running statistics is a fixed affine map too
+    return (type(m) is nn.BatchNorm2d and not m.training and m.track_running_stats
+            and m.running_mean is not None and m.running_var is not None)
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """conv followed by bn -> conv alone: weight scaled per output channel, bias = shifted old bias."""
+    w64 = conv.weight.double()
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma * (var + bn.eps).rsqrt()
+    old_bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+    fmt = torch.channels_last if (conv.weight.dim() == 4 and conv.weight.is_contiguous(
+        memory_format=torch.channels_last) and not conv.weight.is_contiguous()) else torch.contiguous_format
+    weight = (w64 * scale.reshape(-1, *([1] * (w64.dim() - 1)))).to(conv.weight.dtype)
+    conv.weight.data = weight.contiguous(memory_format=fmt)
+    bias = ((old_bias - mean) * scale + beta).to(conv.weight.dtype)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+    else:
+        conv.bias.data = bias
+
+
+def _is_plain_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
+    """Folds every frozen batch norm that directly follows a convolution into that convolution, in place.
+
+    FrozenBatchNorm2d (and BatchNorm2d in eval mode, whose statistics are fixed too) after a Conv2d in the
+    ResNet blocks (convK -> bnK), the stem (conv1 -> bn1) and any nn.Sequential (conv, norm) pair becomes the
+    convolution's scaled weight and bias; the norm is replaced by nn.Identity. The stem's fused
+    batch-norm/ReLU/max-pool then runs as max-pool + ReLU on the biased convolution (same values). The folded
+    model is for inference: training it would train the folded weights without the norm. Outputs equal the
+    unfolded model's up to float rounding (the scale is applied to the weights in float64, then rounded once).
+
+    Returns: model.
+    """
+    for parent in list(model.modules()):
+        pairs = []
+        if isinstance(parent, (ResNet, BasicBlock, Bottleneck)):
+            for k in (1, 2, 3):
+                conv, bn = getattr(parent, f"conv{k}", None), getattr(parent, f"bn{k}", None)
+                if conv is not None and bn is not None:
+                    pairs.append((conv, f"bn{k}", bn))
+        elif isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for a, b in zip(names, names[1:]):
+                pairs.append((parent._modules[a], b, parent._modules[b]))
+        for conv, name, bn in pairs:
+            if _is_plain_conv(conv) and _foldable_norm(bn) and bn.running_mean.shape[0] == conv.out_channels:
+                _fold(conv, bn)
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+# ---- precision -----------------------------------------------------------------------------------
+
+
+def _cast_floats(obj, dtype: torch.dtype, only: tuple[torch.dtype, ...]):
+    """obj with every floating tensor of a dtype in `only` cast to dtype (lists, tuples and dicts walked)."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.dtype in only and obj.dtype != dtype else obj
+    if isinstance(obj, (list, tuple)):
+        out = [_cast_floats(o, dtype, only) for o in obj]
+        return type(obj)(out) if type(obj) in (list, tuple) else type(obj)(*out)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype, only) for k, v in obj.items()}
+    return obj
+
+
+class _CastInputs:
+    """Forward pre-hook: float32 inputs of a network -> its dtype (a class, not a closure: picklable, and its
+    dtype shows in the hook's repr)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args, kwargs):
+        return _cast_floats(args, self.dtype, (torch.float32,)), _cast_floats(kwargs, self.dtype, (torch.float32,))
+
+
+class _CastOutputs:
+    """Forward hook: a network's half-precision outputs -> float32, for the stages between the networks."""
+
+    def __call__(self, module, args, output):
+        return _cast_floats(output, torch.float32, (torch.float16, torch.bfloat16))
+
+
+def network_modules(model: nn.Module) -> list[nn.Module]:
+    """The networks of a MaskRCNN, the modules the eval path calls with tensors between the stages: the backbone
+    (trunk + FPN), the RPN head and every child of the RoI heads that has parameters (box head and predictor,
+    mask head, keypoint head, the cascade's heads)."""
+    nets = [model.backbone, model.rpn.head]
+    stack = list(model.roi_heads.children())
+    while stack:
+        m = stack.pop(0)
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            stack.extend(m.children())
+        elif any(True for _ in m.parameters()):
+            nets.append(m)
+    return nets
+
+
+def check_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """The network dtype of `precision` on `device`; raises where it is unknown or not supported there."""
+    from ..engine.trainer import cpu_has_native_bf16
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16' (where the CPU has "
+                             "native bfloat16) or 'fp32'")
+        if precision == "bf16" and not cpu_has_native_bf16():
+            raise RuntimeError("precision 'bf16' needs a CPU with native bfloat16 instructions (AVX512-BF16 or "
+                               "AMX-BF16 on x86, BF16 on Arm); this CPU has none: use 'fp32'")
+    return PRECISIONS[precision]
+
+
+def _compile_networks(nets: list[nn.Module], mode: str) -> None:
+    # freezing: inductor treats the (inference-only) parameters as constants, so oneDNN prepacks the weights
+    # of the convolutions and linear layers once, at compile time
+    options = {"freezing": True}
+    if mode == "max-autotune-no-cudagraphs":
+        options.update({"max_autotune": True, "triton.cudagraphs": False})
+    for m in nets:
+        m.compile(backend="inductor", options=options)
+
+
+@torch.no_grad()
+def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channels_last: bool = True,
+                           compile: bool | str = False) -> nn.Module:
+    """The model rewritten for inference, in place, and returned: eval mode, no gradients, frozen batch norm
+    folded into the convolutions (fold_frozen_batchnorm), the networks in `precision` and channels-last.
+
+    Args:
+        model: a MaskRCNN (on its device already).
+        precision: "fp32"; "bf16" on a CPU with native bfloat16 or on CUDA; "fp16" on CUDA. The networks'
+            weights are converted once; what enters a network is cast to its dtype and what leaves it is cast
+            back to float32, so the three stages between the networks (and RoIAlign) run in float32.
+        channels_last: NHWC activations and convolution weights (see MaskRCNN.channels_last).
+        compile: False; True or "default": torch.compile (inductor, freezing) of each network (backbone + FPN,
+            RPN head, RoI heads' networks); "max-autotune-no-cudagraphs": the same with inductor's autotuning.
+            The first call of each new input shape pays the compile time.
+    Returns: model, still called as model(images) or model.preprocess(...) then model.inference(...).
+    """
+    from .mask_rcnn import MaskRCNN
+
+    if not isinstance(model, MaskRCNN):
+        raise TypeError(f"optimize_for_inference takes a MaskRCNN, got {type(model).__name__}")
+    if compile not in (False, True) and compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
+    device = model.pixel_mean.device
+    dtype = check_precision(precision, device)
+    if getattr(model, "_inference_precision", None) is not None:
+        raise RuntimeError("optimize_for_inference was already applied to this model")
+    model.eval()
+    model.requires_grad_(False)
+    fold_frozen_batchnorm(model)
+    model.channels_last = bool(channels_last)
+    nets = network_modules(model)
+    if dtype != torch.float32:
+        for m in nets:
+            m.to(dtype)
+            m.register_forward_pre_hook(_CastInputs(dtype), with_kwargs=True)
+            m.register_forward_hook(_CastOutputs())
+        model.channels_last = bool(channels_last)   # .to() keeps strides, but restore the layout explicitly
+    if compile:
+        _compile_networks(nets, "default" if compile is True else compile)
+    model._inference_precision = precision
+    return model
