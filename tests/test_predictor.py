@@ -64,6 +64,7 @@ def assert_same(a: dict, b: dict):
 
 def test_loads_run_folder_file_and_demo_folder(run_dir, predictor):
     assert predictor.weights == run_dir / FINAL_WEIGHTS and predictor.precision in ("fp32", "bf16")
+    assert predictor.graph is not None   # a plain Mask R-CNN: the C++ graph runs between the networks
     assert predictor.class_names == CLASS_NAMES and predictor.category_ids == CATEGORY_IDS
     assert predictor.category_id(2) == 12 and predictor.class_name(3) == "ellipse"
     assert mrcnn_fast.Predictor(run_dir / FINAL_WEIGHTS, precision="fp32").weights == run_dir / FINAL_WEIGHTS
@@ -131,6 +132,17 @@ def test_precision_auto_and_explicit(run_dir, monkeypatch, caplog):
     assert pred_mod.choose_precision("auto", cpu)[0] == "bf16"
     assert pred_mod.choose_precision("bf16", cpu)[0] == "bf16"
     assert pred_mod.choose_precision("fp32", cpu)[0] == "fp32"
+
+
+@pytest.mark.skipif(not pred_mod._bf16_native(torch.device("cpu")), reason="the CPU has no native bfloat16")
+def test_bf16_networks_float32_results(run_dir, monkeypatch):
+    monkeypatch.setattr(pred_mod, "BF16_AP_COST_POINTS", 0.2)
+    p = mrcnn_fast.Predictor(run_dir)   # auto: native and a measured cost under the limit
+    assert p.precision == "bf16"
+    assert p.model.backbone.body.conv1.weight.dtype == torch.bfloat16
+    r = p(photos(1)[0])
+    assert r["boxes"].dtype == r["scores"].dtype == torch.float32 and r["boxes"].shape[0] > 0
+    assert mrcnn_fast.Predictor(run_dir, precision="bf16").precision == "bf16"
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------

@@ -239,7 +239,8 @@ class Predictor:
         score_threshold: detections scoring below it are dropped (default: the config's
             model.roi_heads.score_thresh_test). It replaces the config's threshold, so it also applies before NMS.
         mask_format: the default of the call's mask_format ("bool", "prob" or "rle").
-        compile: torch.compile the networks (slow first call per input size; see modeling.fuse).
+        compile: torch.compile the networks: True (inductor with freezing) or a mode of modeling.fuse.COMPILE_MODES;
+            the first call of each new input size pays the compile time.
 
     Thread safety: one Predictor may be called from several threads at once. Image decoding and conversion run
     in the calling thread; the networks and the stages between them run under a lock (one batch at a time: the
@@ -248,7 +249,7 @@ class Predictor:
     """
 
     def __init__(self, weights, *, config=None, device="cpu", precision: str = "auto",
-                 score_threshold: float | None = None, mask_format: str = "bool", compile: bool = False):
+                 score_threshold: float | None = None, mask_format: str = "bool", compile: bool | str = False):
         from .config import merge
         from .engine.checkpoint import load_weights
         from .modeling import build_model
@@ -261,8 +262,10 @@ class Predictor:
             if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
                     or not 0.0 <= float(score_threshold) <= 1.0:
                 raise ValueError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be True or False, got {compile!r}")
+        from .modeling.fuse import COMPILE_MODES
+
+        if compile not in (False, True) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
         self.weights, cfg = resolve_weights(weights, config)
         if score_threshold is not None:
             cfg = merge(cfg, {"model": {"roi_heads": {"score_thresh_test": float(score_threshold)}}})
@@ -281,7 +284,9 @@ class Predictor:
         load_weights(model, self.weights)
         model.eval().to(self.device)
         self.model = self._optimize(model)
-        self._stages = None if self.test_flip else self._build_stages(self.model)
+        # the C++ inference graph between the networks; None: the model's torch stages (models it does not support,
+        # flip test-time augmentation)
+        self.graph = None if self.test_flip else self._build_stages(self.model)
         self._flip = None
         if self.test_flip:
             from .modeling import FlipTTA
@@ -289,7 +294,7 @@ class Predictor:
             self._flip = FlipTTA.from_config(cfg, self.model).eval()
         self._lock = threading.Lock()
         between = ("flip test-time augmentation (torch stages)" if self.test_flip else
-                   "the C++ inference graph" if self._stages is not None else "the torch stages")
+                   "the C++ inference graph" if self.graph is not None else "the torch stages")
         logger.info("Predictor: precision %s (%s) on %s, %s", self.precision, why, self.device, between)
 
     # ---- set-up ------------------------------------------------------------------------------------
@@ -297,21 +302,15 @@ class Predictor:
     def _optimize(self, model):
         """The eval model for this precision: BatchNorm folded into the convolutions, channels-last, the networks
         in self.precision with the stages in float32, optionally compiled (modeling.fuse)."""
-        try:
-            from .modeling.fuse import optimize_for_inference
-        except ImportError:   # modeling.fuse has not landed in this branch yet
-            if self.precision != "fp32":
-                raise RuntimeError(f"precision {self.precision!r} needs mrcnn_fast.modeling.fuse") from None
-            return model
+        from .modeling.fuse import optimize_for_inference
+
         return optimize_for_inference(model, precision=self.precision, channels_last=True, compile=self.compile)
 
     def _build_stages(self, model):
         """The C++ inference graph for model, or None (the model's torch stages) where it does not support the
         model (graph.InferenceGraph.from_model raises ValueError, e.g. for inference-time refiners)."""
-        try:
-            from .graph import InferenceGraph
-        except ImportError:   # the graph has not landed in this branch yet
-            return None
+        from .graph import InferenceGraph
+
         try:
             return InferenceGraph.from_model(model)
         except ValueError as e:
@@ -350,7 +349,7 @@ class Predictor:
                 m = self.model
                 batch, image_sizes, _, input_sizes = m.preprocess(ims)
                 raw = m.inference(m.to_model_layout(batch), image_sizes, input_sizes, mask_format=mask_format,
-                                  stages=self._stages)
+                                  stages=self.graph)
             return [self._result(o) for o in raw]
 
     def _result(self, out: dict) -> dict:
