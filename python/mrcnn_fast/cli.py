@@ -526,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run trained weights on image files, folders (their images, sorted) and glob "
                         "patterns. Writes OUTPUT/<name>.png (masks, boxes, class names, scores, keypoints drawn) and "
                         "OUTPUT/results.json (COCO results: image_id, file_name, category_id, bbox, score, "
-                        "segmentation, keypoints), or the JSON to stdout without --output. Under torchrun the "
+                        "segmentation, keypoints; image_id is the file name's number where every name is one, as "
+                        "COCO's 000000000139.jpg, else 1..N in input order), or the JSON to stdout without --output. "
+                        "Under torchrun the "
                         "images are split over the processes and rank 0 writes the merged file. An image that "
                         "cannot be read is reported and skipped; the exit status is then 1.")
     pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
