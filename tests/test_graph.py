@@ -288,7 +288,7 @@ def test_model_inference_with_graph_equals_reference(overrides):
     images, _ = shapes_batch(3, size=(96, 128), seed=2)
     images[1] = images[1][:, :80, :100]
     batch, image_sizes, _, input_sizes = model.preprocess(images)
-    for fmt in ("prob", "bool", "rle"):
+    for fmt in ("prob", "bool", "rle") if "keypoint" in overrides else ("rle",):
         ref = model.inference(batch, image_sizes, input_sizes, mask_format=fmt)
         out = model.inference(batch, image_sizes, input_sizes, mask_format=fmt, stages=graph)
         assert sum(len(r["boxes"]) for r in ref) > 0

@@ -26,16 +26,16 @@ bool cpu_has_fma() {
 }
 
 // ---- bicubic resize, torch's upsample_bicubic2d (align_corners=False) ------------------------------------
-// torch's CPU kernel is compiled with FMA contraction where the CPU has FMA; Fused mirrors its fused steps
-// (the cubic coefficients, the source index and the accumulation over the taps).
+// torch's CPU kernel is compiled with FMA contraction where the CPU has FMA; Fused mirrors the steps measured
+// to be fused there (the source index, the inner products of the cubic coefficients, the accumulation over the
+// taps). Its vectorised loops still round some outputs differently, so values agree to float rounding.
 
 template <bool Fused, class T> MRCNN_ALWAYS_INLINE T cubic1(T x, T a) {
-  if (Fused) return detail::fma_rn(detail::fma_rn(a + T(2), x, -(a + T(3))) * x, x, T(1));
+  if (Fused) return detail::fma_rn(a + T(2), x, -(a + T(3))) * x * x + T(1);
   return ((a + T(2)) * x - (a + T(3))) * x * x + T(1);
 }
 template <bool Fused, class T> MRCNN_ALWAYS_INLINE T cubic2(T x, T a) {
-  if (Fused)
-    return detail::fma_rn(detail::fma_rn(detail::fma_rn(a, x, -(T(5) * a)), x, T(8) * a), x, -(T(4) * a));
+  if (Fused) return detail::fma_rn(detail::fma_rn(a, x, -(T(5) * a)), x, T(8) * a) * x - T(4) * a;
   return ((a * x - T(5) * a) * x + T(8) * a) * x - T(4) * a;
 }
 
