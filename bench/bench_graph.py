@@ -6,7 +6,8 @@ Each stage is timed three ways: the graph ("mrcnn_fast" in the "graph ..." group
 stages (modeling/postprocess.py on our ops; "mrcnn_fast" in the "graph-reference ..." groups) and torchvision's
 equivalents as its Mask R-CNN runs them ("torchvision", in both groups):
   stage 1: BoxCoder.decode of every anchor + RegionProposalNetwork.filter_proposals + MultiScaleRoIAlign (7x7);
-  stage 2: RoIHeads.postprocess_detections + MultiScaleRoIAlign (14x14) of the detections;
+  stage 2: RoIHeads.postprocess_detections + MultiScaleRoIAlign (14x14) of the detections (and the detections
+           alone, without the RoIAlign);
   stage 3: maskrcnn_inference + GeneralizedRCNNTransform.postprocess (box rescale, paste_masks_in_image, the
            bool masks: > 0.5), keypointrcnn_inference + keypoint rescale.
 """
@@ -47,6 +48,7 @@ CFG = {"rpn_pre_nms_top_n": 1000, "rpn_post_nms_top_n": 1000, "rpn_nms_thresh": 
        "mask_loss": "sigmoid", "mask_threshold": 0.5, "paste_aligned": False, "keypoint_pooler": None}
 GRAPH = InferenceGraph(CFG)
 KP_GRAPH = InferenceGraph({**CFG, "mask_pooler": None, "keypoint_pooler": _pooler(14)})
+DET_GRAPH = InferenceGraph({**CFG, "mask_pooler": None})   # stage 2 without the mask RoIAlign
 
 
 def _inputs(seed=0):
@@ -170,6 +172,41 @@ def test_stage2_reference_mrcnn_fast(bench):
 @pytest.mark.benchmark(group=f"graph-reference stage 2 (detections + mask RoIAlign): {SIZE}")
 def test_stage2_reference_torchvision(bench):
     bench(_tv_stage2)
+
+
+def _graph_detections():
+    return DET_GRAPH.detection_stage(CLASS_LOGITS, BOX_REG, PROPOSALS, COUNTS, FEATS, [IMAGE])[0]
+
+
+def _reference_detections():
+    return pp.detections_from_box_outputs(CLASS_LOGITS, BOX_REG, PROPOSALS, COUNTS, [IMAGE],
+                                          weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
+                                          detections_per_image=D)
+
+
+def _tv_detections():
+    return TV_HEADS.postprocess_detections(CLASS_LOGITS, BOX_REG, [PROPOSALS[0, :R]], [IMAGE])
+
+
+@pytest.mark.benchmark(group=f"graph stage 2 detections only (no RoIAlign): {SIZE}")
+def test_detections_graph_mrcnn_fast(bench):
+    assert torch.equal(_graph_detections().boxes, _reference_detections().boxes)
+    bench(_graph_detections)
+
+
+@pytest.mark.benchmark(group=f"graph stage 2 detections only (no RoIAlign): {SIZE}")
+def test_detections_torchvision(bench):
+    bench(_tv_detections)
+
+
+@pytest.mark.benchmark(group=f"graph-reference stage 2 detections only (no RoIAlign): {SIZE}")
+def test_detections_reference_mrcnn_fast(bench):
+    bench(_reference_detections)
+
+
+@pytest.mark.benchmark(group=f"graph-reference stage 2 detections only (no RoIAlign): {SIZE}")
+def test_detections_reference_torchvision(bench):
+    bench(_tv_detections)
 
 
 # ---- stage 3 ------------------------------------------------------------------------------------------------
