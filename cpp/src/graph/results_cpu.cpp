@@ -64,7 +64,7 @@ template <bool Fused, class T> MRCNN_ALWAYS_INLINE T taps4(const T* v, const T* 
 
 struct KeypointScratch {
   std::vector<int64_t> xi, yi;
-  std::vector<double> xw, yw, rows;
+  std::vector<double> xw, yw, rows, line;
 };
 
 // One detection: each of its k heatmaps [s_h, s_w] resized to (hc, wc), the first arg-max cell.
@@ -75,10 +75,11 @@ MRCNN_ALWAYS_INLINE void keypoints_one(const T* maps, int64_t k, int64_t sh, int
   const T wc = std::ceil(bw), hc = std::ceil(bh);
   const int64_t ow = int64_t(wc), oh = int64_t(hc);
   s.xi.resize(4 * ow), s.yi.resize(4 * oh);
-  s.xw.resize(4 * ow), s.yw.resize(4 * oh), s.rows.resize(sh * ow);
+  s.xw.resize(4 * ow), s.yw.resize(4 * oh), s.rows.resize(sh * ow), s.line.resize(ow);
   T* xw = reinterpret_cast<T*>(s.xw.data());
   T* yw = reinterpret_cast<T*>(s.yw.data());
   T* rows = reinterpret_cast<T*>(s.rows.data());
+  T* out = reinterpret_cast<T*>(s.line.data());
   cubic_taps<Fused>(sw, ow, s.xi.data(), xw);
   cubic_taps<Fused>(sh, oh, s.yi.data(), yw);
   const T sx = bw / T(ow), sy = bh / T(oh);
@@ -91,23 +92,33 @@ MRCNN_ALWAYS_INLINE void keypoints_one(const T* maps, int64_t k, int64_t sh, int
         const T v[4] = {m[y * sw + ix[0]], m[y * sw + ix[1]], m[y * sw + ix[2]], m[y * sw + ix[3]]};
         rows[y * ow + x] = taps4<Fused>(v, xw + 4 * x);
       }
+    // Vertical pass a row at a time (vectorises over x), then the scan for torch.argmax's first maximum
+    // (a NaN counts as the maximum).
     T best = T(0);
     int64_t bx = 0, by = 0;
-    bool first = true;
-    for (int64_t y = 0; y < oh; ++y) {
+    bool first = true, nan = false;
+    for (int64_t y = 0; y < oh && !nan; ++y) {
       const int64_t* iy = s.yi.data() + 4 * y;
-      const T* w = yw + 4 * y;
-      const T* r0 = rows + iy[0] * ow;
-      const T* r1 = rows + iy[1] * ow;
-      const T* r2 = rows + iy[2] * ow;
-      const T* r3 = rows + iy[3] * ow;
+      const T w0 = yw[4 * y], w1 = yw[4 * y + 1], w2 = yw[4 * y + 2], w3 = yw[4 * y + 3];
+      const T* __restrict r0 = rows + iy[0] * ow;
+      const T* __restrict r1 = rows + iy[1] * ow;
+      const T* __restrict r2 = rows + iy[2] * ow;
+      const T* __restrict r3 = rows + iy[3] * ow;
+      T* __restrict line = out;
       for (int64_t x = 0; x < ow; ++x) {
-        const T v[4] = {r0[x], r1[x], r2[x], r3[x]};
-        const T val = taps4<Fused>(v, w);
-        // torch.argmax: the first maximum; NaN counts as the maximum.
-        if (first || (!std::isnan(best) && (val > best || std::isnan(val)))) {
-          best = val, bx = x, by = y, first = false;
+        if (Fused) {
+          line[x] = detail::fma_rn(r3[x], w3, detail::fma_rn(r2[x], w2, detail::fma_rn(r1[x], w1, r0[x] * w0)));
+        } else {
+          line[x] = r0[x] * w0 + r1[x] * w1 + r2[x] * w2 + r3[x] * w3;
         }
+      }
+      for (int64_t x = 0; x < ow; ++x) {
+        const T val = line[x];
+        if (std::isnan(val)) {
+          best = val, bx = x, by = y, nan = true;
+          break;
+        }
+        if (first || val > best) best = val, bx = x, by = y, first = false;
       }
     }
     xy[3 * kk] = (T(bx) + T(0.5)) * sx + box[0];
