@@ -288,7 +288,7 @@ def test_model_inference_with_graph_equals_reference(overrides):
     images, _ = shapes_batch(3, size=(96, 128), seed=2)
     images[1] = images[1][:, :80, :100]
     batch, image_sizes, _, input_sizes = model.preprocess(images)
-    for fmt in ("prob", "bool", "rle"):
+    for fmt in ("prob", "bool", "rle") if "keypoint" in overrides else ("rle",):
         ref = model.inference(batch, image_sizes, input_sizes, mask_format=fmt)
         out = model.inference(batch, image_sizes, input_sizes, mask_format=fmt, stages=graph)
         assert sum(len(r["boxes"]) for r in ref) > 0
@@ -392,3 +392,36 @@ def test_stages_trace_under_torch_compile():
     img = torch.tensor([[64.0, 64.0], [64.0, 48.0]], dtype=F64)
     torch.library.opcheck(_proposal_op, (graph.graph_id, obj, dl, anc, feats, img),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_result_op_traces_and_zero_detections_per_image():
+    from mrcnn_fast.graph import _result_op
+    graph = InferenceGraph(_config())
+    dets = _dets()
+    r = int(dets.counts.sum())
+    ml, kl = torch.randn(r, 4, 14, 14), torch.randn(r, 5, 12, 12)
+    sizes = torch.tensor([[64.0, 80.0], [64.0, 64.0], [50.0, 80.0]], dtype=F64)
+    for fmt in (0, 1):
+        torch.library.opcheck(_result_op, (graph.graph_id, *dets, ml, kl, sizes, sizes * 2, fmt),
+                              test_utils=("test_schema", "test_faketensor"))
+    none = InferenceGraph(_config(d=0))
+    logits, deltas, proposals, counts, feats = _stage2_inputs(n=2, p=12, seed=12)
+    dets, mf, kf = none.detection_stage(logits, deltas, proposals, counts, feats, [(64, 64), (64, 64)])
+    assert dets.boxes.shape == (2, 0, 4) and dets.counts.tolist() == [0, 0] and mf.shape[0] == 0
+    out = none.result_stage(dets, mf.new_zeros((0, 4, 28, 28)), kf.new_zeros((0, 5, 24, 24)), [(64, 64)] * 2,
+                            [(32, 32)] * 2, mask_format="bool")
+    assert [o["masks"].shape for o in out] == [(0, 32, 32)] * 2 and out[0]["keypoints"].shape == (0, 5, 3)
+
+
+def test_inputs_the_graph_does_not_take_go_to_the_fallback():
+    calls = []
+
+    class Fallback:
+        def detection_stage(self, *args):
+            calls.append("detection_stage")
+            return "torch stage"
+    graph = InferenceGraph(_config(), fallback=Fallback())
+    logits, deltas, proposals, counts, feats = _stage2_inputs(n=1, p=12, counts=[12], seed=13)
+    feats = [f.bfloat16() for f in feats]   # e.g. features under CPU autocast
+    assert graph.detection_stage(logits, deltas, proposals, counts, feats, [(64, 64)]) == "torch stage"
+    assert calls == ["detection_stage"]

@@ -227,8 +227,9 @@ class InferenceGraph:
 
     @classmethod
     def from_model(cls, model, *, fallback: bool = True) -> InferenceGraph:
-        """The graph of a MaskRCNN's inference settings; fallback: run the model's torch stages on inputs the
-        graph does not take. Raises ValueError naming what the graph does not support (refiners, cascade heads,
+        """The graph of a MaskRCNN's inference settings, read once (build a new graph after changing them, e.g.
+        model.mask_paste or roi_heads.score_thresh); fallback: run the model's torch stages on inputs the graph
+        does not take. Raises ValueError naming what the graph does not support (refiners, cascade heads,
         poolers other than RoIAlign), so callers can keep the torch stages."""
         from .modeling.cascade import CascadeRoIHeads
         from .modeling.rpn import RPN_BOX_WEIGHTS

@@ -28,7 +28,8 @@ void select_detections_cpu(const TensorView& class_logits, const TensorView& box
   const int64_t d = cfg.detections_per_image;
   const int64_t* cnt = counts.ptr<int64_t>();
   const double* hw = image_sizes.ptr<double>();
-  std::vector<int64_t> start(n + 1, 0);
+  int64_t* start = ws.start.as<int64_t>(n + 1);
+  start[0] = 0;
   for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + cnt[i];
   const int64_t r = start[n], m = r * nc;
 
@@ -77,6 +78,7 @@ void select_detections_cpu(const TensorView& class_logits, const TensorView& box
   // Per image: the valid candidates grouped by class (counting sort), each class in stable descending score order.
   int32_t* cand = ws.cand.as<int32_t>(m);        // image i's candidates at [start[i] * nc, ...), local ids
   int64_t* seg = ws.seg.as<int64_t>(n * (nc + 1));  // class c's candidates of image i: [seg[c], seg[c + 1])
+  int64_t* next = ws.next.as<int64_t>(n * nc);       // counting sort: next free slot of each class
   parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t base = start[i] * nc, mi = cnt[i] * nc;
@@ -85,7 +87,8 @@ void select_detections_cpu(const TensorView& class_logits, const TensorView& box
       for (int64_t q = 0; q < mi; ++q)
         if (valid[base + q]) ++sg[q % nc + 1];
       for (int64_t c = 0; c < nc; ++c) sg[c + 1] += sg[c];
-      std::vector<int64_t> fill(sg, sg + nc);
+      int64_t* fill = next + i * nc;
+      std::copy(sg, sg + nc, fill);
       for (int64_t q = 0; q < mi; ++q)
         if (valid[base + q]) cand[base + fill[q % nc]++] = int32_t(q);
       const T* si = score + base;
@@ -101,7 +104,8 @@ void select_detections_cpu(const TensorView& class_logits, const TensorView& box
   int32_t* ids = ws.order.as<int32_t>(std::max(m, r));   // row_image is no longer needed
   int32_t* kept = ws.kept.as<int32_t>(m);
   uint8_t* flags = ws.flags.as<uint8_t>(m);
-  std::vector<int64_t> nkept(n * nc, 0);
+  int64_t* nkept = ws.nkept.as<int64_t>(n * nc);
+  std::fill(nkept, nkept + n * nc, int64_t(0));
   const T nms_thr = detail::threshold_below(cfg.nms_thresh, T(0));
   parallel_for(0, n * nc, 1, [&](int64_t b, int64_t e) {
     for (int64_t sgi = b; sgi < e; ++sgi) {

@@ -16,10 +16,10 @@ struct GraphBuffer {
 
 // Stage 2's scratch: per (RoI, class) candidate scores and boxes, and the per-image / per-class lists.
 struct DetectionScratch {
-  GraphBuffer score, box, valid, cand, seg, kept, flags, soa, order;
+  GraphBuffer score, box, valid, cand, seg, next, nkept, start, kept, flags, soa, order;
   int64_t bytes() const {
     int64_t b = 0;
-    for (const GraphBuffer* g : {&score, &box, &valid, &cand, &seg, &kept, &flags, &soa, &order})
+    for (const GraphBuffer* g : {&score, &box, &valid, &cand, &seg, &next, &nkept, &start, &kept, &flags, &soa, &order})
       b += 8 * int64_t(g->store.size());
     return b;
   }
@@ -37,10 +37,14 @@ template <class T>
 void rescale_boxes_cpu(const TensorView& boxes, const TensorView& counts, const double* hw, const double* hw0,
                        T* resized, T* input);
 
-// postprocess.mask_probs on packed logits [R', C', M, M]: probs [R', M, M].
+// postprocess.mask_probs on packed logits [R', C', M, M]: probs [R', M, M]. ws: the packed channels.
 template <class T>
 void mask_probs_cpu(const TensorView& logits, const TensorView& labels, const TensorView& counts, MaskLoss loss,
-                    T* probs);
+                    T* probs, GraphBuffer& ws);
+
+// heatmaps_to_keypoints_cpu with its per-thread scratch in ws.
+void heatmaps_to_keypoints_ws(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
+                              const TensorView& scores, GraphBuffer& ws);
 
 // Keypoint x and y scaled to the input images (detector_postprocess).
 template <class T>

@@ -170,11 +170,13 @@ void* GraphBuffer::get(int64_t bytes) {
 }
 
 struct InferenceGraph::Workspace {
-  GraphBuffer rpn_scores, rois, mask_probs, boxes;
+  GraphBuffer rpn_scores, rois, mask_probs, boxes, mask_channels, keypoints;
   DetectionScratch detect;
   int64_t bytes() const {
-    return 8 * int64_t(rpn_scores.store.size() + rois.store.size() + mask_probs.store.size() + boxes.store.size()) +
-           detect.bytes();
+    int64_t b = detect.bytes();
+    for (const GraphBuffer* g : {&rpn_scores, &rois, &mask_probs, &boxes, &mask_channels, &keypoints})
+      b += 8 * int64_t(g->store.size());
+    return b;
   }
 };
 
@@ -364,7 +366,8 @@ std::vector<std::string> InferenceGraph::result_stage(const ResultInputs& in, Ma
     }
     void* probs = ws_->mask_probs.get(r * mh * mw * dtype_size(dt));
     MRCNN_DISPATCH_CPU_FLOAT(dt, "result_stage", [&] {
-      mask_probs_cpu<scalar_t>(ml, dets.labels, dets.counts, config_.mask_loss, (scalar_t*)probs);
+      mask_probs_cpu<scalar_t>(ml, dets.labels, dets.counts, config_.mask_loss, (scalar_t*)probs,
+                               ws_->mask_channels);
     });
     int64_t start = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -405,7 +408,8 @@ std::vector<std::string> InferenceGraph::result_stage(const ResultInputs& in, Ma
       check_contiguous(*t, name);
     }
     if (r > 0) {
-      heatmaps_to_keypoints_cpu(kl, view_of(packed, dt, {r, 4}), out.keypoints, out.keypoint_scores);
+      heatmaps_to_keypoints_ws(kl, view_of(packed, dt, {r, 4}), out.keypoints, out.keypoint_scores,
+                               ws_->keypoints);
       MRCNN_DISPATCH_CPU_FLOAT(dt, "result_stage", [&] {
         rescale_keypoints_cpu<scalar_t>(dets.counts, hw, hw0, k, out.keypoints.ptr<scalar_t>());
       });

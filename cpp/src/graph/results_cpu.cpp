@@ -26,16 +26,16 @@ bool cpu_has_fma() {
 }
 
 // ---- bicubic resize, torch's upsample_bicubic2d (align_corners=False) ------------------------------------
-// torch's CPU kernel is compiled with FMA contraction where the CPU has FMA; Fused mirrors its fused steps
-// (the cubic coefficients, the source index and the accumulation over the taps).
+// torch's CPU kernel is compiled with FMA contraction where the CPU has FMA; Fused mirrors the steps measured
+// to be fused there (the source index, the inner products of the cubic coefficients, the accumulation over the
+// taps). Its vectorised loops still round some outputs differently, so values agree to float rounding.
 
 template <bool Fused, class T> MRCNN_ALWAYS_INLINE T cubic1(T x, T a) {
-  if (Fused) return detail::fma_rn(detail::fma_rn(a + T(2), x, -(a + T(3))) * x, x, T(1));
+  if (Fused) return detail::fma_rn(a + T(2), x, -(a + T(3))) * x * x + T(1);
   return ((a + T(2)) * x - (a + T(3))) * x * x + T(1);
 }
 template <bool Fused, class T> MRCNN_ALWAYS_INLINE T cubic2(T x, T a) {
-  if (Fused)
-    return detail::fma_rn(detail::fma_rn(detail::fma_rn(a, x, -(T(5) * a)), x, T(8) * a), x, -(T(4) * a));
+  if (Fused) return detail::fma_rn(detail::fma_rn(a, x, -(T(5) * a)), x, T(8) * a) * x - T(4) * a;
   return ((a * x - T(5) * a) * x + T(8) * a) * x - T(4) * a;
 }
 
@@ -62,52 +62,83 @@ template <bool Fused, class T> MRCNN_ALWAYS_INLINE T taps4(const T* v, const T* 
   return acc;
 }
 
+// One thread's scratch for detections whose ceil'd box is at most max_w x max_h (carved from one buffer).
 struct KeypointScratch {
-  std::vector<int64_t> xi, yi;
-  std::vector<double> xw, yw, rows;
+  int64_t* xi;
+  int64_t* yi;
+  double* xw;
+  double* yw;
+  double* rows;
+  double* line;
+  static int64_t words(int64_t sh, int64_t max_w, int64_t max_h) { return 9 * max_w + 8 * max_h + sh * max_w; }
+  KeypointScratch(double* base, int64_t sh, int64_t max_w, int64_t max_h) {
+    xi = reinterpret_cast<int64_t*>(base);
+    yi = xi + 4 * max_w;
+    xw = reinterpret_cast<double*>(yi + 4 * max_h);
+    yw = xw + 4 * max_w;
+    rows = yw + 4 * max_h;
+    line = rows + sh * max_w;
+  }
 };
+
+// The ceil'd box size heatmaps_to_keypoints resizes to (widths and heights clamped to >= 1).
+template <class T> void ceil_box(const T* box, T& bw, T& bh, int64_t& ow, int64_t& oh) {
+  bw = std::max(box[2] - box[0], T(1));
+  bh = std::max(box[3] - box[1], T(1));
+  ow = int64_t(std::ceil(bw));
+  oh = int64_t(std::ceil(bh));
+}
 
 // One detection: each of its k heatmaps [s_h, s_w] resized to (hc, wc), the first arg-max cell.
 template <bool Fused, class T>
 MRCNN_ALWAYS_INLINE void keypoints_one(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy,
                                        T* score, KeypointScratch& s) {
-  const T bw = std::max(box[2] - box[0], T(1)), bh = std::max(box[3] - box[1], T(1));
-  const T wc = std::ceil(bw), hc = std::ceil(bh);
-  const int64_t ow = int64_t(wc), oh = int64_t(hc);
-  s.xi.resize(4 * ow), s.yi.resize(4 * oh);
-  s.xw.resize(4 * ow), s.yw.resize(4 * oh), s.rows.resize(sh * ow);
-  T* xw = reinterpret_cast<T*>(s.xw.data());
-  T* yw = reinterpret_cast<T*>(s.yw.data());
-  T* rows = reinterpret_cast<T*>(s.rows.data());
-  cubic_taps<Fused>(sw, ow, s.xi.data(), xw);
-  cubic_taps<Fused>(sh, oh, s.yi.data(), yw);
+  T bw, bh;
+  int64_t ow, oh;
+  ceil_box(box, bw, bh, ow, oh);
+  T* xw = reinterpret_cast<T*>(s.xw);
+  T* yw = reinterpret_cast<T*>(s.yw);
+  T* rows = reinterpret_cast<T*>(s.rows);
+  T* out = reinterpret_cast<T*>(s.line);
+  cubic_taps<Fused>(sw, ow, s.xi, xw);
+  cubic_taps<Fused>(sh, oh, s.yi, yw);
   const T sx = bw / T(ow), sy = bh / T(oh);
   for (int64_t kk = 0; kk < k; ++kk) {
     const T* m = maps + kk * sh * sw;
     // Horizontal pass for every source row: the inner sum of torch's kernel, computed once per (row, x).
     for (int64_t y = 0; y < sh; ++y)
       for (int64_t x = 0; x < ow; ++x) {
-        const int64_t* ix = s.xi.data() + 4 * x;
+        const int64_t* ix = s.xi + 4 * x;
         const T v[4] = {m[y * sw + ix[0]], m[y * sw + ix[1]], m[y * sw + ix[2]], m[y * sw + ix[3]]};
         rows[y * ow + x] = taps4<Fused>(v, xw + 4 * x);
       }
+    // Vertical pass a row at a time (vectorises over x), then the scan for torch.argmax's first maximum
+    // (a NaN counts as the maximum).
     T best = T(0);
     int64_t bx = 0, by = 0;
-    bool first = true;
-    for (int64_t y = 0; y < oh; ++y) {
-      const int64_t* iy = s.yi.data() + 4 * y;
-      const T* w = yw + 4 * y;
-      const T* r0 = rows + iy[0] * ow;
-      const T* r1 = rows + iy[1] * ow;
-      const T* r2 = rows + iy[2] * ow;
-      const T* r3 = rows + iy[3] * ow;
+    bool first = true, nan = false;
+    for (int64_t y = 0; y < oh && !nan; ++y) {
+      const int64_t* iy = s.yi + 4 * y;
+      const T w0 = yw[4 * y], w1 = yw[4 * y + 1], w2 = yw[4 * y + 2], w3 = yw[4 * y + 3];
+      const T* __restrict r0 = rows + iy[0] * ow;
+      const T* __restrict r1 = rows + iy[1] * ow;
+      const T* __restrict r2 = rows + iy[2] * ow;
+      const T* __restrict r3 = rows + iy[3] * ow;
+      T* __restrict line = out;
       for (int64_t x = 0; x < ow; ++x) {
-        const T v[4] = {r0[x], r1[x], r2[x], r3[x]};
-        const T val = taps4<Fused>(v, w);
-        // torch.argmax: the first maximum; NaN counts as the maximum.
-        if (first || (!std::isnan(best) && (val > best || std::isnan(val)))) {
-          best = val, bx = x, by = y, first = false;
+        if (Fused) {
+          line[x] = detail::fma_rn(r3[x], w3, detail::fma_rn(r2[x], w2, detail::fma_rn(r1[x], w1, r0[x] * w0)));
+        } else {
+          line[x] = r0[x] * w0 + r1[x] * w1 + r2[x] * w2 + r3[x] * w3;
         }
+      }
+      for (int64_t x = 0; x < ow; ++x) {
+        const T val = line[x];
+        if (std::isnan(val)) {
+          best = val, bx = x, by = y, nan = true;
+          break;
+        }
+        if (first || val > best) best = val, bx = x, by = y, first = false;
       }
     }
     xy[3 * kk] = (T(bx) + T(0.5)) * sx + box[0];
@@ -132,27 +163,47 @@ template <class T> T sigmoid(T x) { return T(1) / (T(1) + detail::exp_t(-x)); }
 
 }  // namespace
 
-void heatmaps_to_keypoints_cpu(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
-                               const TensorView& scores) {
+void heatmaps_to_keypoints_ws(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
+                              const TensorView& scores, GraphBuffer& ws) {
   const int64_t d = maps.size(0), k = maps.size(1), sh = maps.size(2), sw = maps.size(3);
+  if (d == 0) return;
   const bool fused = cpu_has_fma();
   MRCNN_DISPATCH_CPU_FLOAT(maps.dtype, "heatmaps_to_keypoints", [&] {
     const scalar_t* m = maps.ptr<scalar_t>();
     const scalar_t* b = boxes.ptr<scalar_t>();
-    for (int64_t i = 0; i < 4 * d; ++i)
-      MRCNN_CHECK_VALUE(std::isfinite(b[i]), "keypoint boxes contain NaN or infinite values");
+    int64_t max_w = 1, max_h = 1;
+    for (int64_t i = 0; i < d; ++i) {
+      for (int c = 0; c < 4; ++c)
+        MRCNN_CHECK_VALUE(std::isfinite(b[4 * i + c]), "keypoint boxes contain NaN or infinite values");
+      scalar_t bw, bh;
+      int64_t ow, oh;
+      ceil_box(b + 4 * i, bw, bh, ow, oh);
+      max_w = std::max(max_w, ow), max_h = std::max(max_h, oh);
+    }
+    // One scratch slot per task; task t takes detections t, t + slots, ...
+    const int64_t slots = std::min<int64_t>(d, std::max(get_num_threads(), 1));
+    const int64_t words = KeypointScratch::words(sh, max_w, max_h);
+    double* base = ws.as<double>(slots * words);
     scalar_t* o = xy.ptr<scalar_t>();
     scalar_t* sc = scores.ptr<scalar_t>();
-    parallel_for(0, d, 1, [&](int64_t lo, int64_t hi) {
-      KeypointScratch s;
-      for (int64_t i = lo; i < hi; ++i) {
-        if (fused)
-          keypoints_fused(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
-        else
-          keypoints_plain(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+    parallel_for(0, slots, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        KeypointScratch s(base + t * words, sh, max_w, max_h);
+        for (int64_t i = t; i < d; i += slots) {
+          if (fused)
+            keypoints_fused(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+          else
+            keypoints_plain(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+        }
       }
     });
   });
+}
+
+void heatmaps_to_keypoints_cpu(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
+                               const TensorView& scores) {
+  GraphBuffer ws;
+  heatmaps_to_keypoints_ws(maps, boxes, xy, scores, ws);
 }
 
 template <class T>
@@ -189,45 +240,45 @@ void rescale_keypoints_cpu(const TensorView& counts, const double* hw, const dou
 
 template <class T>
 void mask_probs_cpu(const TensorView& logits, const TensorView& labels, const TensorView& counts, MaskLoss loss,
-                    T* probs) {
+                    T* probs, GraphBuffer& ws) {
   const int64_t r = logits.size(0), ch = logits.size(1), mm = logits.size(2) * logits.size(3);
   const int64_t n = labels.size(0), d = labels.size(1);
   const bool agnostic = ch <= (loss == MaskLoss::Sigmoid ? 1 : 2);
-  // packed labels of the valid detections
-  std::vector<int64_t> lab;
-  lab.reserve(r);
+  // the channel of each valid detection, packed image after image
+  int64_t* chan = ws.as<int64_t>(r);
   const int64_t* cnt = counts.ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < cnt[i]; ++j) lab.push_back(labels.ptr<int64_t>()[i * d + j]);
-  for (int64_t j = 0; j < r; ++j) {
-    const int64_t c = agnostic ? (loss == MaskLoss::Sigmoid ? 0 : 1) : lab[j];
-    MRCNN_CHECK_VALUE(c >= 0 && c < ch, "detection label ", c, " has no mask channel (mask_logits has ", ch,
-                      " channels)");
-    lab[j] = c;
-  }
+  const int64_t* lab = labels.ptr<int64_t>();
+  for (int64_t i = 0, j = 0; i < n; ++i)
+    for (int64_t q = 0; q < cnt[i]; ++q, ++j) {
+      const int64_t c = agnostic ? (loss == MaskLoss::Sigmoid ? 0 : 1) : lab[i * d + q];
+      MRCNN_CHECK_VALUE(c >= 0 && c < ch, "detection label ", c, " has no mask channel (mask_logits has ", ch,
+                        " channels)");
+      chan[j] = c;
+    }
   const T* x = logits.ptr<T>();
   const T tiny = std::numeric_limits<T>::min();
   parallel_for(0, r, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> ex(ch);
     for (int64_t j = b; j < e; ++j) {
       const T* xj = x + j * ch * mm;
       T* o = probs + j * mm;
-      const int64_t c = lab[j];
+      const int64_t c = chan[j];
       if (loss == MaskLoss::Sigmoid) {
         for (int64_t q = 0; q < mm; ++q) o[q] = sigmoid(xj[c * mm + q]);
         continue;
       }
-      // softmax: p_c / (p_c + max_{j != c} p_j), as postprocess.mask_probs
+      // softmax: p_c / (p_c + max_{a != c} p_a), as postprocess.mask_probs; the largest other probability is
+      // that of the largest other logit (exp and the division keep the order)
       for (int64_t q = 0; q < mm; ++q) {
-        T mx = xj[q];
+        T mx = xj[q], other = -std::numeric_limits<T>::infinity();
         for (int64_t a = 1; a < ch; ++a) mx = std::max(mx, xj[a * mm + q]);
         T sum = T(0);
-        for (int64_t a = 0; a < ch; ++a) sum += (ex[a] = detail::exp_t(xj[a * mm + q] - mx));
-        T other = T(-1);
-        for (int64_t a = 0; a < ch; ++a)
-          if (a != c) other = std::max(other, ex[a] / sum);
-        const T own = ex[c] / sum;
-        o[q] = own / std::max(own + other, tiny);
+        for (int64_t a = 0; a < ch; ++a) {
+          sum += detail::exp_t(xj[a * mm + q] - mx);
+          if (a != c) other = std::max(other, xj[a * mm + q]);
+        }
+        const T own = detail::exp_t(xj[c * mm + q] - mx) / sum;
+        const T best = detail::exp_t(other - mx) / sum;
+        o[q] = own / std::max(own + best, tiny);
       }
     }
   });
@@ -239,7 +290,9 @@ template void rescale_boxes_cpu<double>(const TensorView&, const TensorView&, co
                                         double*, double*);
 template void rescale_keypoints_cpu<float>(const TensorView&, const double*, const double*, int64_t, float*);
 template void rescale_keypoints_cpu<double>(const TensorView&, const double*, const double*, int64_t, double*);
-template void mask_probs_cpu<float>(const TensorView&, const TensorView&, const TensorView&, MaskLoss, float*);
-template void mask_probs_cpu<double>(const TensorView&, const TensorView&, const TensorView&, MaskLoss, double*);
+template void mask_probs_cpu<float>(const TensorView&, const TensorView&, const TensorView&, MaskLoss, float*,
+                                    GraphBuffer&);
+template void mask_probs_cpu<double>(const TensorView&, const TensorView&, const TensorView&, MaskLoss, double*,
+                                     GraphBuffer&);
 
 }  // namespace mrcnn

@@ -10,9 +10,10 @@
 //                       masks pasted (float, bool or COCO RLE); keypoint heatmaps -> coordinates and scores.
 // Each step equals the torch reference of modeling/postprocess.py (same order of operations and tie rules).
 //
-// Memory: outputs are views of caller memory, as for the core ops. The graph owns its workspaces (packed RoIs,
-// per-candidate scores and boxes, NMS scratch, mask probabilities, the proposal scores); they are allocated on
-// first use, grown when a call needs more and reused by later calls, never freed before the graph.
+// Memory: outputs are views of caller memory, as for the core ops. The graph owns its workspaces (the proposal
+// scores, packed RoIs, per-(RoI, class) candidate scores and boxes, the per-class lists and NMS scratch, mask
+// channels and probabilities, the keypoint resize scratch of each thread); they are allocated on first use,
+// grown when a call needs more and reused by later calls, never freed before the graph.
 // Threads: the CPU work runs on the core's pool (common/parallel.h) across images, RoIs, classes and
 // detections. One graph may be called from several threads: a mutex serialises the calls on its workspaces.
 // Devices: CPU tensors only (float32 / float64); CUDA inputs raise ValueError (the Python class falls back to
