@@ -148,9 +148,10 @@ def test_detection_stage_edge_cases():
     out = graph.detection_stage(*inputs[:4], inputs[4], sizes)
     _assert_dets_equal(ref[0], out[0])
     assert out[1].shape == ref[1].shape
-    # no proposals at all (the reference's decode cannot reshape an empty batch: zero detections by hand)
+    # no proposals at all
     inputs = _stage2_inputs(n=2, p=12, counts=[0, 0], seed=5)
     dets, mf, kf = graph.detection_stage(*inputs[:4], inputs[4], sizes)
+    _assert_dets_equal(_reference_stage2(cfg, *inputs, sizes)[0], dets)
     assert dets.counts.tolist() == [0, 0] and not dets.boxes.any() and not dets.labels.any()
     assert mf.shape == (0, 16, 14, 14) and kf.shape == (0, 16, 6, 6)
     # every box outside the image: clipped to zero width, removed

@@ -74,6 +74,12 @@ def test_class_probs_and_boxes_by_hand():
     torch.testing.assert_close(boxes[0, 0], props[0])       # zero deltas: the proposal itself
 
 
+def test_class_probs_and_boxes_no_rois():
+    probs, boxes = pp.class_probs_and_boxes(torch.zeros((0, 3)), torch.zeros((0, 12)), torch.zeros((0, 4)),
+                                            (10.0, 10.0, 5.0, 5.0))
+    assert probs.shape == (0, 3) and boxes.shape == (0, 3, 4)
+
+
 def _select(probs, boxes, counts, sizes, thresh=0.05, nms=0.5, d=100):
     return pp.select_detections(probs, boxes, torch.tensor(counts), sizes, score_thresh=thresh, nms_thresh=nms,
                                 detections_per_image=d)

@@ -86,7 +86,9 @@ def class_probs_and_boxes(class_logits: Tensor, box_regression: Tensor, proposal
     Returns: (probs Tensor[R, C + 1], boxes Tensor[R, C + 1, 4]).
     """
     probs = F.softmax(class_logits.to(proposals.dtype), -1)
-    boxes = ops.decode_boxes(box_regression.to(proposals.dtype), proposals, weights).reshape(proposals.shape[0], -1, 4)
+    # the class count from the logits: with no RoIs at all a -1 in the reshape would be ambiguous
+    boxes = ops.decode_boxes(box_regression.to(proposals.dtype), proposals, weights).reshape(
+        proposals.shape[0], class_logits.shape[1], 4)
     return probs, boxes
 
 
