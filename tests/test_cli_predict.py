@@ -82,7 +82,7 @@ def test_same_detections_as_the_predictor(capsys, run_dir, images, tmp_path):
 
     folder, files = images
     code, out, err = _run(capsys, "predict", files[0], "--weights", run_dir / FINAL_WEIGHTS, "--score-threshold",
-                          "0.2", "--mask-format", "bool")
+                          "0.2", "--mask-format", "bool", "--precision", "fp32")
     assert code == 0, err
     results = json.loads(out)   # no --output: the JSON on stdout
     want = mrcnn_fast.Predictor(run_dir, score_threshold=0.2, precision="fp32")(files[0])
@@ -91,6 +91,21 @@ def test_same_detections_as_the_predictor(capsys, run_dir, images, tmp_path):
     xywh = [r["bbox"] for r in results]
     b = want["boxes"].double()
     np.testing.assert_allclose(xywh, torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], 1).numpy(), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_detections(capsys, run_dir, images):
+    folder, files = images
+    runs = []
+    for extra in ([], ["--compile"]):
+        code, out, err = _run(capsys, "predict", files[0], "--weights", run_dir, "--precision", "fp32", *extra)
+        assert code == 0, err
+        runs.append(json.loads(out))
+    eager, compiled = runs
+    assert len(eager) == len(compiled) > 0
+    assert [r["category_id"] for r in eager] == [r["category_id"] for r in compiled]
+    np.testing.assert_allclose([r["bbox"] for r in eager], [r["bbox"] for r in compiled], atol=1e-2)
+    np.testing.assert_allclose([r["score"] for r in eager], [r["score"] for r in compiled], atol=1e-3)
 
 
 def test_bad_images_are_reported_and_skipped(capsys, run_dir, images, tmp_path):

@@ -356,7 +356,8 @@ def cmd_predict(args) -> int:
 
     ctx = du.init_distributed(args.device)
     predictor = Predictor(args.weights, config=args.config, device=str(ctx.device), precision=args.precision,
-                          score_threshold=args.score_threshold, mask_format=args.mask_format)
+                          score_threshold=args.score_threshold, mask_format=args.mask_format,
+                          compile=args.compile)
     ids = image_ids_for(paths)
     names = overlay_names(paths)
     mine = list(range(ctx.rank, len(paths), ctx.world_size))
@@ -550,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mask-format", choices=["rle", "bool", "prob"], default="rle",
                     help="how masks leave the model (the output files are the same; rle, the default, never "
                     "builds image-sized masks)")
+    pr.add_argument("--compile", action="store_true", help="torch.compile the networks (faster on many images of "
+                    "one size; each new input size compiles again, tens of seconds)")
     pr.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("make-shapes", help="write the synthetic shapes set", description="Write a synthetic "
