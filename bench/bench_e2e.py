@@ -180,6 +180,19 @@ def compare_detections(ours: dict, tv: dict) -> dict:
     return out
 
 
+def agreement(ours: dict, ref: dict, iou_min: float = 0.9) -> float:
+    """Fraction of ref's detections that ours has too: same label, box IoU >= iou_min (for reduced precision,
+    where scores and the order move a little)."""
+    from torchvision.ops import box_iou
+
+    if ref["labels"].shape[0] == 0:
+        return 1.0
+    if ours["labels"].shape[0] == 0:
+        return 0.0
+    iou = box_iou(ref["boxes"], ours["boxes"]) * (ref["labels"][:, None] == ours["labels"][None])
+    return float((iou.amax(1) >= iou_min).float().mean())
+
+
 def same_detections(cmp: dict, box_tol=0.05, score_tol=1e-3, iou_min=0.99) -> bool:
     return (cmp["same_labels"] and cmp["box_max_diff"] <= box_tol and cmp["score_max_diff"] <= score_tol
             and cmp["mask_iou_min"] >= iou_min)
@@ -231,20 +244,23 @@ SPLIT_ROWS = ("preprocess", "backbone", "rpn head", "box head", "mask head", "po
 
 
 def split_ours(runner: OursRunner, images) -> dict[str, float]:
-    """Time per part of one call: the networks wrapped (backbone, rpn.head, box_head + box_predictor, mask_head),
-    the three stages + RoIAlign + paste as post-processing (the total minus the rest)."""
+    """Time per part of one call, measured around methods the networks' compiled code does not contain (a wrapped
+    forward of a compiled module would recompile it): preprocess, rpn.predict (RPN head + anchors), the box head
+    and mask head calls, the three stages (post-processing); the backbone is the rest of the total."""
     m, clock = runner.model, _Clock()
-    rh = m.roi_heads
-    undo = [clock.wrap(m, "preprocess", "preprocess"), clock.wrap(m.backbone, "forward", "backbone"),
-            clock.wrap(m.rpn.head, "forward", "rpn head"), clock.wrap(rh, "box_head_outputs", "box head"),
-            clock.wrap(rh, "mask_logits", "mask head")]
+    rh, st = m.roi_heads, runner.stages or m
+    undo = [clock.wrap(m, "preprocess", "preprocess"), clock.wrap(m.rpn, "predict", "rpn head"),
+            clock.wrap(rh, "box_head_outputs", "box head"), clock.wrap(rh, "mask_logits", "mask head")]
+    undo += [clock.wrap(st, name, "post-processing") for name in ("proposal_stage", "detection_stage", "result_stage")]
     try:
         with clock("total"):
             runner(images)
     finally:
         for u in reversed(undo):
             u()
-    return _with_post(clock.t)
+    t = dict(clock.t)
+    t["backbone"] = t["total"] - sum(t.get(k, 0.0) for k in SPLIT_ROWS if k not in ("backbone", "total"))
+    return t
 
 
 def split_torchvision(tv, images) -> dict[str, float]:
@@ -261,12 +277,8 @@ def split_torchvision(tv, images) -> dict[str, float]:
     finally:
         for u in reversed(undo):
             u()
-    return _with_post(clock.t)
-
-
-def _with_post(t: dict) -> dict[str, float]:
-    t = dict(t)
-    t["post-processing"] = t["total"] - sum(t.get(k, 0.0) for k in SPLIT_ROWS[:-2])
+    t = dict(clock.t)
+    t["post-processing"] = t["total"] - sum(t.get(k, 0.0) for k in SPLIT_ROWS if k not in ("post-processing", "total"))
     return t
 
 
@@ -295,7 +307,7 @@ def run_one(spec: dict) -> dict:
     t0 = time.perf_counter()
     runner(images)
     first = time.perf_counter() - t0
-    times = time_interleaved({"x": runner}, images, spec.get("repeat", 3), warmup=1)["x"]
+    times = time_interleaved({"x": runner}, images, spec.get("repeat", 3), warmup=0)["x"]
     return {**spec, "first_call_s": first, "median_s": statistics.median(times), "times": times,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -364,10 +376,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--stages", choices=("graph", "torch"), default="graph",
                    help="what runs the stages between the networks (graph: the C++ inference graph where built)")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, bf16-autocast")
     p.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"), default="off")
     p.add_argument("--split", action="store_true", help="time split per part, ours vs torchvision")
     p.add_argument("--fps", action="store_true", help="fps and peak RSS per configuration, one subprocess each")
+    p.add_argument("--fps-only", action="store_true", help="only the --fps table")
     p.add_argument("--fps-configs", default="", help="JSON list of specs for --fps (default: the standard set)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -376,7 +389,7 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(THREADS)
     stages = args.stages
-    if stages == "graph" and graph_stages is not None:
+    if stages == "graph":
         try:
             import mrcnn_fast.graph  # noqa: F401
         except ImportError:
@@ -388,12 +401,23 @@ def main(argv=None) -> int:
     print(f"# e2e: {PHOTO.name} {w}x{h} -> 800-scale, batch 1, {torch.get_num_threads()} threads, "
           f"{cpu_description()}, torch {torch.__version__}, stages {stages}, compile {args.compile}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    if not args.fps_only:
+        interleaved(args, images, stages, compile_)
+    if args.fps:
+        fps_table(args, stages)
+    return 0
+
+
+def interleaved(args, images, stages: str, compile_) -> None:
+    """ours (each precision) and torchvision in turns in this process: ratios, same detections, the split."""
     tv = build_torchvision("resnet50", photo=images[0])
     runners = {"torchvision fp32": TorchvisionRunner(tv)}
     base = build_ours(tv)
     for prec in args.precisions.split(","):
         t0 = time.perf_counter()
-        runners[f"ours {prec}"] = OursRunner(copy.deepcopy(base), precision=prec, compile=compile_, stages=stages)
+        autocast = prec == "bf16-autocast"    # float32 weights under torch.autocast instead of bf16 weights
+        runners[f"ours {prec}"] = OursRunner(copy.deepcopy(base), precision="bf16" if autocast else prec,
+                                             compile=compile_, stages=stages, autocast=autocast)
         with torch.inference_mode():
             runners[f"ours {prec}"](images)
         print(f"ours {prec}: setup + first call {time.perf_counter() - t0:.1f} s")
@@ -402,7 +426,8 @@ def main(argv=None) -> int:
         if name.startswith("ours"):
             cmp = compare_detections(r(images)[0], ref)
             verdict = "same detections" if cmp["same_labels"] and same_detections(cmp) else "differs"
-            print(f"{name} vs torchvision fp32: {verdict}: {cmp}")
+            print(f"{name} vs torchvision fp32: {verdict}: {cmp}; {agreement(r(images)[0], ref):.0%} of "
+                  f"torchvision's detections found (same label, IoU >= 0.9)")
     times = time_interleaved(runners, images, args.repeat)
     tv_med = statistics.median(times["torchvision fp32"])
     print("\n| model | median s/image | images/s | torchvision fp32 / this | runs |")
@@ -420,24 +445,27 @@ def main(argv=None) -> int:
         print("| --- |" + " ---: |" * len(names))
         for row in SPLIT_ROWS:
             print(f"| {row} | " + " | ".join(_ms(splits[n][row]) for n in names) + " |")
-    if args.fps:
-        specs = json.loads(args.fps_configs) if args.fps_configs else [
-            {"impl": impl, "arch": arch, "precision": prec, "compile": c}
-            for arch in ("resnet50", "resnet101")
-            for impl, prec, c in (("torchvision", "fp32", False), ("ours", "fp32", False), ("ours", "bf16", False),
-                                  ("ours", "fp32", "default"), ("ours", "bf16", "default"))]
-        print("\n| model | impl | precision | compile | s/image | fps | paper fps | first call s | peak RSS MB |")
-        print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-        for spec in specs:
-            spec = {"repeat": max(2, args.repeat // 2), "stages": stages, **spec}
-            r = run_in_subprocess(spec)
-            if "error" in r:
-                print(f"| {spec['arch']} | {spec['impl']} | {spec['precision']} | {spec.get('compile')} | "
-                      f"error: {r['error']} |")
-                continue
-            print(f"| {r['arch']} | {r['impl']} | {r['precision']} | {r.get('compile') or 'off'} | {r['median_s']:.3f} "
-                  f"| {1 / r['median_s']:.2f} | {PAPER_FPS:.0f} | {r['first_call_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    return 0
+
+
+def fps_table(args, stages: str) -> None:
+    """fps and peak RSS of each configuration, each in its own subprocess."""
+    specs = json.loads(args.fps_configs) if args.fps_configs else [
+        {"impl": impl, "arch": arch, "precision": prec, "compile": c}
+        for arch in ("resnet50", "resnet101")
+        for impl, prec, c in (("torchvision", "fp32", False), ("ours", "fp32", False), ("ours", "bf16", False),
+                              ("ours", "fp32", "default"), ("ours", "bf16", "default"))]
+    print("\n| model | impl | precision | compile | s/image | fps | paper fps | first call s | peak RSS MB |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for spec in specs:
+        spec = {"repeat": max(2, args.repeat // 2), "stages": stages, **spec}
+        r = run_in_subprocess(spec)
+        if "error" in r:
+            print(f"| {spec['arch']} | {spec['impl']} | {spec['precision']} | {spec.get('compile')} | "
+                  f"error: {r['error']} |")
+            continue
+        print(f"| {r['arch']} | {r['impl']} | {r['precision']} | {r.get('compile') or 'off'} | {r['median_s']:.3f} "
+              f"| {1 / r['median_s']:.2f} | {PAPER_FPS:.0f} | {r['first_call_s']:.1f} | {r['peak_rss_mb']:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,17 @@ def test_bad_precisions_and_arguments_raise(monkeypatch):
     once = optimize_for_inference(copy.deepcopy(model))
     with pytest.raises(RuntimeError, match="already applied"):
         optimize_for_inference(once)
+
+
+@pytest.mark.slow
+def test_compiled_networks_give_the_same_detections():
+    """compile=True: each network through inductor with freezing; the eager model's detections (an image size
+    seen before and a new one)."""
+    model = _model()
+    images, _ = shapes_batch(2, size=(128, 112), seed=1)
+    fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in network_modules(fast))
+    _assert_same_detections(model(images), fast(images))
+    _assert_same_detections(model(images), fast(images))
+    other, _ = shapes_batch(1, size=(96, 128), seed=4)
+    _assert_same_detections(model(other), fast(other))
