@@ -139,7 +139,13 @@ def test_bf16_runs_networks_in_bfloat16_with_float32_outputs():
     for net in network_modules(fast):
         assert all(p.dtype == torch.bfloat16 for p in net.parameters())
     assert fast.pixel_mean.dtype == torch.float32
+    seen = []
+    fast.rpn.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     out = fast(images)
+    # the RPN head gets the backbone's bfloat16 maps themselves (the stages got float32 copies)
+    assert seen and all(f.dtype == torch.bfloat16 for f in seen[-1])
+    originals = [low for _, low in fast.backbone._forward_hooks[next(iter(fast.backbone._forward_hooks))]._originals]
+    assert all(any(f is o for o in originals) for f in seen[-1])
     for a, b in zip(ref, out):
         for k in ("boxes", "scores", "masks"):
             assert b[k].dtype == torch.float32, k
