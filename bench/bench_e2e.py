@@ -2,7 +2,7 @@
 with the same (seeded random) weights and torchvision's conventions (tests/_tv_reference.torchvision_config),
 run as optimize_for_inference + model.preprocess + model.inference(stages=...).
 
-    cd bench && MRCNN_BENCH_NO_SAVE=1 PYTHONPATH=../python python -m pytest -q -s bench_e2e.py
+    cd bench && MRCNN_BENCH_NO_SAVE=1 PYTHONPATH=../python python -m pytest -q -s bench_e2e.py  # MRCNN_E2E_STAGES=torch
     cd bench && PYTHONPATH=../python python bench_e2e.py [--repeat 5] [--stages graph|torch] [--split] [--fps]
 
 Script mode measures ours and torchvision interleaved in one process (ratios of medians), checks that fp32 gives
@@ -118,6 +118,16 @@ def build_ours(tv, arch: str = "resnet50"):
     ours = build_model(cfg)
     copy_weights_from_torchvision(tv, ours)
     return ours.eval()
+
+
+def available_stages(wanted: str = "graph") -> str:
+    """wanted ("graph" or "torch"), or "torch" where this build has no mrcnn_fast.graph."""
+    if wanted == "graph":
+        try:
+            import mrcnn_fast.graph  # noqa: F401
+        except ImportError:
+            return "torch"
+    return wanted
 
 
 def graph_stages(model):
@@ -330,11 +340,12 @@ def setup():
     images = [load_photo()]
     tv = build_torchvision("resnet50", photo=images[0])
     ours = build_ours(tv)
-    fp32 = OursRunner(copy.deepcopy(ours))
+    stages = available_stages(os.environ.get("MRCNN_E2E_STAGES", "graph"))
+    fp32 = OursRunner(copy.deepcopy(ours), stages=stages)
     bf16 = None
     from mrcnn_fast.engine.trainer import cpu_has_native_bf16
     if cpu_has_native_bf16():
-        bf16 = OursRunner(copy.deepcopy(ours), precision="bf16")
+        bf16 = OursRunner(copy.deepcopy(ours), precision="bf16", stages=stages)
     return {"tv": TorchvisionRunner(tv), "fp32": fp32, "bf16": bf16, "images": images}
 
 
@@ -388,13 +399,9 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0
     torch.set_num_threads(THREADS)
-    stages = args.stages
-    if stages == "graph":
-        try:
-            import mrcnn_fast.graph  # noqa: F401
-        except ImportError:
-            print("mrcnn_fast.graph is not in this build: the torch stages run between the networks")
-            stages = "torch"
+    stages = available_stages(args.stages)
+    if stages != args.stages:
+        print("mrcnn_fast.graph is not in this build: the torch stages run between the networks")
     compile_ = False if args.compile == "off" else args.compile
     images = [load_photo()]
     h, w = images[0].shape[-2:]
