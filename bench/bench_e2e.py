@@ -387,8 +387,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--stages", choices=("graph", "torch"), default="graph",
                    help="what runs the stages between the networks (graph: the C++ inference graph where built)")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, bf16-autocast")
-    p.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"), default="off")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated: fp32, bf16, bf16-autocast, each optionally :default or "
+                        ":max-autotune-no-cudagraphs (compiled), e.g. fp32,bf16,fp32:default,bf16:default")
+    p.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"), default="off",
+                   help="compile mode of the --precisions entries without their own")
     p.add_argument("--split", action="store_true", help="time split per part, ours vs torchvision")
     p.add_argument("--fps", action="store_true", help="fps and peak RSS per configuration, one subprocess each")
     p.add_argument("--fps-only", action="store_true", help="only the --fps table")
@@ -420,14 +423,16 @@ def interleaved(args, images, stages: str, compile_) -> None:
     tv = build_torchvision("resnet50", photo=images[0])
     runners = {"torchvision fp32": TorchvisionRunner(tv)}
     base = build_ours(tv)
-    for prec in args.precisions.split(","):
+    for item in args.precisions.split(","):
+        prec, _, mode = item.partition(":")
         t0 = time.perf_counter()
         autocast = prec == "bf16-autocast"    # float32 weights under torch.autocast instead of bf16 weights
-        runners[f"ours {prec}"] = OursRunner(copy.deepcopy(base), precision="bf16" if autocast else prec,
-                                             compile=compile_, stages=stages, autocast=autocast)
+        name = f"ours {item}" + (f" compile {args.compile}" if compile_ and not mode else "")
+        runners[name] = OursRunner(copy.deepcopy(base), precision="bf16" if autocast else prec,
+                                   compile=mode or compile_, stages=stages, autocast=autocast)
         with torch.inference_mode():
-            runners[f"ours {prec}"](images)
-        print(f"ours {prec}: setup + first call {time.perf_counter() - t0:.1f} s")
+            runners[name](images)
+        print(f"{name}: setup + first call {time.perf_counter() - t0:.1f} s")
     ref = runners["torchvision fp32"](images)[0]
     for name, r in runners.items():
         if name.startswith("ours"):
