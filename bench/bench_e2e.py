@@ -83,6 +83,12 @@ def build_torchvision(arch: str = "resnet50", seed: int = 0, photo: torch.Tensor
         tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     elif arch == "resnet101":
         tv = build_torchvision_model(torchvision_config("r101_fpn"))
+        # at random init the 23 blocks of R101's layer3 grow the activations to ~1e5 and the RPN finds nothing:
+        # the last norm of every residual branch damped (features of std ~0.2 at every level)
+        with torch.no_grad():
+            for name, m in tv.backbone.body.named_modules():
+                if name.endswith("bn3"):
+                    m.weight.mul_(0.25)
     else:
         raise ValueError(f"arch must be resnet50 or resnet101, got {arch!r}")
     redraw_classifier(tv.eval(), load_photo() if photo is None else photo, seed)

@@ -86,7 +86,8 @@ def class_probs_and_boxes(class_logits: Tensor, box_regression: Tensor, proposal
     Returns: (probs Tensor[R, C + 1], boxes Tensor[R, C + 1, 4]).
     """
     probs = F.softmax(class_logits.to(proposals.dtype), -1)
-    boxes = ops.decode_boxes(box_regression.to(proposals.dtype), proposals, weights).reshape(proposals.shape[0], -1, 4)
+    boxes = ops.decode_boxes(box_regression.to(proposals.dtype), proposals, weights)
+    boxes = boxes.reshape(proposals.shape[0], box_regression.shape[-1] // 4, 4)    # also for zero RoIs
     return probs, boxes
 
 
