@@ -12,6 +12,7 @@ enter one. Speeds are in bench/results/e2e.md.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -110,32 +111,36 @@ _HALF = (torch.float16, torch.bfloat16)
 class _CastOutputs:
     """Forward hook: a network's half-precision outputs -> float32, for the stages between the networks.
 
-    With remember=True it keeps, until its next call, the half-precision original of each float32 tensor it
-    made: the backbone's feature maps go to the stages in float32 and to the RPN head in half precision, and
-    casting them back would round-trip the same values (some 10^7 elements at 800x1333)."""
+    With remember=True it keeps the half-precision original of each float32 tensor it made until a _CastInputs
+    that has it as source takes them (per thread: one model may serve several threads at once): the backbone's
+    feature maps go to the stages in float32 and to the RPN head in half precision, and casting them back would
+    round-trip the same values (some 10^7 elements at 800x1333)."""
 
     def __init__(self, remember: bool = False):
         self.remember = remember
-        self._originals: list[tuple[weakref.ref, Tensor]] = []
+        self._local = threading.local()
 
     def __call__(self, module, args, output):
         if not self.remember:
             return _map_floats(output, lambda t: t.float(), _HALF)
-        self._originals = []
+        originals = self._local.originals = []
 
         def cast(t: Tensor) -> Tensor:
             f = t.float()
-            self._originals.append((weakref.ref(f), t))
+            originals.append((weakref.ref(f), t))
             return f
 
         return _map_floats(output, cast, _HALF)
 
     def original(self, t: Tensor, dtype: torch.dtype) -> Tensor | None:
-        """The half-precision tensor t was made from in the last call, if t is one of its outputs."""
-        for ref, low in self._originals:
+        """The half-precision tensor t was made from in this thread's last call, if t is one of its outputs."""
+        for ref, low in getattr(self._local, "originals", ()):
             if ref() is t and low.dtype == dtype:
                 return low
         return None
+
+    def forget(self) -> None:
+        self._local.originals = []
 
 
 class _CastInputs:
@@ -152,7 +157,10 @@ class _CastInputs:
 
     def __call__(self, module, args, kwargs):
         f32 = (torch.float32,)
-        return _map_floats(args, self._cast, f32), _map_floats(kwargs, self._cast, f32)
+        out = _map_floats(args, self._cast, f32), _map_floats(kwargs, self._cast, f32)
+        if self.source is not None:
+            self.source.forget()    # the originals are only held from the backbone to the RPN head
+        return out
 
 
 def network_modules(model: nn.Module) -> list[nn.Module]:
@@ -184,6 +192,8 @@ def check_precision(precision: str, device: torch.device | str) -> torch.dtype:
         if precision == "bf16" and not cpu_has_native_bf16():
             raise RuntimeError("precision 'bf16' needs a CPU with native bfloat16 instructions (AVX512-BF16 or "
                                "AMX-BF16 on x86, BF16 on Arm); this CPU has none: use 'fp32'")
+    elif device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}: use 'fp16'")
     return PRECISIONS[precision]
 
 
@@ -212,7 +222,8 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channel
         compile: False; True or "default": torch.compile (inductor, freezing) of each network (backbone + FPN,
             RPN head, RoI heads' networks); "max-autotune-no-cudagraphs": the same with inductor's autotuning.
             The first call of each new input shape pays the compile time.
-    Returns: model, still called as model(images) or model.preprocess(...) then model.inference(...).
+    Returns: model, still called as model(images) or model.preprocess(...) then model.inference(...), with
+        model.inference_precision = precision.
     """
     from .mask_rcnn import MaskRCNN
 
@@ -222,7 +233,7 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channel
         raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
     device = model.pixel_mean.device
     dtype = check_precision(precision, device)
-    if getattr(model, "_inference_precision", None) is not None:
+    if getattr(model, "inference_precision", None) is not None:
         raise RuntimeError("optimize_for_inference was already applied to this model")
     model.eval()
     model.requires_grad_(False)
@@ -240,5 +251,5 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channel
         model.channels_last = bool(channels_last)   # .to() keeps strides, but restore the layout explicitly
     if compile:
         _compile_networks(nets, "default" if compile is True else compile)
-    model._inference_precision = precision
+    model.inference_precision = precision
     return model
