@@ -13,6 +13,21 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+# what our config must say to follow torchvision's conventions at inference (on top of the same architecture)
+TORCHVISION_CONVENTIONS = {"roi_heads": {"pooler_aligned": False},   # torchvision's RoIAlign: aligned=False
+                           "mask": {"paste": "torchvision"}}          # torchvision's paste_masks_in_image
+
+
+def torchvision_config(preset: str = "r50_fpn", num_classes: int = 90):
+    """The preset with torchvision's conventions and class count (maskrcnn_resnet50_fpn: 90 + background): the
+    config of our model that loads torchvision's MaskRCNN weights (convert.copy_weights_from_torchvision) and
+    gives its detections."""
+    from mrcnn_fast.config import get_config
+
+    conv = TORCHVISION_CONVENTIONS
+    return get_config(preset, {"model": {"roi_heads": {**conv["roi_heads"], "num_classes": num_classes},
+                                         "mask": dict(conv["mask"])}})
+
 
 def build_torchvision_model(cfg) -> TVMaskRCNN:
     """Same channels, anchors, sampling sizes and thresholds as build_model(cfg) (FPN configs only)."""

@@ -107,7 +107,7 @@ def test_fp32_gives_the_eval_models_detections(overrides, randomise):
     fast = optimize_for_inference(copy.deepcopy(model))
     assert not fast.training and not any(p.requires_grad for p in fast.parameters())
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
-    assert fast.channels_last
+    assert fast.channels_last and fast.inference_precision == "fp32"
     _assert_same_detections(ref, fast(images))
     # the two-call form the Predictor uses
     batch, image_sizes, _, input_sizes = fast.preprocess(images)
@@ -139,7 +139,16 @@ def test_bf16_runs_networks_in_bfloat16_with_float32_outputs():
     for net in network_modules(fast):
         assert all(p.dtype == torch.bfloat16 for p in net.parameters())
     assert fast.pixel_mean.dtype == torch.float32
+    seen = []
+    fast.rpn.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     out = fast(images)
+    # the RPN head gets the backbone's bfloat16 maps themselves (the stages got float32 copies)
+    assert seen and all(f.dtype == torch.bfloat16 for f in seen[-1])
+    kept = []
+    fast.backbone.register_forward_hook(lambda m, args, out: kept.extend(
+        [low for _, low in fast.backbone._forward_hooks[next(iter(fast.backbone._forward_hooks))]._local.originals]))
+    fast(images)
+    assert kept and all(any(f is o for o in kept) for f in seen[-1])
     for a, b in zip(ref, out):
         for k in ("boxes", "scores", "masks"):
             assert b[k].dtype == torch.float32, k
@@ -169,3 +178,32 @@ def test_bad_precisions_and_arguments_raise(monkeypatch):
     once = optimize_for_inference(copy.deepcopy(model))
     with pytest.raises(RuntimeError, match="already applied"):
         optimize_for_inference(once)
+
+
+@pytest.mark.slow
+def test_compiled_networks_give_the_same_detections():
+    """compile=True: each network through inductor with freezing; the eager model's detections (an image size
+    seen before and a new one)."""
+    model = _model()
+    images, _ = shapes_batch(2, size=(128, 112), seed=1)
+    fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in network_modules(fast))
+    _assert_same_detections(model(images), fast(images))
+    _assert_same_detections(model(images), fast(images))
+    other, _ = shapes_batch(1, size=(96, 128), seed=4)
+    _assert_same_detections(model(other), fast(other))
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_one_optimized_model_serves_several_threads(precision):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = optimize_for_inference(_model(seed=5), precision=precision)
+    images = [shapes_batch(1, seed=10 + i)[0] for i in range(4)]
+    alone = [model(ims)[0] for ims in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = [r[0] for r in pool.map(model, images)]
+    for a, b in zip(alone, together):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-5)

@@ -12,6 +12,9 @@ enter one. Speeds are in bench/results/e2e.md.
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -90,34 +93,74 @@ def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
 # ---- precision -----------------------------------------------------------------------------------
 
 
-def _cast_floats(obj, dtype: torch.dtype, only: tuple[torch.dtype, ...]):
-    """obj with every floating tensor of a dtype in `only` cast to dtype (lists, tuples and dicts walked)."""
+def _map_floats(obj, fn, only: tuple[torch.dtype, ...]):
+    """obj with fn applied to every tensor of a dtype in `only` (lists, tuples and dicts walked)."""
     if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.dtype in only and obj.dtype != dtype else obj
+        return fn(obj) if obj.dtype in only else obj
     if isinstance(obj, (list, tuple)):
-        out = [_cast_floats(o, dtype, only) for o in obj]
+        out = [_map_floats(o, fn, only) for o in obj]
         return type(obj)(out) if type(obj) in (list, tuple) else type(obj)(*out)
     if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype, only) for k, v in obj.items()}
+        return {k: _map_floats(v, fn, only) for k, v in obj.items()}
     return obj
 
 
-class _CastInputs:
-    """Forward pre-hook: float32 inputs of a network -> its dtype (a class, not a closure: picklable, and its
-    dtype shows in the hook's repr)."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def __call__(self, module, args, kwargs):
-        return _cast_floats(args, self.dtype, (torch.float32,)), _cast_floats(kwargs, self.dtype, (torch.float32,))
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class _CastOutputs:
-    """Forward hook: a network's half-precision outputs -> float32, for the stages between the networks."""
+    """Forward hook: a network's half-precision outputs -> float32, for the stages between the networks.
+
+    With remember=True it keeps the half-precision original of each float32 tensor it made until a _CastInputs
+    that has it as source takes them (per thread: one model may serve several threads at once): the backbone's
+    feature maps go to the stages in float32 and to the RPN head in half precision, and casting them back would
+    round-trip the same values (some 10^7 elements at 800x1333)."""
+
+    def __init__(self, remember: bool = False):
+        self.remember = remember
+        self._local = threading.local()
 
     def __call__(self, module, args, output):
-        return _cast_floats(output, torch.float32, (torch.float16, torch.bfloat16))
+        if not self.remember:
+            return _map_floats(output, lambda t: t.float(), _HALF)
+        originals = self._local.originals = []
+
+        def cast(t: Tensor) -> Tensor:
+            f = t.float()
+            originals.append((weakref.ref(f), t))
+            return f
+
+        return _map_floats(output, cast, _HALF)
+
+    def original(self, t: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The half-precision tensor t was made from in this thread's last call, if t is one of its outputs."""
+        for ref, low in getattr(self._local, "originals", ()):
+            if ref() is t and low.dtype == dtype:
+                return low
+        return None
+
+    def forget(self) -> None:
+        self._local.originals = []
+
+
+class _CastInputs:
+    """Forward pre-hook: float32 inputs of a network -> its dtype; with a remembering _CastOutputs as source,
+    a float32 tensor it made is replaced by its original instead of being cast again."""
+
+    def __init__(self, dtype: torch.dtype, source: _CastOutputs | None = None):
+        self.dtype = dtype
+        self.source = source
+
+    def _cast(self, t: Tensor) -> Tensor:
+        low = self.source.original(t, self.dtype) if self.source is not None else None
+        return low if low is not None else t.to(self.dtype)
+
+    def __call__(self, module, args, kwargs):
+        f32 = (torch.float32,)
+        out = _map_floats(args, self._cast, f32), _map_floats(kwargs, self._cast, f32)
+        if self.source is not None:
+            self.source.forget()    # the originals are only held from the backbone to the RPN head
+        return out
 
 
 def network_modules(model: nn.Module) -> list[nn.Module]:
@@ -149,6 +192,8 @@ def check_precision(precision: str, device: torch.device | str) -> torch.dtype:
         if precision == "bf16" and not cpu_has_native_bf16():
             raise RuntimeError("precision 'bf16' needs a CPU with native bfloat16 instructions (AVX512-BF16 or "
                                "AMX-BF16 on x86, BF16 on Arm); this CPU has none: use 'fp32'")
+    elif device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}: use 'fp16'")
     return PRECISIONS[precision]
 
 
@@ -177,7 +222,8 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channel
         compile: False; True or "default": torch.compile (inductor, freezing) of each network (backbone + FPN,
             RPN head, RoI heads' networks); "max-autotune-no-cudagraphs": the same with inductor's autotuning.
             The first call of each new input shape pays the compile time.
-    Returns: model, still called as model(images) or model.preprocess(...) then model.inference(...).
+    Returns: model, still called as model(images) or model.preprocess(...) then model.inference(...), with
+        model.inference_precision = precision.
     """
     from .mask_rcnn import MaskRCNN
 
@@ -187,7 +233,7 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channel
         raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
     device = model.pixel_mean.device
     dtype = check_precision(precision, device)
-    if getattr(model, "_inference_precision", None) is not None:
+    if getattr(model, "inference_precision", None) is not None:
         raise RuntimeError("optimize_for_inference was already applied to this model")
     model.eval()
     model.requires_grad_(False)
@@ -195,12 +241,15 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", channel
     model.channels_last = bool(channels_last)
     nets = network_modules(model)
     if dtype != torch.float32:
+        # the backbone's hook: the RPN head takes its originals (eager only: compiled code fuses the casts)
+        features = _CastOutputs(remember=not compile)
         for m in nets:
             m.to(dtype)
-            m.register_forward_pre_hook(_CastInputs(dtype), with_kwargs=True)
-            m.register_forward_hook(_CastOutputs())
+            source = features if m is model.rpn.head else None
+            m.register_forward_pre_hook(_CastInputs(dtype, source), with_kwargs=True)
+            m.register_forward_hook(features if m is model.backbone else _CastOutputs())
         model.channels_last = bool(channels_last)   # .to() keeps strides, but restore the layout explicitly
     if compile:
         _compile_networks(nets, "default" if compile is True else compile)
-    model._inference_precision = precision
+    model.inference_precision = precision
     return model

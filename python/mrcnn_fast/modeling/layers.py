@@ -15,8 +15,10 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     A dilation of 2 changes nothing for a 1x1 kernel (output size and products are the same) but makes ATen
     pick oneDNN. Only where ATen would otherwise pick oneDNN too: float32 on the CPU with oneDNN enabled and
     the batch or map large enough (ATen's own size rule); elsewhere a dilated kernel would go to a slower path.
+    Not under torch.compile: inductor picks the convolution itself (and the oneDNN query breaks the graph).
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-2:] == (1, 1)
+    if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.shape[-2:] == (1, 1)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and (x.dim() == 4 and (x.shape[0] > 1 or x.numel() > 20480))):
         return F.conv2d(x, weight, bias, dilation=2)
