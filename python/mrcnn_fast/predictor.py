@@ -24,9 +24,10 @@ logger = logging.getLogger("mrcnn_fast")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_FORMATS = ("bool", "prob", "rle")
 
-# AP points (0-100 scale) that running the networks in bfloat16 costs against float32, measured on trained models
-# (bench/results/). None: not measured, and precision="auto" then keeps float32.
-BF16_AP_COST_POINTS: float | None = None
+# AP points (0-100 scale) that running the networks in bfloat16 costs against float32: the worst drop measured on
+# trained models (bench/results/bf16_accuracy.md, bench/bf16_accuracy.py). None would mean not measured, and
+# precision="auto" would then keep float32.
+BF16_AP_COST_POINTS: float | None = 0.16
 # The most AP points precision="auto" gives up for bfloat16's speed.
 AUTO_MAX_AP_COST_POINTS = 0.5
 
