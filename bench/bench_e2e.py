@@ -497,7 +497,7 @@ def fps_table(args, stages: str) -> None:
         for impl, prec, c in (("torchvision", "fp32", False), ("ours", "fp32", False), ("ours", "bf16", False),
                               ("ours", "fp32", "default"), ("ours", "bf16", "default"))]
     print("\n| model | impl | precision | compile | s/image | fps | paper fps | first call s | peak RSS MB "
-          "(inference) | peak RSS MB (with setup) |")
+          "(inference) | peak RSS MB (setup: both models built) |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for spec in specs:
         spec = {"repeat": max(2, args.repeat // 2), "stages": stages, **spec}

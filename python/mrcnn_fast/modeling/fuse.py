@@ -199,12 +199,27 @@ def check_precision(precision: str, device: torch.device | str) -> torch.dtype:
 
 def _compile_networks(nets: list[nn.Module], mode: str) -> None:
     # freezing: inductor treats the (inference-only) parameters as constants, so oneDNN prepacks the weights
-    # of the convolutions and linear layers once, at compile time
-    options = {"freezing": True}
+    # of the convolutions and linear layers once and fuses ReLU / add into them. Inductor reads the flag where
+    # the compile happens, at a network's first call (torch.compile's options= does not reach it there), so
+    # each compiled call runs inside the config patch.
+    patch = {"freezing": True}
     if mode == "max-autotune-no-cudagraphs":
-        options.update({"max_autotune": True, "triton.cudagraphs": False})
+        patch.update({"max_autotune": True, "triton.cudagraphs": False})
     for m in nets:
-        m.compile(backend="inductor", options=options)
+        m._compiled_call_impl = _FrozenCompiled(torch.compile(m._call_impl, backend="inductor"), patch)
+
+
+class _FrozenCompiled:
+    """A compiled module call run under an inductor config patch (see _compile_networks)."""
+
+    def __init__(self, fn, patch: dict):
+        self.fn, self.patch = fn, patch
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(self.patch):
+            return self.fn(*args, **kwargs)
 
 
 @torch.no_grad()
