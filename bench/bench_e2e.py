@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -94,6 +95,24 @@ def build_torchvision(arch: str = "resnet50", seed: int = 0, photo: torch.Tensor
         raise ValueError(f"arch must be resnet50 or resnet101, got {arch!r}")
     redraw_classifier(tv.eval(), load_photo() if photo is None else photo, seed)
     return tv
+
+
+@torch.no_grad()
+def with_frozen_batchnorm(tv):
+    """A copy of tv whose trunk norms are torchvision's FrozenBatchNorm2d with the same statistics: the model
+    `maskrcnn_resnet50_fpn(weights=...)` builds when it loads COCO weights (random init builds BatchNorm2d, one
+    native op in eval mode; FrozenBatchNorm2d is a mul and an add). Same arithmetic, so the same detections."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    tv = copy.deepcopy(tv)
+    for parent in list(tv.backbone.body.modules()):
+        for name, m in list(parent.named_children()):
+            if type(m) is nn.BatchNorm2d:
+                f = FrozenBatchNorm2d(m.num_features, eps=m.eps)
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(f, k).copy_(getattr(m, k))
+                setattr(parent, name, f)
+    return tv.eval()
 
 
 @torch.no_grad()
@@ -423,6 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"), default="off",
                    help="compile mode of the --precisions entries without their own")
     p.add_argument("--split", action="store_true", help="time split per part, ours vs torchvision")
+    p.add_argument("--tv-frozen-bn", action="store_true", help="also time torchvision with the FrozenBatchNorm2d "
+                   "trunk it builds when loading its COCO weights")
     p.add_argument("--fps", action="store_true", help="fps and peak RSS per configuration, one subprocess each")
     p.add_argument("--fps-only", action="store_true", help="only the --fps table")
     p.add_argument("--fps-configs", default="", help="JSON list of specs for --fps (default: the standard set)")
@@ -452,6 +473,8 @@ def interleaved(args, images, stages: str, compile_) -> None:
     """ours (each precision) and torchvision in turns in this process: ratios, same detections, the split."""
     tv = build_torchvision("resnet50", photo=images[0])
     runners = {"torchvision fp32": TorchvisionRunner(tv)}
+    if args.tv_frozen_bn:
+        runners["torchvision fp32, FrozenBN trunk"] = TorchvisionRunner(with_frozen_batchnorm(tv))
     base = build_ours(tv)
     for item in args.precisions.split(","):
         prec, _, mode = item.partition(":")
@@ -465,7 +488,7 @@ def interleaved(args, images, stages: str, compile_) -> None:
         print(f"{name}: setup + first call {time.perf_counter() - t0:.1f} s")
     ref = runners["torchvision fp32"](images)[0]
     for name, r in runners.items():
-        if name.startswith("ours"):
+        if name != "torchvision fp32":
             cmp = compare_detections(r(images)[0], ref)
             verdict = "same detections" if cmp["same_labels"] and same_detections(cmp) else "differs"
             print(f"{name} vs torchvision fp32: {verdict}: {cmp}; {agreement(r(images)[0], ref):.0%} of "
