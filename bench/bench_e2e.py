@@ -35,6 +35,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from _tv_reference import build_torchvision_model, torchvision_config  # noqa: E402
+from bench_train_step import Timers  # noqa: E402
 from mrcnn_fast.convert import copy_weights_from_torchvision  # noqa: E402
 from mrcnn_fast.modeling import build_model  # noqa: E402
 from mrcnn_fast.modeling.fuse import optimize_for_inference  # noqa: E402
@@ -251,31 +252,6 @@ def time_interleaved(runners: dict, images, repeat: int, warmup: int = 1) -> dic
     return times
 
 
-class _Clock:
-    """Wall time per name, summed over a call; wraps bound methods or module forwards from the outside."""
-
-    def __init__(self):
-        self.t = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[name] += time.perf_counter() - t0
-
-    def wrap(self, obj, attr, name):
-        fn = getattr(obj, attr)
-
-        def timed(*a, **k):
-            with self(name):
-                return fn(*a, **k)
-
-        setattr(obj, attr, timed)
-        return lambda: setattr(obj, attr, fn)
-
-
 SPLIT_ROWS = ("preprocess", "backbone", "rpn head", "box head", "mask head", "post-processing", "total")
 
 
@@ -283,7 +259,7 @@ def split_ours(runner: OursRunner, images) -> dict[str, float]:
     """Time per part of one call, measured around methods the networks' compiled code does not contain (a wrapped
     forward of a compiled module would recompile it): preprocess, rpn.predict (RPN head + anchors), the box head
     and mask head calls, the three stages (post-processing); the backbone is the rest of the total."""
-    m, clock = runner.model, _Clock()
+    m, clock = runner.model, Timers("cpu")
     rh, st = m.roi_heads, runner.stages or m
     undo = [clock.wrap(m, "preprocess", "preprocess"), clock.wrap(m.rpn, "predict", "rpn head"),
             clock.wrap(rh, "box_head_outputs", "box head"), clock.wrap(rh, "mask_logits", "mask head")]
@@ -300,7 +276,7 @@ def split_ours(runner: OursRunner, images) -> dict[str, float]:
 
 
 def split_torchvision(tv, images) -> dict[str, float]:
-    clock = _Clock()
+    clock = Timers("cpu")
     r = tv.roi_heads
     undo = [clock.wrap(tv.transform, "resize", "preprocess"), clock.wrap(tv.transform, "normalize", "preprocess"),
             clock.wrap(tv.transform, "batch_images", "preprocess"), clock.wrap(tv.backbone, "forward", "backbone"),
