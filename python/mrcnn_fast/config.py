@@ -23,7 +23,8 @@ from .data.shapes import SHAPE_FLIP_PAIRS
 class BackboneConfig:
     name: str = "resnet50"              # resnet18/34/50/101, resnext101_32x8d
     freeze_at: int = 2                  # 0: train all; 1: freeze stem; k: stem + first k-1 res stages
-    norm: str = "FrozenBN"              # "FrozenBN" (paper) or "BN" (trainable, small batches beware)
+    norm: str = "FrozenBN"              # "FrozenBN" (paper) | "BN" (trainable, small batches beware) | "GN" (32 groups)
+    norm_eps: float = 1e-5              # eps of every backbone norm (torchvision's COCO_V1 files run with 0.0)
     width: int = 64                     # stem/stage-1 width (64 for the standard ResNets)
     stride_in_1x1: bool = False         # torchvision/ResNet v1.5 puts stride in the 3x3 conv
 
@@ -33,12 +34,18 @@ class FPNConfig:
     enabled: bool = True                # False: the C4 head (RoIs pooled from C4, res5 as box head)
     out_channels: int = 256
     in_features: tuple = ("res2", "res3", "res4", "res5")
+    norm: str = ""                      # after each lateral / output conv (then without bias): "" | BN | FrozenBN | GN
 
 
 @dataclass
 class AnchorConfig:
     sizes: tuple = ((32,), (64,), (128,), (256,), (512,))   # one tuple per level (FPN) or one level (C4)
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    # Base anchors rounded to integer coordinates (torchvision) or exact (detectron2); the order of the anchors at
+    # one location with several sizes: "ratio_size" (torchvision: ratio outer, size inner) | "size_ratio"
+    # (detectron2). The RPN head's output channels follow this order.
+    rounded: bool = True
+    order: str = "ratio_size"
 
 
 @dataclass
@@ -52,7 +59,8 @@ class RPNConfig:
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
-    min_size: float = 1e-3              # proposals smaller than this (either side) are removed
+    min_size: float = 1e-3              # proposals smaller than this (either side) are removed; 0: only empty ones
+    head_convs: int = 1                 # 3x3 conv + ReLU layers shared by the objectness / delta predictors
     score_thresh: float = 0.0
 
 
@@ -66,12 +74,23 @@ class RoIHeadsConfig:
     pooler: str = "roi_align"           # roi_align | roi_align_max | roi_warp | roi_warp_max | roi_pool (Table 2c)
     pooler_sampling_ratio: int = 2      # 0 or -1: adaptive (ceil(roi size / output size))
     pooler_aligned: bool = True         # half-pixel offset (the paper's RoIAlign)
+    # FPN level of a RoI: "torchvision" floor(4 + log2(sqrt(area) / 224) + 1e-6) | "detectron2"
+    # floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped to the levels
+    pooler_level_mapping: str = "torchvision"
     box_pooler_resolution: int = 7
     box_head_fc_dim: int = 1024
+    # FPN box head: box_head_num_conv x (3x3 conv [+ norm] + ReLU) of box_head_conv_dim channels, then
+    # box_head_num_fc x (fc + ReLU). The paper / torchvision v1: 0 conv, 2 fc; torchvision v2 and detectron2's GN
+    # configs: 4 conv with norm, 1 fc. box_head_norm: "" | BN | FrozenBN | GN (convs then without bias).
+    box_head_num_conv: int = 0
+    box_head_conv_dim: int = 256
+    box_head_num_fc: int = 2
+    box_head_norm: str = ""
     box_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
+    test_min_box_side: float = 1e-2     # detections with a side below this (px) are dropped; 0: none (detectron2)
     # Inference refinements of the detections (not in the paper; modeling/refine.py, applied in this order between
     # detection selection and the mask / keypoint heads). test_box_refine: extra box-head passes (iterative box
     # regression; 0 keeps torchvision / detectron2 parity).
@@ -104,6 +123,7 @@ class MaskHeadConfig:
     mlp_dim: int = 1024                 # hidden fc width of the mlp head
     loss: str = "sigmoid"               # sigmoid (per-class binary, paper) | softmax (multinomial, Table 2b)
     class_agnostic: bool = False
+    norm: str = ""                      # after each FCN conv (then without bias): "" | BN | FrozenBN | GN
     # inference paste of the masks into the image: "aligned" (detectron2's convention, matches the RoIAlign mask
     # targets) | "torchvision" (bit-exact with torchvision's paste_masks_in_image, used for output parity)
     paste: str = "aligned"
@@ -117,6 +137,9 @@ class KeypointHeadConfig:
     num_convs: int = 8
     pooler_resolution: int = 14
     heatmap_size: int = 56
+    # keypoints_scores: "logit" (the heatmap's value at the peak, torchvision) | "prob" (detectron2: the peak's
+    # spatial softmax probability)
+    score: str = "logit"
     loss_weight: float = 1.0
     # index pairs swapped by a horizontal flip (COCO person: left/right eyes, ears, shoulders, ...): training
     # augmentation and roi_heads.test_flip
@@ -132,7 +155,12 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     mask: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     keypoint: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
-    pixel_mean: tuple = (0.485, 0.456, 0.406)   # images are RGB floats in [0, 1] (torchvision's convention)
+    # The network's input: the image's channels in input_format order ("RGB" | "BGR": detectron2), scaled to
+    # [0, pixel_scale] (1: torchvision; 255: detectron2), then (x - pixel_mean) / pixel_std per channel (in the
+    # network's channel order and scale).
+    input_format: str = "RGB"
+    pixel_scale: float = 1.0
+    pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)
     channels_last: bool = True          # NHWC convolutions (faster oneDNN/cuDNN kernels; checkpoints stay NCHW)
 
@@ -144,6 +172,10 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     size_divisibility: int = 32         # batches are padded to a multiple of this
+    # How an image is resized to min/max size: "mrcnn_fast" (float bilinear, sides rounded, then normalised) |
+    # "torchvision" (normalised, then float bilinear, sides floored) | "detectron2" (the uint8 image resized with
+    # PIL bilinear, sides int(x + 0.5), then normalised)
+    resize: str = "mrcnn_fast"
     hflip_prob: float = 0.5
 
 
@@ -191,6 +223,9 @@ class DataConfig:
     # evaluation JSON's categories in sorted-id order, unchecked.
     class_names: tuple = ()
     category_ids: tuple = ()            # the training JSON's ids of those categories (for reference)
+    # The label results give the first foreground class: 1 (ours, torchvision: background is 0) or 0 (detectron2:
+    # contiguous 0..K-1). Internally the model always numbers them from 1.
+    first_label: int = 1
 
 
 @dataclass
