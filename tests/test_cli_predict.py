@@ -129,7 +129,7 @@ def test_bad_images_are_reported_and_skipped(capsys, run_dir, images, tmp_path):
 def test_usage_errors(capsys, run_dir, images, tmp_path):
     folder, files = images
     for argv, needle in [
-        (["--weights", run_dir, "--weights-format", "torchvision"], "not supported yet"),
+        (["--weights", run_dir, "--weights-format", "torchvision"], "torchvision weights are a single file"),
         (["--weights", run_dir, "--weights-format", "caffe"], "invalid choice"),
         (["--weights", tmp_path / "nope"], "--weights not found"),
         (["--weights", run_dir, "--batch-size", "0"], "--batch-size"),

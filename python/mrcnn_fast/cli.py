@@ -1,4 +1,4 @@
-"""Command line: `mrcnn-fast` (or `python -m mrcnn_fast`) train | eval | predict | make-shapes | demo.
+"""Command line: `mrcnn-fast` (or `python -m mrcnn_fast`) train | eval | predict | convert | make-shapes | demo.
 
     mrcnn-fast demo                                   # synthetic set -> train -> evaluate -> PNGs (CPU, minutes)
     mrcnn-fast train --train-json J --train-images D --val-json J --val-images D --output runs/x --config small_cpu
@@ -332,10 +332,6 @@ def cmd_predict(args) -> int:
     from .predictor import Predictor, _resolve_device, read_image, to_image_tensor
     from .visualize import draw_instances, skeleton_of_config
 
-    if args.weights_format != "ours":
-        raise UsageError(f"--weights-format {args.weights_format}: torchvision and detectron2 checkpoints are not "
-                         f"supported yet (their import comes with the checkpoint-import issue); only 'ours' (the "
-                         f"weights `{PROG} train` writes)")
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
@@ -355,7 +351,8 @@ def cmd_predict(args) -> int:
         raise UsageError("no images to predict on: " + "; ".join(problems))
 
     ctx = du.init_distributed(args.device)
-    predictor = Predictor(args.weights, config=args.config, device=str(ctx.device), precision=args.precision,
+    predictor = Predictor(args.weights, config=args.config, weights_format=args.weights_format,
+                          class_names=args.class_names, device=str(ctx.device), precision=args.precision,
                           score_threshold=args.score_threshold, mask_format=args.mask_format,
                           compile=args.compile)
     ids = image_ids_for(paths)
@@ -366,6 +363,9 @@ def cmd_predict(args) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     du.barrier()
     where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
+    if ctx.is_main:
+        for line in predictor.import_report.splitlines():
+            _err(f"weights: {line}")
     _err(f"predicting {len(paths)} images with {predictor.weights} ({where}, precision {predictor.precision})")
     for msg in problems:
         _err(f"error: {msg}")
@@ -432,6 +432,34 @@ def cmd_predict(args) -> int:
         if out_dir is not None:
             _err(f"results: {out_dir / 'results.json'}; overlays: {out_dir}/*.png")
     return 1 if n_failed else 0
+
+
+def cmd_convert(args) -> int:
+    from .engine.checkpoint import CONFIG_FILE, FINAL_WEIGHTS, save_config, save_weights
+    from .predictor import convert_weights
+
+    out = Path(args.output)
+    if out.suffix.lower() == ".safetensors":
+        weights_path, folder = out, out.parent
+    else:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"OUT is neither a folder nor a .safetensors path: {out}")
+        weights_path, folder = out / FINAL_WEIGHTS, out
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"IN not found (or not a file): {args.input}")
+    imported, cfg, state = convert_weights(args.input, weights_format=args.weights_format, config=args.config,
+                                           class_names=args.class_names)
+    for line in imported.report.splitlines():
+        _err(f"weights: {line}")
+    folder.mkdir(parents=True, exist_ok=True)
+    _require_writable_file(weights_path, "OUT")
+    from .config import to_dict
+
+    save_weights(state, weights_path, metadata={"source": str(Path(args.input).name),
+                                                "source_format": imported.weights_format})
+    save_config(folder, to_dict(cfg))
+    _err(f"wrote {weights_path} and {folder / CONFIG_FILE}")
+    return 0
 
 
 def _to_rles(masks) -> list[dict]:
@@ -533,11 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "images are split over the processes and rank 0 writes the merged file. An image that "
                         "cannot be read is reported and skipped; the exit status is then 1.")
     pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
-    pr.add_argument("--weights", required=True, help="a `train` run folder (model_final.safetensors + config.json) "
-                    "or a weights file with config.json beside it")
-    pr.add_argument("--weights-format", default="ours", choices=["ours", "torchvision", "detectron2"],
-                    help="checkpoint kind (only 'ours' for now)")
-    pr.add_argument("--config", help="preset or file (default: config.json beside the weights)")
+    pr.add_argument("--weights", required=True, help="a `train` run folder (model_final.safetensors + config.json), "
+                    "a weights file with config.json beside it, a torchvision .pth state dict or a detectron2 .pkl / "
+                    ".pth checkpoint")
+    pr.add_argument("--weights-format", default="auto", choices=["auto", "ours", "torchvision", "detectron2"],
+                    help="checkpoint kind (default auto: decided from the file, and said)")
+    pr.add_argument("--config", help="ours: preset or file (default: config.json beside the weights); torchvision / "
+                    "detectron2: a .yaml/.json file of overrides for what the tensors cannot tell")
+    pr.add_argument("--class-names", help="'coco' or a .txt (one per line) / .json (list) file of class names in "
+                    "label order (default: the config's)")
     pr.add_argument("--output", help="folder for the overlay PNGs and results.json (default: the JSON to stdout, "
                     "no PNGs)")
     pr.add_argument("--score-threshold", type=float, help="drop detections scoring below it (default: the "
@@ -554,6 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--compile", action="store_true", help="torch.compile the networks (faster on many images of "
                     "one size; each new input size compiles again, tens of seconds)")
     pr.set_defaults(func=cmd_predict)
+
+    cv = sub.add_parser("convert", help="write torchvision / detectron2 weights in our format (safetensors + "
+                        "config.json)", description="Import a checkpoint (architecture and conventions from its "
+                        "tensors, --config overrides for the rest) and write OUT/model_final.safetensors and "
+                        "OUT/config.json: a folder that `predict --weights OUT` and Predictor(OUT) load fast, "
+                        "without pickle. An OUT ending in .safetensors writes that file and config.json beside it.")
+    cv.add_argument("input", metavar="IN", help="a torchvision .pth state dict or a detectron2 .pkl / .pth")
+    cv.add_argument("output", metavar="OUT", help="output folder (or .safetensors file)")
+    cv.add_argument("--from", dest="weights_format", default="auto", choices=["auto", "torchvision", "detectron2"],
+                    help="source format (default auto: decided from the file)")
+    cv.add_argument("--config", help="a .yaml/.json file of config overrides for what the tensors cannot tell")
+    cv.add_argument("--class-names", help="'coco' or a .txt / .json file of class names in label order")
+    cv.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("make-shapes", help="write the synthetic shapes set", description="Write a synthetic "
                        "COCO-format set of triangles, rectangles and ellipses with masks and 4 keypoints.")
@@ -591,7 +636,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
-            raise UsageError(f"a command is required: train, eval, predict, make-shapes or demo (see {PROG} --help)")
+            raise UsageError(f"a command is required: train, eval, predict, convert, make-shapes or demo "
+                             f"(see {PROG} --help)")
         code = args.func(args)
     except SystemExit as e:   # --help / --version
         code = e.code if isinstance(e.code, int) else 0

@@ -222,16 +222,23 @@ class Predictor:
     (any mode, converted to RGB), an H x W x 3 uint8 numpy array (RGB; bgr=True for OpenCV's BGR) or a float
     Tensor[3, H, W] in [0, 1]. predictor([images], batch_size=B, ...) -> a list of dicts, the images run B at a
     time. Each dict (CPU tensors, D detections sorted by score):
-        boxes Tensor[D, 4] (x1, y1, x2, y2 pixels), labels Tensor[D] int64 (1..C), scores Tensor[D],
-        class_names list of D str (config data.class_names[label - 1]; the label as text when the config has none),
+        boxes Tensor[D, 4] (x1, y1, x2, y2 pixels), labels Tensor[D] int64 (1..C; detectron2 weights 0..C-1),
+        scores Tensor[D], class_names list of D str (the label as text where no names are known),
         masks: mask_format "bool" -> Tensor[D, H, W] bool; "prob" -> Tensor[D, 1, H, W] float probabilities (as
             torchvision); "rle" -> list of D COCO RLE dicts {"size": [H, W], "counts": bytes} (pycocotools'),
         keypoints Tensor[D, K, 3] (x, y, 1) and keypoints_scores Tensor[D, K] when the model has a keypoint head.
 
     Args:
         weights: a `mrcnn-fast train` run folder (model_final.safetensors + config.json; the demo's output folder
-            works too), or a weights file (.safetensors / .pt) with config.json beside it.
-        config: the model's config (preset name, .yaml/.json file or Config) instead of the config.json.
+            works too), a weights file (.safetensors / .pt) with config.json beside it, a torchvision state dict
+            (.pth) or a detectron2 checkpoint (.pkl model-zoo file or Checkpointer .pth).
+        config: ours: the model's config (preset name, .yaml/.json file or Config) instead of the config.json;
+            torchvision / detectron2: overrides (dict or .yaml/.json file) of what the tensors cannot tell.
+        weights_format: "auto" (decided from the file; the decision is in `weights_format` and `import_report`) |
+            "ours" | "torchvision" | "detectron2". Labels are numbered as the weights' project numbers them:
+            1..C for ours and torchvision (whose COCO models predict COCO's category ids), 0..C-1 for detectron2.
+        class_names: names of the classes in label order (a list, a .txt / .json file) or "coco"; default: the
+            config's data.class_names.
         device: "cpu", "cuda" or "cuda:N".
         precision: "fp32"; "bf16" (networks in bfloat16, everything between them in float32; needs native bfloat16:
             AMX / AVX512-BF16 CPUs or a compute capability 8.0+ GPU); "fp16" (CUDA only); "auto": bf16 where it is
@@ -249,9 +256,11 @@ class Predictor:
     run inference in parallel.
     """
 
-    def __init__(self, weights, *, config=None, device="cpu", precision: str = "auto",
-                 score_threshold: float | None = None, mask_format: str = "bool", compile: bool | str = False):
+    def __init__(self, weights, *, config=None, weights_format: str = "auto", class_names=None, device="cpu",
+                 precision: str = "auto", score_threshold: float | None = None, mask_format: str = "bool",
+                 compile: bool | str = False):
         from .config import merge
+        from .convert.checkpoints import load_checkpoint
         from .engine.checkpoint import load_weights
         from .modeling import build_model
 
@@ -267,22 +276,36 @@ class Predictor:
 
         if compile not in (False, True) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
-        self.weights, cfg = resolve_weights(weights, config)
+        imported = load_checkpoint(weights, weights_format=weights_format, config=config)
+        self.weights, self.weights_format, self.import_report = imported.path, imported.weights_format, \
+            imported.report
+        cfg = imported.cfg
         if score_threshold is not None:
             cfg = merge(cfg, {"model": {"roi_heads": {"score_thresh_test": float(score_threshold)}}})
+        if class_names is not None:
+            cfg = with_class_names(cfg, class_names)
         self.cfg = cfg
         self.score_threshold = float(cfg.model.roi_heads.score_thresh_test)
         self.mask_format = mask_format
         self.compile = compile
-        names = tuple(str(n) for n in cfg.data.class_names)
         num_classes = cfg.model.roi_heads.num_classes
-        self.class_names = names if len(names) == num_classes else tuple(str(i) for i in range(1, num_classes + 1))
+        first = int(cfg.data.first_label)
+        if first not in (0, 1):
+            raise ValueError(f"data.first_label must be 0 or 1, got {first}")
+        # results number the classes as the weights' project does: labels first .. first + C - 1
+        self.first_label = first
+        names = tuple(str(n) for n in cfg.data.class_names)
+        self.class_names = names if len(names) == num_classes else \
+            tuple(str(i) for i in range(first, first + num_classes))
         ids = tuple(int(i) for i in cfg.data.category_ids)
-        self.category_ids = ids if len(ids) == num_classes else tuple(range(1, num_classes + 1))
+        self.category_ids = ids if len(ids) == num_classes else tuple(range(first, first + num_classes))
         self.test_flip = bool(cfg.model.roi_heads.test_flip)
 
         model = build_model(cfg)
-        load_weights(model, self.weights)
+        if imported.state_dict is None:
+            load_weights(model, self.weights)
+        else:
+            _load_imported(model, imported.state_dict, self.weights)
         model.eval().to(self.device)
         self.model = self._optimize(model)
         # the C++ inference graph between the networks; None: the model's torch stages (models it does not support,
@@ -296,7 +319,8 @@ class Predictor:
         self._lock = threading.Lock()
         between = ("flip test-time augmentation (torch stages)" if self.test_flip else
                    "the C++ inference graph" if self.graph is not None else "the torch stages")
-        logger.info("Predictor: precision %s (%s) on %s, %s", self.precision, why, self.device, between)
+        logger.info("Predictor: %s weights %s (%s); precision %s (%s) on %s, %s", self.weights_format, self.weights,
+                    self.import_report.splitlines()[0], self.precision, why, self.device, between)
 
     # ---- set-up ------------------------------------------------------------------------------------
 
@@ -363,7 +387,10 @@ class Predictor:
             t = t.detach().cpu()
             return t if whole else t[keep]
 
-        res = {"boxes": take(out["boxes"]).float(), "labels": take(out["labels"]).to(torch.int64),
+        labels = take(out["labels"]).to(torch.int64)
+        if self.first_label != 1:
+            labels = labels + (self.first_label - 1)
+        res = {"boxes": take(out["boxes"]).float(), "labels": labels,
                "scores": scores if whole else scores[keep]}
         if "masks_rle" in out:
             res["masks"] = [out["masks_rle"][i] for i in keep.tolist()]
@@ -377,14 +404,103 @@ class Predictor:
         return res
 
     def class_name(self, label: int) -> str:
-        """The name of a label (1..C)."""
-        return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
+        """The name of a result label (first_label .. first_label + C - 1)."""
+        i = label - self.first_label
+        return self.class_names[i] if 0 <= i < len(self.class_names) else str(label)
 
     def category_id(self, label: int) -> int:
-        """The category id the weights' training set gave a label (config data.category_ids; the label itself
-        when the config records none)."""
-        return self.category_ids[label - 1] if 1 <= label <= len(self.category_ids) else int(label)
+        """The category id the weights' training set gave a result label (config data.category_ids; the label
+        itself when the config records none: torchvision's labels are COCO ids, detectron2's contiguous)."""
+        i = label - self.first_label
+        return self.category_ids[i] if 0 <= i < len(self.category_ids) else int(label)
 
     def __repr__(self) -> str:
-        return (f"Predictor(weights={str(self.weights)!r}, device={str(self.device)!r}, precision={self.precision!r}, "
-                f"score_threshold={self.score_threshold}, mask_format={self.mask_format!r})")
+        return (f"Predictor(weights={str(self.weights)!r}, weights_format={self.weights_format!r}, "
+                f"device={str(self.device)!r}, precision={self.precision!r}, score_threshold={self.score_threshold}, "
+                f"mask_format={self.mask_format!r})")
+
+
+# ---------------------------------------------------------------------------------------------- class names
+def _read_class_names(path: Path) -> list[str]:
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"class names file {path}: malformed JSON ({e})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"class names file {path}: expected a JSON list of strings")
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def with_class_names(cfg, class_names):
+    """cfg with data.class_names (and data.category_ids) set from class_names: a list of C names in label order, a
+    .txt (one per line) or .json (list) file, or "coco": the 80 COCO categories as the weights number them
+    (torchvision's 90-id space with "N/A" gaps, or 80 contiguous classes, whose results then carry COCO's
+    category ids)."""
+    from .config import merge
+    from .data.coco_names import coco_contiguous, coco_names_by_id
+
+    c = cfg.model.roi_heads.num_classes
+    ids: tuple = ()
+    if isinstance(class_names, str) and class_names == "coco":
+        if c == 90:
+            names, ids = coco_names_by_id(90), tuple(range(1, 91))
+        elif c == 80:
+            names, ids = coco_contiguous()
+        else:
+            raise ValueError(f"class_names 'coco' needs a model with 80 classes (or torchvision's 90 ids); this one "
+                             f"has {c}")
+    elif isinstance(class_names, (str, os.PathLike)):
+        names = _read_class_names(Path(class_names))
+    elif isinstance(class_names, Sequence) and all(isinstance(n, str) for n in class_names):
+        names = list(class_names)
+    else:
+        raise TypeError(f"class_names must be 'coco', a list of str or a .txt/.json file, got "
+                        f"{type(class_names).__name__}")
+    if len(names) != c:
+        raise ValueError(f"class_names has {len(names)} names but the model has {c} classes")
+    data = {"class_names": list(names)}
+    if ids or len(cfg.data.category_ids) not in (0, c):
+        data["category_ids"] = list(ids)
+    return merge(cfg, {"data": data})
+
+
+def _load_imported(model, state_dict: dict, path) -> None:
+    """Loads an imported state dict (our names) into model, strictly; the error names the file and the first
+    mismatching tensor."""
+    from .engine.checkpoint import CheckpointError
+
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{path}: tensor {k}: expected shape {tuple(own[k].shape)}, found {tuple(v.shape)}")
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"{path}: the weights do not fit the architecture built for them ({first}; "
+                              f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def convert_weights(weights, *, weights_format: str = "auto", config=None, class_names=None):
+    """(ImportedWeights, Config, state dict) of a torchvision / detectron2 checkpoint in our format: the config
+    with class names applied and the state dict checked by loading it into the model it describes (contiguous CPU
+    tensors, ready for engine.checkpoint.save_weights)."""
+    from .convert.checkpoints import load_checkpoint
+    from .engine.checkpoint import model_state
+    from .modeling import build_model
+
+    imported = load_checkpoint(weights, weights_format=weights_format, config=config)
+    if imported.weights_format == "ours":
+        raise ValueError(f"{weights} is already in our format (weights_format {imported.weights_format!r})")
+    cfg = imported.cfg if class_names is None else with_class_names(imported.cfg, class_names)
+    model = build_model(cfg)
+    _load_imported(model, imported.state_dict, imported.path)
+    return imported, cfg, model_state(model)

@@ -103,7 +103,7 @@ def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = N
         output: one image's detections: "boxes" [D, 4] xyxy pixels, "labels" [D] (1..C), "scores" [D], and
             optionally "masks" ([D, 1, H, W] probabilities, [D, H, W] bool, or a list of D RLE dicts as the
             Predictor's mask_format="rle" gives) or "masks_rle" (D RLE dicts), "keypoints" [D, K, 3],
-            "keypoints_scores" [D, K].
+            "keypoints_scores" [D, K], "class_names" (D str, as the Predictor gives; drawn before class_names).
         class_names: class_names[label - 1] is drawn with the score (default: the label number).
         score_thresh: detections scoring below it are not drawn.
         skeleton: 0-based keypoint index pairs joined by lines.
@@ -160,7 +160,10 @@ def draw_instances(image, output: dict, *, class_names: Sequence[str] | None = N
     for i in keep[::-1]:   # the best detections choose their label's place first
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
         lab = int(labels[i])
-        name = class_names[lab - 1] if class_names is not None and 1 <= lab <= len(class_names) else str(lab)
+        if "class_names" in output:
+            name = str(output["class_names"][i])
+        else:
+            name = class_names[lab - 1] if class_names is not None and 1 <= lab <= len(class_names) else str(lab)
         text = f"{name} {scores[i]:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
         tw, th = right - left + 2 * pad, bottom - top + 2 * pad
