@@ -117,8 +117,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return fn
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self._source}: the pickle refers to external storage (persistent id {pid!r}); "
-                                f"not a dict of numpy arrays")
+        # torch.save's storages (handled by torch.load) or a file that is no pickle at all
+        raise pickle.UnpicklingError(f"persistent id {pid!r}: not a plain dict of numpy arrays")
+
+
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"\x1f\x8b", "gzip data"), (b"\x89HDF", "an HDF5 file"), (b"{", "JSON or text"),
+               (b"[", "JSON or text"))
+
+
+def _kind_hint(data: bytes) -> str:
+    for sig, what in _SIGNATURES:
+        if data.startswith(sig):
+            return f"; it looks like {what}"
+    return ""
 
 
 def safe_load_pickle(path: str | Path):
@@ -137,7 +149,7 @@ def safe_load_pickle(path: str | Path):
     except UnsafePickleError:
         raise
     except Exception as e:   # truncated / corrupt / not a pickle: pickle raises many kinds
-        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}){_kind_hint(data)}") from None
 
 
 def _torch_load(path: Path):
@@ -647,12 +659,12 @@ def _is_ignorable(name: str) -> bool:
             or name.endswith("num_batches_tracked"))
 
 
-def _rename(w: _Weights, cfg: Config, path: Path) -> tuple[dict, dict, list]:
-    """(ours -> tensor, ours -> the file's name, ignored file names)."""
-    m = cfg.model
-    r = m.roi_heads
+def _rename(w: _Weights, cfg: Config, file_fpn: bool, path: Path) -> tuple[dict, dict, list]:
+    """(ours -> tensor, ours -> the file's name, ignored file names). file_fpn: the file's trunk is named as an
+    FPN model's (backbone.bottom_up.*)."""
+    r = cfg.model.roi_heads
     fc_names = r.box_head_num_conv == 0 and r.box_head_num_fc == 2
-    rules = _name_rules(m.fpn.enabled, fc_names)
+    rules = _name_rules(file_fpn, fc_names)
     out, origin, ignored = {}, {}, []
     for name, t in w.tensors.items():
         if _is_ignorable(name):
@@ -694,18 +706,20 @@ def _predictor_layout(sd: dict, origin: dict, w: _Weights, cfg: Config, path: Pa
         check(n, (fg4, 4 + 4 * fg_off), f"{fg4} (or {4 + 4 * fg_off}, class-agnostic)")
         if n in sd:
             t = sd[n]
+            # the file's background rows (Caffe2) are kept, detectron2's absent ones are zero
+            bg = t[:4] if fg_off else torch.zeros_like(t[:4])
             if t.shape[0] == 4 + 4 * fg_off and k > 1:     # class-agnostic: the same deltas for every class
                 fg = t[4 * fg_off:].repeat(k, *([1] * (t.dim() - 1)))
                 if p == "weight":
                     notes.append("class-agnostic box deltas copied to every class")
             else:
                 fg = t[4 * fg_off:]
-            sd[n] = torch.cat([torch.zeros_like(fg[:4]), fg])
+            sd[n] = torch.cat([bg, fg])
         n = f"roi_heads.mask_head.predictor.{p}"
-        if n in sd and not cfg.model.mask.class_agnostic:
-            check(n, (k + fg_off,), k + fg_off)
+        if n in sd and not cfg.model.mask.class_agnostic and bg_last:
+            check(n, (k,), k)
             t = sd[n]
-            sd[n] = torch.cat([torch.zeros_like(t[:1]), t[fg_off:]])
+            sd[n] = torch.cat([torch.zeros_like(t[:1]), t])
     if bg_last:
         notes.append("class logits: background moved from last to first; zero background rows inserted in the box "
                      "deltas and mask channels (never read at inference)")
@@ -806,7 +820,7 @@ def load_detectron2(path: str | Path, overrides: dict | str | Path | None = None
     cfg = config_mod.merge(config_mod.merge(Config(), conv), overrides) if overrides else config_mod.merge(
         Config(), conv)
     notes: list = []
-    sd, origin, ignored = _rename(w, cfg, path)
+    sd, origin, ignored = _rename(w, cfg, det["fpn"], path)
     expected, module_types = _expected_state_dict(cfg, path, _describe(cfg, kind))
     if kind == "detector":
         _predictor_layout(sd, origin, w, cfg, path, notes)
