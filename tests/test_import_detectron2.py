@@ -347,9 +347,11 @@ def test_keypoint_fpn(tmp_path):
 
 
 def test_box_only_fpn(tmp_path):
+    """Faster R-CNN FPN; the arrays big-endian and Fortran-ordered (numpy pickles keep both)."""
     cfg_src = small_cfg(mask=False)
     sd = random_state_dict(cfg_src, seed=4)
-    path = write_pickle({"model": to_numpy(d2_state_dict(sd, fpn=True)), "__author__": "x"}, tmp_path / "f.pkl")
+    arrays = {k: np.asfortranarray(v.astype(">f4")) for k, v in to_numpy(d2_state_dict(sd, fpn=True)).items()}
+    path = write_pickle({"model": arrays, "__author__": "x"}, tmp_path / "f.pkl")
     cfg, _, report = assert_loads_back(cfg_src, path, sd)
     assert "Faster R-CNN R-18-FPN" in report.architecture
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import pickle
 import re
 import zipfile
@@ -141,15 +140,18 @@ def safe_load_pickle(path: str | Path):
     that is not a readable pickle (truncated, corrupt, another kind of file)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e}") from None
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), source=str(path)).load()
-    except UnsafePickleError:
-        raise
-    except Exception as e:   # truncated / corrupt / not a pickle: pickle raises many kinds
-        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}){_kind_hint(data)}") from None
+    with f:
+        head = f.read(16)
+        f.seek(0)
+        try:
+            return _RestrictedUnpickler(f, source=str(path)).load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:   # truncated / corrupt / not a pickle: pickle raises many kinds
+            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}){_kind_hint(head)}") from None
 
 
 def _torch_load(path: Path):
@@ -180,7 +182,11 @@ def _to_tensor(value, name: str, path: Path) -> torch.Tensor:
     elif isinstance(value, np.ndarray):
         if value.dtype.kind not in "fiub":
             raise ValueError(f"{path}: tensor {name} has dtype {value.dtype}, not a number type")
-        t = torch.from_numpy(np.array(value, copy=True))   # pickled arrays may be read-only views of bytes
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        if not (value.flags.writeable and value.flags.c_contiguous):   # e.g. a read-only view of pickled bytes
+            value = np.array(value, copy=True, order="C")
+        t = torch.from_numpy(value)
     elif isinstance(value, np.generic) and value.dtype.kind in "fiub":
         t = torch.from_numpy(np.array(value))
     else:
