@@ -1,4 +1,13 @@
-"""Weight-name maps between mrcnn_fast models and other implementations (pure strings and tensors)."""
+"""Weight-name maps between mrcnn_fast models and other implementations (pure strings and tensors), and the
+importer of detectron2 checkpoints (detectron2_import)."""
+from .detectron2_import import (
+    ImportReport,
+    UnsafePickleError,
+    load_detectron2,
+    looks_like_detectron2,
+    read_detectron2_weights,
+    safe_load_pickle,
+)
 from .torchvision_names import (
     copy_weights_from_torchvision,
     copy_weights_to_torchvision,
@@ -9,4 +18,6 @@ from .torchvision_names import (
 )
 
 __all__ = ["to_torchvision_name", "from_torchvision_name", "to_torchvision_state_dict",
-           "from_torchvision_state_dict", "copy_weights_to_torchvision", "copy_weights_from_torchvision"]
+           "from_torchvision_state_dict", "copy_weights_to_torchvision", "copy_weights_from_torchvision",
+           "load_detectron2", "read_detectron2_weights", "safe_load_pickle", "looks_like_detectron2",
+           "UnsafePickleError", "ImportReport"]
