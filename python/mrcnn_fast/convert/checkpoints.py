@@ -142,4 +142,7 @@ def load_checkpoint(weights: str | os.PathLike, *, weights_format: str = "auto",
     else:
         from .detectron2_import import load_detectron2 as load
     cfg, state_dict, report = load(p, overrides)
+    if getattr(report, "kind", "detector") != "detector":
+        raise ValueError(f"{p}: holds {report.kind} weights only (e.g. ImageNet ResNet weights), not a detector: train "
+                         f"from them (MaskRCNN.load_backbone_state_dict) instead of predicting with them")
     return ImportedWeights(cfg, state_dict, p, fmt, f"format {fmt} ({why})\n{report}")
