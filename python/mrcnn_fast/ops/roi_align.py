@@ -98,7 +98,7 @@ _roi_align.register_autograd(_roi_align_bwd, setup_context=_roi_align_setup)
 def _multilevel_roi_align(features: list[Tensor], rois: Tensor, spatial_scales: list[float], k_min: int,
                           k_max: int, canonical_level: int, canonical_scale: float, pooled_height: int,
                           pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool,
-                          detectron2_levels: bool) -> Tensor:
+                          detectron2_levels: bool = False) -> Tensor:
     features = _layouts(features)
     rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     out = _pooled(features[0], rois.shape[0], pooled_height, pooled_width)
@@ -110,7 +110,7 @@ def _multilevel_roi_align(features: list[Tensor], rois: Tensor, spatial_scales: 
 
 @_multilevel_roi_align.register_fake
 def _(features, rois, spatial_scales, k_min, k_max, canonical_level, canonical_scale, pooled_height, pooled_width,
-      sampling_ratio, aligned, max_mode, detectron2_levels):
+      sampling_ratio, aligned, max_mode, detectron2_levels=False):
     return _pooled(_layouts(features)[0], rois.shape[0], pooled_height, pooled_width)
 
 
@@ -118,7 +118,7 @@ def _(features, rois, spatial_scales, k_min, k_max, canonical_level, canonical_s
 def _multilevel_roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor, spatial_scales: list[float],
                                    k_min: int, k_max: int, canonical_level: int, canonical_scale: float,
                                    pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
-                                   max_mode: bool, detectron2_levels: bool) -> list[Tensor]:
+                                   max_mode: bool, detectron2_levels: bool = False) -> list[Tensor]:
     features = _layouts(features)
     rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     grads = [torch.empty_like(f, dtype=_grad_dtype(f)) for f in features]
@@ -131,7 +131,7 @@ def _multilevel_roi_align_backward(grad: Tensor, features: list[Tensor], rois: T
 
 @_multilevel_roi_align_backward.register_fake
 def _(grad, features, rois, spatial_scales, k_min, k_max, canonical_level, canonical_scale, pooled_height,
-      pooled_width, sampling_ratio, aligned, max_mode, detectron2_levels):
+      pooled_width, sampling_ratio, aligned, max_mode, detectron2_levels=False):
     return [torch.empty_like(f) for f in _layouts(features)]
 
 
@@ -154,7 +154,7 @@ _multilevel_roi_align.register_autograd(_multilevel_bwd, setup_context=_multilev
 
 @torch.library.custom_op("mrcnn_fast::fpn_level_assign", mutates_args=())
 def _fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int, canonical_scale: float,
-                      detectron2_levels: bool) -> Tensor:
+                      detectron2_levels: bool = False) -> Tensor:
     boxes = boxes.to(roi_dtype(boxes.dtype)).contiguous()
     levels = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)
     _C.fpn_level_assign(dl(boxes), k_min, k_max, canonical_level, canonical_scale, detectron2_levels, dl(levels),
@@ -163,7 +163,7 @@ def _fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: in
 
 
 @_fpn_level_assign.register_fake
-def _(boxes, k_min, k_max, canonical_level, canonical_scale, detectron2_levels):
+def _(boxes, k_min, k_max, canonical_level, canonical_scale, detectron2_levels=False):
     return boxes.new_empty((boxes.shape[0],), dtype=torch.int64)
 
 
