@@ -7,7 +7,7 @@ detectron2's formulas written here (detectron2 itself cannot be installed in CI)
 - RPN min_size 0: only empty proposals removed (find_top_rpn_proposals with Boxes.nonempty(0));
 - roi_heads.test_min_box_side 0: no small-box filter (fast_rcnn_inference_single_image);
 - keypoint.score "prob": the 4th column of heatmaps_to_keypoints;
-- mask.paste "detectron2": paste_masks_in_image thresholded with >= 0.5;
+- mask.threshold_inclusive (with mask.paste "aligned"): paste_masks_in_image thresholded with >= 0.5;
 - roi_heads.test_output_clip: detector_postprocess (scale, clip to the output size, drop empty boxes).
 And the C++ inference graph equals the torch stages with every switch on.
 """
@@ -498,7 +498,7 @@ D2_SWITCHES = {"anchors": {"rounded": False, "order": "size_ratio", "grid_stride
                "rpn": {"min_size": 0.0},
                "roi_heads": {"pooler_level_mapping": "detectron2", "pooler_sampling_ratio": 0,
                              "test_min_box_side": 0.0, "test_output_clip": True},
-               "keypoint": {"enabled": True, "score": "prob"}, "mask": {"paste": "detectron2"}}
+               "keypoint": {"enabled": True, "score": "prob"}, "mask": {"paste": "aligned", "threshold_inclusive": True}}
 
 
 def _assert_results_close(ref, out, fmt):
@@ -529,7 +529,7 @@ def test_graph_equals_torch_stages_with_detectron2_switches(c4):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(over, size=96)).eval()
     model.roi_heads.score_thresh = 0.0
-    assert model.mask_paste == "detectron2" and model.clip_output
+    assert model.mask_paste == "aligned" and model.mask_threshold_inclusive and model.clip_output
     graph = InferenceGraph.from_model(model, fallback=False)
     assert graph.config["mask_threshold_inclusive"] and graph.config["clip_output"]
     assert graph.config["box_pooler"]["level_mapping"] == "detectron2" and graph.config["rpn_min_size"] == 0.0

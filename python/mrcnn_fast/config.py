@@ -131,9 +131,10 @@ class MaskHeadConfig:
     class_agnostic: bool = False
     norm: str = ""                      # after each FCN conv (then without bias): "" | BN | FrozenBN | GN
     # inference paste of the masks into the image: "aligned" (detectron2's convention, matches the RoIAlign mask
-    # targets) | "torchvision" (bit-exact with torchvision's paste_masks_in_image, used for output parity) |
-    # "detectron2" (aligned, and bool / RLE masks are probability >= 0.5 as detectron2 thresholds, not > 0.5)
+    # targets) | "torchvision" (bit-exact with torchvision's paste_masks_in_image, used for output parity)
     paste: str = "aligned"
+    # bool / RLE masks: probability >= 0.5 (detectron2's paste_masks_in_image) instead of > 0.5 (torchvision)
+    threshold_inclusive: bool = False
 
 
 @dataclass

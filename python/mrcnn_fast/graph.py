@@ -285,8 +285,8 @@ class InferenceGraph:
             "nms_thresh": float(rh.nms_thresh), "detections_per_image": int(rh.detections_per_image),
             "min_box_side": float(rh.min_box_side),
             "mask_pooler": None if poolers["mask"] is None else _pooler_config(poolers["mask"]),
-            "mask_loss": rh.mask_loss_type, "mask_threshold": 0.5, "paste_aligned": model.mask_paste != "torchvision",
-            "mask_threshold_inclusive": model.mask_paste == "detectron2", "clip_output": bool(model.clip_output),
+            "mask_loss": rh.mask_loss_type, "mask_threshold": 0.5, "paste_aligned": model.mask_paste == "aligned",
+            "mask_threshold_inclusive": bool(model.mask_threshold_inclusive), "clip_output": bool(model.clip_output),
             "keypoint_pooler": None if poolers["keypoint"] is None else _pooler_config(poolers["keypoint"]),
             "keypoint_score": rh.keypoint_score,
         }

@@ -13,7 +13,7 @@ from .roi_heads import RoIHeads, RoIPredictor
 from .rpn import RPN
 from .tta import FlipTTA
 
-MASK_PASTES = ("aligned", "torchvision", "detectron2")
+MASK_PASTES = ("aligned", "torchvision")
 
 
 class MaskRCNN(nn.Module):
@@ -43,8 +43,9 @@ class MaskRCNN(nn.Module):
         mask_paste: how the predicted masks are pasted into the image (also settable as an attribute):
             "aligned" (detectron2's convention: the mask covers its box exactly, as the RoIAlign(aligned=True)
             mask targets do) or "torchvision" (torchvision's paste_masks_in_image bit for bit, for output parity;
-            misaligned with the targets by up to ~1 px) or "detectron2" (aligned, bool / RLE masks probability >= 0.5
-            instead of > 0.5, as detectron2 thresholds). See ops.paste_masks_in_image.
+            misaligned with the targets by up to ~1 px). See ops.paste_masks_in_image.
+        mask_threshold_inclusive: bool / RLE masks are probability >= 0.5 (detectron2's paste_masks_in_image)
+            instead of > 0.5 (also settable as an attribute).
         clip_output: results' boxes rescaled to the input image are clipped to it and the detections left empty
             dropped (detectron2's detector_postprocess; also settable as an attribute). False: torchvision's.
         channels_last: NHWC activations and conv weights (oneDNN / cuDNN run NHWC convolutions, pooling and
@@ -54,7 +55,8 @@ class MaskRCNN(nn.Module):
     def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, *, pixel_mean=(0.485, 0.456, 0.406),
                  pixel_std=(0.229, 0.224, 0.225), min_size_train=(800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
-                 mask_paste: str = "aligned", channels_last: bool = False, clip_output: bool = False):
+                 mask_paste: str = "aligned", channels_last: bool = False, clip_output: bool = False,
+                 mask_threshold_inclusive: bool = False):
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
@@ -72,6 +74,9 @@ class MaskRCNN(nn.Module):
         if not isinstance(clip_output, bool):
             raise TypeError(f"clip_output must be True or False, got {clip_output!r}")
         self.clip_output = clip_output
+        if not isinstance(mask_threshold_inclusive, bool):
+            raise TypeError(f"mask_threshold_inclusive must be True or False, got {mask_threshold_inclusive!r}")
+        self.mask_threshold_inclusive = mask_threshold_inclusive
         self._channels_last = False
         self.channels_last = channels_last
         # checkpoints (safetensors) need contiguous tensors whatever the layout used for speed
@@ -94,7 +99,8 @@ class MaskRCNN(nn.Module):
         return cls(backbone, rpn, roi_heads, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std,
                    min_size_train=i.min_size_train, max_size_train=i.max_size_train, min_size_test=i.min_size_test,
                    max_size_test=i.max_size_test, size_divisibility=i.size_divisibility, mask_paste=paste,
-                   channels_last=m.channels_last, clip_output=m.roi_heads.test_output_clip)
+                   channels_last=m.channels_last, clip_output=m.roi_heads.test_output_clip,
+                   mask_threshold_inclusive=m.mask.threshold_inclusive)
 
     @property
     def channels_last(self) -> bool:
@@ -315,8 +321,8 @@ class MaskRCNN(nn.Module):
         """postprocess.detector_results with this model's mask paste, keypoint score and output clipping."""
         return detector_results(dets, image_sizes, input_sizes, mask_probs=mask_probs,
                                 keypoint_heatmaps=keypoint_heatmaps, mask_format=mask_format,
-                                aligned=self.mask_paste != "torchvision", keypoint_score=self.roi_heads.keypoint_score,
-                                inclusive=self.mask_paste == "detectron2", clip=self.clip_output)
+                                aligned=self.mask_paste == "aligned", keypoint_score=self.roi_heads.keypoint_score,
+                                inclusive=self.mask_threshold_inclusive, clip=self.clip_output)
 
 
 def _contiguous_state_dict(module, state_dict, prefix, local_metadata):
