@@ -90,7 +90,7 @@ __global__ void decode_candidates_kernel(Levels<T> lv, int64_t nimg, const uint3
     detail::clip_box(b, A(image_sizes[2 * n]), A(image_sizes[2 * n + 1]));
     const A score = detail::sigmoid(cuda::to_acc(lv.obj[l][row]));
     scores[slot] = score;
-    valid[slot] = detail::box_big_enough(b, min_size) && score >= score_thresh;
+    valid[slot] = detail::proposal_big_enough(b, min_size) && score >= score_thresh;
   }
 }
 

@@ -30,6 +30,7 @@ struct KernelOpts {
   bool use_map;
   int k_min, k_max, canonical_level;
   double canonical_scale;
+  bool detectron2_levels;
   bool channels_fastest;  // channels-last: consecutive threads take consecutive channels (coalesced)
 };
 
@@ -55,7 +56,7 @@ __device__ bool roi_context(const A* r, const LV& lv, const KernelOpts& o, RoiCt
     if (detail::non_finite(r[j])) return false;
   if (!detail::roi_batch_index(r[0], lv.N, ctx.n)) return false;
   ctx.level = o.use_map ? detail::fpn_level<A>(r[1], r[2], r[3], r[4], o.k_min, o.k_max, o.canonical_level,
-                                               A(o.canonical_scale))
+                                               A(o.canonical_scale), o.detectron2_levels)
                         : 0;
   if (ctx.level < 0 || ctx.level >= lv.count) return false;
   ctx.bins = detail::roi_bins<A>(r[1], r[2], r[3], r[4], A(lv.scale[ctx.level]), o.pooled_h, o.pooled_w,
@@ -190,7 +191,7 @@ __global__ void fpn_level_assign_kernel(const B* __restrict__ boxes, int64_t K, 
   MRCNN_GRID_STRIDE(k, K) {
     const B* q = boxes + k * width + (width - 4);
     levels[k] = detail::fpn_level<B>(q[0], q[1], q[2], q[3], map.k_min, map.k_max, map.canonical_level,
-                                     B(map.canonical_scale));
+                                     B(map.canonical_scale), map.detectron2);
   }
 }
 
@@ -228,6 +229,7 @@ KernelOpts kernel_opts(const RoiLevels& lv, const FpnLevelMap* map, const RoiAli
     o.k_max = map->k_max;
     o.canonical_level = map->canonical_level;
     o.canonical_scale = map->canonical_scale;
+    o.detectron2_levels = map->detectron2;
   }
   o.channels_fastest = !lv.feat[0].is_contiguous();
   return o;

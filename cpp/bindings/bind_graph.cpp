@@ -35,6 +35,11 @@ template <class T> T get(const py::dict& d, const char* key) {
   return d[key].cast<T>();
 }
 
+// A key whose absence means its default (switches added after the first config layout).
+template <class T> T get_or(const py::dict& d, const char* key, T fallback) {
+  return d.contains(key) ? d[key].cast<T>() : fallback;
+}
+
 GraphPooler pooler(const py::dict& d) {
   GraphPooler p;
   p.output_size = get<int64_t>(d, "output_size");
@@ -43,6 +48,10 @@ GraphPooler pooler(const py::dict& d) {
   p.aligned = get<bool>(d, "aligned");
   p.canonical_level = get<int>(d, "canonical_level");
   p.canonical_scale = get<double>(d, "canonical_scale");
+  const std::string mapping = get_or<std::string>(d, "level_mapping", "torchvision");
+  MRCNN_CHECK_VALUE(mapping == "torchvision" || mapping == "detectron2",
+                    "level_mapping must be 'torchvision' or 'detectron2', got '", mapping, "'");
+  p.detectron2_levels = mapping == "detectron2";
   return p;
 }
 
@@ -72,9 +81,15 @@ GraphConfig config_from(const py::dict& d) {
   c.mask_loss = loss == "sigmoid" ? MaskLoss::Sigmoid : MaskLoss::Softmax;
   c.mask_threshold = get<double>(d, "mask_threshold");
   c.paste_aligned = get<bool>(d, "paste_aligned");
+  c.mask_threshold_inclusive = get_or<bool>(d, "mask_threshold_inclusive", false);
+  c.clip_output = get_or<bool>(d, "clip_output", false);
   const py::object kp = d.contains("keypoint_pooler") ? py::object(d["keypoint_pooler"]) : py::none();
   c.keypoint = !kp.is_none();
   if (c.keypoint) c.keypoint_pooler = pooler(kp.cast<py::dict>());
+  const std::string kscore = get_or<std::string>(d, "keypoint_score", "logit");
+  MRCNN_CHECK_VALUE(kscore == "logit" || kscore == "prob", "keypoint_score must be 'logit' or 'prob', got '", kscore,
+                    "'");
+  c.keypoint_score_prob = kscore == "prob";
   return c;
 }
 
@@ -138,7 +153,7 @@ void bind(py::module_& m) {
              return to_bytes_list(rles);
            })
       .def_static("heatmaps_to_keypoints", [](py::capsule maps, py::capsule boxes, py::capsule xy,
-                                              py::capsule scores) {
+                                              py::capsule scores, bool prob) {
         Borrowed M(maps, "maps"), B(boxes, "boxes"), X(xy, "xy"), S(scores, "scores");
         const TensorView &mv = M.view(), &bv = B.view(), &xv = X.view(), &sv = S.view();
         for (const TensorView* t : {&mv, &bv, &xv, &sv}) {
@@ -155,8 +170,8 @@ void bind(py::module_& m) {
         MRCNN_CHECK_VALUE(sv.ndim == 2 && sv.size(0) == d && sv.size(1) == k, "scores must have shape [D, K]");
         MRCNN_CHECK_VALUE(mv.size(2) >= 1 && mv.size(3) >= 1, "maps must have non-empty heatmaps");
         py::gil_scoped_release nogil;
-        heatmaps_to_keypoints_cpu(M, B, X, S);
-      });
+        heatmaps_to_keypoints_cpu(M, B, X, S, prob);
+      }, py::arg("maps"), py::arg("boxes"), py::arg("xy"), py::arg("scores"), py::arg("prob") = false);
 }
 
 }  // namespace

@@ -23,8 +23,9 @@ RoiAlignOptions options(int64_t pooled_h, int64_t pooled_w, int64_t sampling_rat
   return o;
 }
 
-FpnLevelMap level_map(int k_min, int k_max, int canonical_level, double canonical_scale) {
+FpnLevelMap level_map(int k_min, int k_max, int canonical_level, double canonical_scale, bool detectron2) {
   FpnLevelMap m;
+  m.detectron2 = detectron2;
   m.k_min = k_min;
   m.k_max = k_max;
   m.canonical_level = canonical_level;
@@ -63,14 +64,14 @@ void bind(py::module_& m) {
   });
   m.def("multilevel_roi_align_forward",
         [](std::vector<py::object> features, std::vector<double> scales, py::capsule rois, int k_min, int k_max,
-           int canonical_level, double canonical_scale, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+           int canonical_level, double canonical_scale, bool detectron2_levels, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
            bool aligned, bool max_mode, py::capsule out, uintptr_t stream) {
           BorrowedList F(features, "features");
           MRCNN_CHECK_VALUE(scales.size() == F.views.size(), "spatial_scales has ", scales.size(),
                             " entries for ", F.views.size(), " feature levels");
           Borrowed R(rois, "rois"), O(out, "out");
           const RoiAlignOptions opt = options(pooled_h, pooled_w, sampling_ratio, aligned, max_mode, false);
-          const FpnLevelMap map = level_map(k_min, k_max, canonical_level, canonical_scale);
+          const FpnLevelMap map = level_map(k_min, k_max, canonical_level, canonical_scale, detectron2_levels);
           py::gil_scoped_release nogil;
           multilevel_roi_align_forward(F.views.data(), scales.data(), static_cast<int>(F.views.size()), R, map, opt,
                                        O, as_stream(stream));
@@ -78,22 +79,22 @@ void bind(py::module_& m) {
   m.def("multilevel_roi_align_backward",
         [](py::capsule grad_out, std::vector<py::object> features, std::vector<py::object> grad_features,
            std::vector<double> scales, py::capsule rois, int k_min, int k_max, int canonical_level,
-           double canonical_scale, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+           double canonical_scale, bool detectron2_levels, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
            bool max_mode, uintptr_t stream) {
           BorrowedList F(features, "features"), GF(grad_features, "grad_features");
           MRCNN_CHECK_VALUE(scales.size() == F.views.size() && GF.views.size() == F.views.size(),
                             "features, grad_features and spatial_scales must have the same length");
           Borrowed G(grad_out, "grad_out"), R(rois, "rois");
           const RoiAlignOptions opt = options(pooled_h, pooled_w, sampling_ratio, aligned, max_mode, false);
-          const FpnLevelMap map = level_map(k_min, k_max, canonical_level, canonical_scale);
+          const FpnLevelMap map = level_map(k_min, k_max, canonical_level, canonical_scale, detectron2_levels);
           py::gil_scoped_release nogil;
           multilevel_roi_align_backward(G, F.views.data(), GF.views.data(), scales.data(),
                                         static_cast<int>(F.views.size()), R, map, opt, as_stream(stream));
         });
   m.def("fpn_level_assign", [](py::capsule boxes, int k_min, int k_max, int canonical_level, double canonical_scale,
-                               py::capsule levels, uintptr_t stream) {
+                               bool detectron2_levels, py::capsule levels, uintptr_t stream) {
     Borrowed B(boxes, "boxes"), L(levels, "levels");
-    const FpnLevelMap map = level_map(k_min, k_max, canonical_level, canonical_scale);
+    const FpnLevelMap map = level_map(k_min, k_max, canonical_level, canonical_scale, detectron2_levels);
     py::gil_scoped_release nogil;
     fpn_level_assign(B, map, L, as_stream(stream));
   });

@@ -46,6 +46,9 @@ class AnchorConfig:
     # (detectron2). The RPN head's output channels follow this order.
     rounded: bool = True
     order: str = "ratio_size"
+    # Spacing of each level's anchor grid: "torchvision" (padded image size // feature size per axis: a P6 of 13
+    # rows on an 800-px side gives 61) | "detectron2" (the feature's nominal stride, 4 .. 64; offset 0)
+    grid_strides: str = "torchvision"
 
 
 @dataclass
@@ -91,6 +94,9 @@ class RoIHeadsConfig:
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
     test_min_box_side: float = 1e-2     # detections with a side below this (px) are dropped; 0: none (detectron2)
+    # Results: the boxes rescaled to the input image are clipped to it and the detections left empty dropped, the
+    # masks pasted into the clipped boxes (detectron2's detector_postprocess); false: rescaled only (torchvision)
+    test_output_clip: bool = False
     # Inference refinements of the detections (not in the paper; modeling/refine.py, applied in this order between
     # detection selection and the mask / keypoint heads). test_box_refine: extra box-head passes (iterative box
     # regression; 0 keeps torchvision / detectron2 parity).
@@ -127,6 +133,8 @@ class MaskHeadConfig:
     # inference paste of the masks into the image: "aligned" (detectron2's convention, matches the RoIAlign mask
     # targets) | "torchvision" (bit-exact with torchvision's paste_masks_in_image, used for output parity)
     paste: str = "aligned"
+    # bool / RLE masks: probability >= 0.5 (detectron2's paste_masks_in_image) instead of > 0.5 (torchvision)
+    threshold_inclusive: bool = False
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._lib import _C, dl
-from .modeling.postprocess import MIN_BOX_SIDE, Detections, check_mask_format
+from .modeling.postprocess import Detections, check_mask_format
 from .ops._layout import is_channels_last
 from .ops.box_coder import DEFAULT_CLAMP
 from .ops.proposals import _check as _check_rpn
@@ -191,13 +191,39 @@ def _(graph_id, boxes, scores, labels, counts, mask_logits, keypoint_logits, ima
     return boxes.new_empty((r, 4)), flat, kp, kps
 
 
+def _drop_empty_outputs(dets: Detections, ml: Tensor | None, kl: Tensor | None, sizes: Tensor, sizes0: Tensor):
+    """The detections whose box, rescaled to the input image as the C++ stage 3 does (ratio rounded to the boxes'
+    dtype) and clipped to it, is empty are dropped (detectron2's detector_postprocess), with their packed rows of
+    the mask / keypoint logits. Returns (dets, mask_logits, keypoint_logits), unchanged when nothing is empty."""
+    boxes = dets.boxes
+    n, d = boxes.shape[:2]
+    ratio = (sizes0 / sizes).flip(1).repeat(1, 2).to(boxes.dtype)       # (rx, ry, rx, ry) per image
+    scaled = boxes * ratio[:, None, :]
+    hi = sizes0.flip(1).repeat(1, 2).to(boxes.dtype)[:, None, :]
+    scaled = torch.minimum(scaled.clamp(min=0), hi)
+    valid = torch.arange(d)[None, :] < dets.counts[:, None]
+    keep = valid & (scaled[..., 2] > scaled[..., 0]) & (scaled[..., 3] > scaled[..., 1])
+    if bool((keep == valid).all()):
+        return dets, ml, kl
+    rows = keep[valid]     # packed order: image after image
+    counts = keep.sum(1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)   # kept rows first, in their order
+    pad = torch.arange(d)[None, :] >= counts[:, None]
+    out_boxes = boxes.gather(1, order[..., None].expand(n, d, 4)).masked_fill(pad[..., None], 0)
+    out_scores = dets.scores.gather(1, order).masked_fill(pad, 0)
+    out_labels = dets.labels.gather(1, order).masked_fill(pad, 0)
+    return (Detections(out_boxes, out_scores, out_labels, counts), None if ml is None else ml[rows],
+            None if kl is None else kl[rows])
+
+
 # ---- the graph --------------------------------------------------------------------------------------------
 
 
 def _pooler_config(pooler) -> dict:
     return {"output_size": int(pooler.output_size), "scales": [float(s) for s in pooler.scales],
             "sampling_ratio": int(pooler.sampling_ratio), "aligned": bool(pooler.aligned),
-            "canonical_level": int(pooler.canonical_level), "canonical_scale": float(pooler.canonical_scale)}
+            "canonical_level": int(pooler.canonical_level), "canonical_scale": float(pooler.canonical_scale),
+            "level_mapping": pooler.level_mapping}
 
 
 class InferenceGraph:
@@ -208,7 +234,11 @@ class InferenceGraph:
             rpn_weights (4), box_weights (4), bbox_xform_clip, box_pooler (dict: output_size, scales (1 / stride
             per level, finest first), sampling_ratio, aligned, canonical_level, canonical_scale), score_thresh,
             nms_thresh, detections_per_image, min_box_side, mask_pooler (dict or None: mask branch off),
-            mask_loss ("sigmoid" | "softmax"), mask_threshold, paste_aligned, keypoint_pooler (dict or None).
+            mask_loss ("sigmoid" | "softmax"), mask_threshold, paste_aligned, keypoint_pooler (dict or None);
+            optional (default): keypoint_score ("logit" | "prob"; "logit"), mask_threshold_inclusive (bool / RLE
+            masks are probability >= mask_threshold; False), clip_output (boxes clipped to the input image, the
+            detections left empty dropped: detectron2's detector_postprocess; False); the poolers' level_mapping
+            ("torchvision" | "detectron2"; "torchvision").
         fallback: an object with the torch stages (e.g. the MaskRCNN) run on inputs the C++ graph does not take
             (CUDA tensors, dtypes other than float32 / float64); None: such inputs raise.
     """
@@ -253,10 +283,12 @@ class InferenceGraph:
             "box_weights": [float(w) for w in rh.box_stage_weights(0)], "bbox_xform_clip": DEFAULT_CLAMP,
             "box_pooler": _pooler_config(rh.box_pooler), "score_thresh": float(rh.score_thresh),
             "nms_thresh": float(rh.nms_thresh), "detections_per_image": int(rh.detections_per_image),
-            "min_box_side": MIN_BOX_SIDE,
+            "min_box_side": float(rh.min_box_side),
             "mask_pooler": None if poolers["mask"] is None else _pooler_config(poolers["mask"]),
             "mask_loss": rh.mask_loss_type, "mask_threshold": 0.5, "paste_aligned": model.mask_paste == "aligned",
+            "mask_threshold_inclusive": bool(model.mask_threshold_inclusive), "clip_output": bool(model.clip_output),
             "keypoint_pooler": None if poolers["keypoint"] is None else _pooler_config(poolers["keypoint"]),
+            "keypoint_score": rh.keypoint_score,
         }
         return cls(config, fallback=model if fallback else None)
 
@@ -328,6 +360,8 @@ class InferenceGraph:
         sizes, sizes0 = _sizes(image_sizes, n, "image_sizes"), _sizes(input_sizes, n, "input_sizes")
         ml = None if mask_logits is None else mask_logits.detach().to(dtype)
         kl = None if keypoint_logits is None else keypoint_logits.detach().to(dtype)
+        if self.config.get("clip_output", False):
+            dets, ml, kl = _drop_empty_outputs(dets, ml, kl, sizes, sizes0)
         fmt = _FORMATS[mask_format]
         rles = None
         if fmt == 2 and ml is not None:   # Python bytes: the core's call, outside the custom op

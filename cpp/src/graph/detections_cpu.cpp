@@ -68,7 +68,8 @@ void select_detections_cpu(const TensorView& class_logits, const TensorView& box
           T* bx = box + 4 * q;
           detail::decode_box(deltas + row * 4 * c1 + 4 * c, prop, cp, bx);
           detail::clip_box(bx, h, w);
-          ok = detail::box_big_enough(bx, min_side);
+          // min_box_side 0: no size filter (detectron2's fast_rcnn_inference)
+          ok = min_side <= T(0) || detail::box_big_enough(bx, min_side);
         }
         valid[q] = ok;
       }

@@ -35,7 +35,7 @@ void select_detections_cpu(const TensorView& class_logits, const TensorView& box
 // (each ratio rounded to T, as torch multiplies a T tensor by a Python float).
 template <class T>
 void rescale_boxes_cpu(const TensorView& boxes, const TensorView& counts, const double* hw, const double* hw0,
-                       T* resized, T* input);
+                       bool clip, T* resized, T* input);
 
 // postprocess.mask_probs on packed logits [R', C', M, M]: probs [R', M, M]. ws: the packed channels.
 template <class T>
@@ -44,7 +44,7 @@ void mask_probs_cpu(const TensorView& logits, const TensorView& labels, const Te
 
 // heatmaps_to_keypoints_cpu with its per-thread scratch in ws.
 void heatmaps_to_keypoints_ws(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
-                              const TensorView& scores, GraphBuffer& ws);
+                              const TensorView& scores, bool prob, GraphBuffer& ws);
 
 // Keypoint x and y scaled to the input images (detector_postprocess).
 template <class T>

@@ -143,6 +143,7 @@ void pool(const GraphPooler& p, const std::vector<TensorView>& features, const T
   map.k_max = level_of_scale(p.scales.back());
   map.canonical_level = p.canonical_level;
   map.canonical_scale = p.canonical_scale;
+  map.detectron2 = p.detectron2_levels;
   multilevel_roi_align_forward(features.data(), p.scales.data(), levels, rois, map, opt, out, nullptr);
 }
 
@@ -194,6 +195,7 @@ void check_graph_config(const GraphConfig& c) {
   for (double v : {c.score_thresh, c.nms_thresh, c.min_box_side, c.mask_threshold, c.rpn.nms_thresh,
                    c.rpn.score_thresh, c.rpn.min_size})
     MRCNN_CHECK_VALUE(!std::isnan(v), "graph thresholds must not be NaN");
+  MRCNN_CHECK_VALUE(c.rpn.min_size >= 0, "rpn_min_size must be >= 0, got ", c.rpn.min_size);
 }
 
 InferenceGraph::InferenceGraph(const GraphConfig& config) : config_(config), ws_(new Workspace) {
@@ -338,7 +340,8 @@ std::vector<std::string> InferenceGraph::result_stage(const ResultInputs& in, Ma
   // Packed boxes in the resized images (the keypoints are decoded there) and in the input images.
   void* packed = ws_->boxes.get(4 * r * dtype_size(dt));
   MRCNN_DISPATCH_CPU_FLOAT(dt, "result_stage", [&] {
-    rescale_boxes_cpu<scalar_t>(dets.boxes, dets.counts, hw, hw0, (scalar_t*)packed, out.boxes.ptr<scalar_t>());
+    rescale_boxes_cpu<scalar_t>(dets.boxes, dets.counts, hw, hw0, config_.clip_output, (scalar_t*)packed,
+                                out.boxes.ptr<scalar_t>());
   });
 
   std::vector<std::string> rles;
@@ -369,6 +372,10 @@ std::vector<std::string> InferenceGraph::result_stage(const ResultInputs& in, Ma
       mask_probs_cpu<scalar_t>(ml, dets.labels, dets.counts, config_.mask_loss, (scalar_t*)probs,
                                ws_->mask_channels);
     });
+    // An inclusive threshold (probability >= t) as the core's strict test: > the dtype's predecessor of t.
+    double thr = config_.mask_threshold;
+    if (config_.mask_threshold_inclusive)
+      thr = dt == DType::Float32 ? double(std::nextafter(float(thr), -INFINITY)) : std::nextafter(thr, -INFINITY);
     int64_t start = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t k = cnt[i];
@@ -377,10 +384,10 @@ std::vector<std::string> InferenceGraph::result_stage(const ResultInputs& in, Ma
       const TensorView pb = view_of(out.boxes.ptr<char>() + start * 4 * dtype_size(dt), dt, {k, 4});
       if (format == MaskFormat::Rle) {
         std::vector<std::string> s = paste_masks_rle(pm, pb, int64_t(hw0[2 * i]), int64_t(hw0[2 * i + 1]), 1,
-                                                     config_.paste_aligned, config_.mask_threshold);
+                                                     config_.paste_aligned, thr);
         for (auto& x : s) rles.push_back(std::move(x));
       } else if (format == MaskFormat::Bool) {
-        paste_masks_binary(pm, pb, out.masks[i], 1, config_.paste_aligned, config_.mask_threshold, nullptr);
+        paste_masks_binary(pm, pb, out.masks[i], 1, config_.paste_aligned, thr, nullptr);
       } else {
         paste_masks(pm, pb, out.masks[i], 1, config_.paste_aligned, nullptr);
       }
@@ -409,7 +416,7 @@ std::vector<std::string> InferenceGraph::result_stage(const ResultInputs& in, Ma
     }
     if (r > 0) {
       heatmaps_to_keypoints_ws(kl, view_of(packed, dt, {r, 4}), out.keypoints, out.keypoint_scores,
-                               ws_->keypoints);
+                               config_.keypoint_score_prob, ws_->keypoints);
       MRCNN_DISPATCH_CPU_FLOAT(dt, "result_stage", [&] {
         rescale_keypoints_cpu<scalar_t>(dets.counts, hw, hw0, k, out.keypoints.ptr<scalar_t>());
       });

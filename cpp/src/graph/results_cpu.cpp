@@ -90,9 +90,11 @@ template <class T> void ceil_box(const T* box, T& bw, T& bh, int64_t& ow, int64_
 }
 
 // One detection: each of its k heatmaps [s_h, s_w] resized to (hc, wc), the first arg-max cell.
+// prob: the score is detectron2's spatial softmax probability of the peak, exp(0) / sum(exp(map - peak)) over the
+// S x S heatmap (not the resized one); else the resized heatmap's value at the peak.
 template <bool Fused, class T>
 MRCNN_ALWAYS_INLINE void keypoints_one(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy,
-                                       T* score, KeypointScratch& s) {
+                                       T* score, bool prob, KeypointScratch& s) {
   T bw, bh;
   int64_t ow, oh;
   ceil_box(box, bw, bh, ow, oh);
@@ -144,19 +146,24 @@ MRCNN_ALWAYS_INLINE void keypoints_one(const T* maps, int64_t k, int64_t sh, int
     xy[3 * kk] = (T(bx) + T(0.5)) * sx + box[0];
     xy[3 * kk + 1] = (T(by) + T(0.5)) * sy + box[1];
     xy[3 * kk + 2] = T(1);
+    if (prob) {
+      T sum = T(0);
+      for (int64_t i = 0; i < sh * sw; ++i) sum += detail::exp_t(m[i] - best);
+      best = T(1) / sum;
+    }
     score[kk] = best;
   }
 }
 
 template <class T>
 MRCNN_X86_FMA_TARGET void keypoints_fused(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy,
-                                          T* score, KeypointScratch& s) {
-  keypoints_one<true>(maps, k, sh, sw, box, xy, score, s);
+                                          T* score, bool prob, KeypointScratch& s) {
+  keypoints_one<true>(maps, k, sh, sw, box, xy, score, prob, s);
 }
 template <class T>
-void keypoints_plain(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy, T* score,
+void keypoints_plain(const T* maps, int64_t k, int64_t sh, int64_t sw, const T* box, T* xy, T* score, bool prob,
                      KeypointScratch& s) {
-  keypoints_one<false>(maps, k, sh, sw, box, xy, score, s);
+  keypoints_one<false>(maps, k, sh, sw, box, xy, score, prob, s);
 }
 
 template <class T> T sigmoid(T x) { return T(1) / (T(1) + detail::exp_t(-x)); }
@@ -164,7 +171,7 @@ template <class T> T sigmoid(T x) { return T(1) / (T(1) + detail::exp_t(-x)); }
 }  // namespace
 
 void heatmaps_to_keypoints_ws(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
-                              const TensorView& scores, GraphBuffer& ws) {
+                              const TensorView& scores, bool prob, GraphBuffer& ws) {
   const int64_t d = maps.size(0), k = maps.size(1), sh = maps.size(2), sw = maps.size(3);
   if (d == 0) return;
   const bool fused = cpu_has_fma();
@@ -191,9 +198,9 @@ void heatmaps_to_keypoints_ws(const TensorView& maps, const TensorView& boxes, c
         KeypointScratch s(base + t * words, sh, max_w, max_h);
         for (int64_t i = t; i < d; i += slots) {
           if (fused)
-            keypoints_fused(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+            keypoints_fused(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, prob, s);
           else
-            keypoints_plain(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, s);
+            keypoints_plain(m + i * k * sh * sw, k, sh, sw, b + 4 * i, o + 3 * k * i, sc + k * i, prob, s);
         }
       }
     });
@@ -201,14 +208,14 @@ void heatmaps_to_keypoints_ws(const TensorView& maps, const TensorView& boxes, c
 }
 
 void heatmaps_to_keypoints_cpu(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
-                               const TensorView& scores) {
+                               const TensorView& scores, bool prob) {
   GraphBuffer ws;
-  heatmaps_to_keypoints_ws(maps, boxes, xy, scores, ws);
+  heatmaps_to_keypoints_ws(maps, boxes, xy, scores, prob, ws);
 }
 
 template <class T>
 void rescale_boxes_cpu(const TensorView& boxes, const TensorView& counts, const double* hw, const double* hw0,
-                       T* resized, T* input) {
+                       bool clip, T* resized, T* input) {
   const int64_t n = boxes.size(0), d = boxes.size(1);
   const int64_t* cnt = counts.ptr<int64_t>();
   const T* b = boxes.ptr<T>();
@@ -216,10 +223,16 @@ void rescale_boxes_cpu(const TensorView& boxes, const TensorView& counts, const 
   for (int64_t i = 0; i < n; ++i) {
     const T rx = T(hw0[2 * i + 1] / hw[2 * i + 1]), ry = T(hw0[2 * i] / hw[2 * i]);
     const T f[4] = {rx, ry, rx, ry};
+    const T hi[4] = {T(hw0[2 * i + 1]), T(hw0[2 * i]), T(hw0[2 * i + 1]), T(hw0[2 * i])};
     for (int64_t j = 0; j < cnt[i]; ++j, ++r)
       for (int c = 0; c < 4; ++c) {
         resized[4 * r + c] = b[4 * (i * d + j) + c];
-        input[4 * r + c] = b[4 * (i * d + j) + c] * f[c];
+        T v = b[4 * (i * d + j) + c] * f[c];
+        if (clip) {  // torch.clamp(min=0, max=side): NaN stays NaN
+          v = v < T(0) ? T(0) : v;
+          v = v > hi[c] ? hi[c] : v;
+        }
+        input[4 * r + c] = v;
       }
   }
 }
@@ -284,9 +297,9 @@ void mask_probs_cpu(const TensorView& logits, const TensorView& labels, const Te
   });
 }
 
-template void rescale_boxes_cpu<float>(const TensorView&, const TensorView&, const double*, const double*, float*,
-                                       float*);
-template void rescale_boxes_cpu<double>(const TensorView&, const TensorView&, const double*, const double*,
+template void rescale_boxes_cpu<float>(const TensorView&, const TensorView&, const double*, const double*, bool,
+                                       float*, float*);
+template void rescale_boxes_cpu<double>(const TensorView&, const TensorView&, const double*, const double*, bool,
                                         double*, double*);
 template void rescale_keypoints_cpu<float>(const TensorView&, const double*, const double*, int64_t, float*);
 template void rescale_keypoints_cpu<double>(const TensorView&, const double*, const double*, int64_t, double*);

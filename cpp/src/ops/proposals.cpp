@@ -63,7 +63,7 @@ void generate_proposals(const std::vector<ProposalLevel>& levels, const TensorVi
   MRCNN_CHECK_VALUE(p.post_nms_top_n >= 0, "post_nms_top_n must be >= 0, got ", p.post_nms_top_n);
   MRCNN_CHECK_VALUE(!std::isnan(p.nms_thresh), "nms_thresh must not be NaN");
   MRCNN_CHECK_VALUE(!std::isnan(p.score_thresh), "score_thresh must not be NaN");
-  MRCNN_CHECK_VALUE(!std::isnan(p.min_size), "min_size must not be NaN");
+  MRCNN_CHECK_VALUE(p.min_size >= 0, "min_size must be >= 0, got ", p.min_size);
   check_box_coder_weights(p.coder);
   const int64_t post = p.post_nms_top_n;
   MRCNN_CHECK_VALUE(boxes.ndim == 3 && boxes.size(0) == nimg && boxes.size(1) == post && boxes.size(2) == 4,

@@ -97,7 +97,7 @@ void level_proposals(const ProposalLevel& lv, int64_t img, T height, T width, co
     detail::decode_box(del + 4 * i, a, cp, bx);
     detail::clip_box(bx, height, width);
     const T score = detail::sigmoid(obj[i]);
-    if (!detail::box_big_enough(bx, min_size) || !(score >= score_thresh)) continue;
+    if (!detail::proposal_big_enough(bx, min_size) || !(score >= score_thresh)) continue;
     cand_scores[m] = score;
     c.x1[m] = bx[0], c.y1[m] = bx[1], c.x2[m] = bx[2], c.y2[m] = bx[3];
     c.area[m] = detail::box_area(bx[0], bx[1], bx[2], bx[3]);

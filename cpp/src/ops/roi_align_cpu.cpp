@@ -91,7 +91,7 @@ Plans<T> build_plans(const RoiLevels& lv, const TensorView& rois, const FpnLevel
       int level = 0;
       if (map)
         level = detail::fpn_level<T>(q[1], q[2], q[3], q[4], map->k_min, map->k_max, map->canonical_level,
-                                     T(map->canonical_scale));
+                                     T(map->canonical_scale), map->detectron2);
       if (level < 0 || level >= lv.count) continue;
       R.level = level;
       const auto g = geometry(k, level);
@@ -714,7 +714,7 @@ void fpn_level_assign_cpu(const TensorView& boxes, const FpnLevelMap& map, const
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t* q = b + k * w + off;
       out[k] = detail::fpn_level<scalar_t>(q[0], q[1], q[2], q[3], map.k_min, map.k_max, map.canonical_level,
-                                           scalar_t(map.canonical_scale));
+                                           scalar_t(map.canonical_scale), map.detectron2);
     }
   });
 }

@@ -44,6 +44,10 @@ class MaskRCNN(nn.Module):
             "aligned" (detectron2's convention: the mask covers its box exactly, as the RoIAlign(aligned=True)
             mask targets do) or "torchvision" (torchvision's paste_masks_in_image bit for bit, for output parity;
             misaligned with the targets by up to ~1 px). See ops.paste_masks_in_image.
+        mask_threshold_inclusive: bool / RLE masks are probability >= 0.5 (detectron2's paste_masks_in_image)
+            instead of > 0.5 (also settable as an attribute).
+        clip_output: results' boxes rescaled to the input image are clipped to it and the detections left empty
+            dropped (detectron2's detector_postprocess; also settable as an attribute). False: torchvision's.
         channels_last: NHWC activations and conv weights (oneDNN / cuDNN run NHWC convolutions, pooling and
             batch norm without layout reorders). state_dict() still returns contiguous (NCHW) tensors.
     """
@@ -51,7 +55,8 @@ class MaskRCNN(nn.Module):
     def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, *, pixel_mean=(0.485, 0.456, 0.406),
                  pixel_std=(0.229, 0.224, 0.225), min_size_train=(800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
-                 mask_paste: str = "aligned", channels_last: bool = False):
+                 mask_paste: str = "aligned", channels_last: bool = False, clip_output: bool = False,
+                 mask_threshold_inclusive: bool = False):
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
@@ -66,6 +71,12 @@ class MaskRCNN(nn.Module):
         self.max_size_test = int(max_size_test)
         self.size_divisibility = int(size_divisibility)
         self.mask_paste = mask_paste
+        if not isinstance(clip_output, bool):
+            raise TypeError(f"clip_output must be True or False, got {clip_output!r}")
+        self.clip_output = clip_output
+        if not isinstance(mask_threshold_inclusive, bool):
+            raise TypeError(f"mask_threshold_inclusive must be True or False, got {mask_threshold_inclusive!r}")
+        self.mask_threshold_inclusive = mask_threshold_inclusive
         self._channels_last = False
         self.channels_last = channels_last
         # checkpoints (safetensors) need contiguous tensors whatever the layout used for speed
@@ -75,7 +86,7 @@ class MaskRCNN(nn.Module):
     def from_config(cls, cfg) -> MaskRCNN:
         m = cfg.model
         backbone = Backbone.from_config(cfg)
-        rpn = RPN.from_config(cfg, backbone.out_channels)
+        rpn = RPN.from_config(cfg, backbone.out_channels, backbone.strides)
         if len(backbone.strides) != len(m.anchors.sizes):
             raise ValueError(f"model.anchors.sizes has {len(m.anchors.sizes)} levels but the backbone produces "
                              f"{len(backbone.strides)} feature maps")
@@ -88,7 +99,8 @@ class MaskRCNN(nn.Module):
         return cls(backbone, rpn, roi_heads, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std,
                    min_size_train=i.min_size_train, max_size_train=i.max_size_train, min_size_test=i.min_size_test,
                    max_size_test=i.max_size_test, size_divisibility=i.size_divisibility, mask_paste=paste,
-                   channels_last=m.channels_last)
+                   channels_last=m.channels_last, clip_output=m.roi_heads.test_output_clip,
+                   mask_threshold_inclusive=m.mask.threshold_inclusive)
 
     @property
     def channels_last(self) -> bool:
@@ -306,10 +318,11 @@ class MaskRCNN(nn.Module):
 
     def postprocess(self, dets: Detections, image_sizes, input_sizes, *, mask_probs: Tensor | None = None,
                     keypoint_heatmaps: Tensor | None = None, mask_format: str = "prob") -> list[dict]:
-        """postprocess.detector_results with this model's mask paste."""
+        """postprocess.detector_results with this model's mask paste, keypoint score and output clipping."""
         return detector_results(dets, image_sizes, input_sizes, mask_probs=mask_probs,
                                 keypoint_heatmaps=keypoint_heatmaps, mask_format=mask_format,
-                                aligned=self.mask_paste == "aligned")
+                                aligned=self.mask_paste == "aligned", keypoint_score=self.roi_heads.keypoint_score,
+                                inclusive=self.mask_threshold_inclusive, clip=self.clip_output)
 
 
 def _contiguous_state_dict(module, state_dict, prefix, local_metadata):

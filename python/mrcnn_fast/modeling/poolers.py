@@ -31,10 +31,13 @@ class RoIPooler(nn.Module):
             roi_pool (quantised box and bins, max).
         sampling_ratio: bilinear samples per bin side (<= 0: adaptive); RoIAlign / RoIWarp only.
         aligned: half-pixel offset for RoIAlign.
+        level_mapping: the FPN level of a RoI: "torchvision" floor(k0 + log2(sqrt(area) / s0) + 1e-6) |
+            "detectron2" floor(k0 + log2(sqrt(area) / s0 + 1e-8)) (k0 = canonical_level, s0 = canonical_scale).
     """
 
     def __init__(self, output_size: int, strides, pooler_type: str = "roi_align", sampling_ratio: int = 2,
-                 aligned: bool = True, canonical_level: int = 4, canonical_scale: int = 224):
+                 aligned: bool = True, canonical_level: int = 4, canonical_scale: int = 224,
+                 level_mapping: str = "torchvision"):
         super().__init__()
         if pooler_type not in POOLER_TYPES:
             raise ValueError(f"pooler_type must be one of {POOLER_TYPES}, got {pooler_type!r}")
@@ -46,6 +49,9 @@ class RoIPooler(nn.Module):
         self.aligned = aligned
         self.canonical_level = canonical_level
         self.canonical_scale = canonical_scale
+        if level_mapping not in ops.LEVEL_MAPPINGS:
+            raise ValueError(f"level_mapping must be one of {ops.LEVEL_MAPPINGS}, got {level_mapping!r}")
+        self.level_mapping = level_mapping
         levels = [math.log2(s) for s in self.strides]
         if any(abs(lv - round(lv)) > 1e-6 for lv in levels):
             raise ValueError(f"strides must be powers of two, got {self.strides}")
@@ -78,9 +84,9 @@ class RoIPooler(nn.Module):
             return ops.multilevel_roi_align(
                 feats, rois, (self.output_size, self.output_size), self.scales, self.sampling_ratio, self.aligned,
                 canonical_level=self.canonical_level, canonical_scale=self.canonical_scale,
-                mode="max" if self.pooler_type == "roi_align_max" else "avg")
+                mode="max" if self.pooler_type == "roi_align_max" else "avg", level_mapping=self.level_mapping)
         levels = ops.fpn_level_assign(rois[:, 1:], self.k_min, self.k_max, self.canonical_level,
-                                      self.canonical_scale)
+                                      self.canonical_scale, level_mapping=self.level_mapping)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], self.output_size, self.output_size))
         for lvl, (f, s) in enumerate(zip(feats, self.scales)):
             idx = torch.where(levels == lvl)[0]

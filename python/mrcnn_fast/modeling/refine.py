@@ -13,18 +13,22 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .postprocess import MIN_BOX_SIDE, Detections, pack, packed_rows, rois_from_padded
+from .postprocess import MIN_BOX_SIDE, Detections, big_enough, pack, packed_rows, rois_from_padded
 
 if TYPE_CHECKING:
     from .roi_heads import RoIPredictor
 
 
-def clip_or_keep(new: Tensor, old: Tensor, image_hw) -> Tensor:
-    """new (Tensor[K, 4]) clipped to the image; rows that the clip collapses (a side < MIN_BOX_SIDE) keep old."""
+def clip_or_keep(new: Tensor, old: Tensor, image_hw, min_side: float = MIN_BOX_SIDE) -> Tensor:
+    """new (Tensor[K, 4]) clipped to the image; rows that the clip collapses (a side < min_side; min_side 0: an
+    empty side, see postprocess.big_enough) keep old."""
     new = ops.clip_boxes(new, image_hw)
-    ok = torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
-    ok[ops.remove_small_boxes(new, MIN_BOX_SIDE)] = True
-    return torch.where(ok[:, None], new, old)
+    return torch.where(big_enough(new, min_side)[:, None], new, old)
+
+
+def _min_side(predictor) -> float:
+    """The heads' roi_heads.test_min_box_side."""
+    return getattr(predictor.heads, "min_box_side", MIN_BOX_SIDE)
 
 
 @torch.no_grad()
@@ -45,7 +49,7 @@ def refine_boxes(predictor: RoIPredictor, dets: Detections, image_sizes, stage: 
     out_labels = torch.zeros_like(dets.labels)
     start = 0
     for i, (k, hw) in enumerate(zip(counts, image_sizes)):
-        nb = clip_or_keep(new[start:start + k], dets.boxes[i, :k], hw)
+        nb = clip_or_keep(new[start:start + k], dets.boxes[i, :k], hw, _min_side(predictor))
         ns = (dets.scores[i, :k] * prob[start:start + k]).sqrt()
         order = ns.argsort(descending=True, stable=True)
         boxes[i, :k], scores[i, :k], out_labels[i, :k] = nb[order], ns[order], dets.labels[i, :k][order]
@@ -112,7 +116,7 @@ def mask_box_sides(predictor: RoIPredictor, dets: Detections, image_sizes, *, we
     fused = torch.where(valid, (1 - weight) * b + weight * edges, b)
     boxes, start = torch.zeros_like(dets.boxes), 0
     for i, (k, hw) in enumerate(zip(counts, image_sizes)):
-        boxes[i, :k] = clip_or_keep(fused[start:start + k], dets.boxes[i, :k], hw)
+        boxes[i, :k] = clip_or_keep(fused[start:start + k], dets.boxes[i, :k], hw, _min_side(predictor))
         start += k
     return Detections(boxes, dets.scores, dets.labels, dets.counts)
 

@@ -6,6 +6,7 @@ detections at inference (refine.py, run through `refiners`) and flip test-time a
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Callable
 
@@ -28,6 +29,8 @@ from .heads import (
 )
 from .poolers import RoIPooler, boxes_to_rois
 from .postprocess import (
+    KEYPOINT_SCORES,
+    MIN_BOX_SIDE,
     Detections,
     class_probs_and_boxes,
     detections_from_box_outputs,
@@ -74,10 +77,13 @@ class RoIHeads(nn.Module):
             feeding res5 at inference.
         mask_loss_type: "sigmoid" | "softmax".
         keypoint_pooler / keypoint_head: None disables keypoints.
+        keypoint_score: keypoints_scores at inference, "logit" | "prob" (postprocess.heatmaps_to_keypoints).
         num_classes: foreground classes (labels 1..C).
         fg_iou_thresh, bg_iou_thresh: RoI labelling; batch_size_per_image, positive_fraction: RoI sampling.
         box_reg_weights: (wx, wy, ww, wh) of the box encoding.
         score_thresh, nms_thresh, detections_per_image: inference (postprocess.select_detections).
+        min_box_side: detections with a side below this (px) are dropped (0: none, detectron2); the refiners'
+            boxes that the clip collapses below it (0: to an empty side) keep their old box.
         refiners: callables (predictor, dets, image_sizes) -> Detections applied in order to the detections at
             inference, before the mask and keypoint heads (refine.py; none in the paper).
     """
@@ -86,10 +92,11 @@ class RoIHeads(nn.Module):
                  num_classes: int, mask_pooler: RoIPooler | None = None, mask_head: nn.Module | None = None,
                  mask_loss_type: str = "sigmoid", keypoint_pooler: RoIPooler | None = None,
                  keypoint_head: KeypointHead | None = None, keypoint_loss_weight: float = 1.0,
+                 keypoint_score: str = "logit",
                  fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, box_reg_weights=(10.0, 10.0, 5.0, 5.0),
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
-                 smooth_l1_beta: float = 1.0 / 9, refiners: Sequence[Refiner] = ()):
+                 min_box_side: float = MIN_BOX_SIDE, smooth_l1_beta: float = 1.0 / 9, refiners: Sequence[Refiner] = ()):
         super().__init__()
         if mask_loss_type not in ("sigmoid", "softmax"):
             raise ValueError(f"mask_loss_type must be 'sigmoid' or 'softmax', got {mask_loss_type!r}")
@@ -107,6 +114,9 @@ class RoIHeads(nn.Module):
         self.keypoint_pooler = keypoint_pooler
         self.keypoint_head = keypoint_head
         self.keypoint_loss_weight = keypoint_loss_weight
+        if keypoint_score not in KEYPOINT_SCORES:
+            raise ValueError(f"keypoint_score (keypoint.score) must be one of {KEYPOINT_SCORES}, got {keypoint_score!r}")
+        self.keypoint_score = keypoint_score
         self.num_classes = num_classes
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
@@ -114,6 +124,9 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
+        if not (math.isfinite(min_box_side) and min_box_side >= 0):
+            raise ValueError(f"min_box_side (roi_heads.test_min_box_side) must be finite and >= 0, got {min_box_side}")
+        self.min_box_side = float(min_box_side)
         self.smooth_l1_beta = smooth_l1_beta
         self.refiners = tuple(refiners)
 
@@ -136,7 +149,8 @@ class RoIHeads(nn.Module):
         pool_strides = strides[:4] if len(strides) > 4 else strides    # P6 only feeds the RPN
 
         def pooler(res):
-            return RoIPooler(res, pool_strides, r.pooler, r.pooler_sampling_ratio, r.pooler_aligned)
+            return RoIPooler(res, pool_strides, r.pooler, r.pooler_sampling_ratio, r.pooler_aligned,
+                             level_mapping=r.pooler_level_mapping)
         return pooler
 
     @classmethod
@@ -157,7 +171,8 @@ class RoIHeads(nn.Module):
                     fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
                     batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
                     box_reg_weights=r.box_reg_weights, score_thresh=r.score_thresh_test,
-                    nms_thresh=r.nms_thresh_test, detections_per_image=r.detections_per_image)
+                    nms_thresh=r.nms_thresh_test, detections_per_image=r.detections_per_image,
+                    min_box_side=r.test_min_box_side)
 
     @classmethod
     def mask_keypoint_kwargs(cls, cfg, in_channels: int, strides, res5=None) -> dict:
@@ -194,6 +209,7 @@ class RoIHeads(nn.Module):
             kw["keypoint_pooler"] = pooler(kp.pooler_resolution)
             kw["keypoint_head"] = KeypointHead(in_channels, kp.conv_dim, kp.num_convs, kp.num_keypoints)
             kw["keypoint_loss_weight"] = kp.loss_weight
+            kw["keypoint_score"] = kp.score
         return kw
 
     # ---- box stages -------------------------------------------------------------------------------
@@ -349,12 +365,14 @@ class RoIHeads(nn.Module):
         """postprocess.detections_from_box_outputs with these heads' box weights and thresholds."""
         return detections_from_box_outputs(class_logits, box_regression, proposals, counts, image_sizes,
                                            weights=self.box_stage_weights(0), score_thresh=self.score_thresh,
-                                           nms_thresh=self.nms_thresh, detections_per_image=self.detections_per_image)
+                                           nms_thresh=self.nms_thresh, detections_per_image=self.detections_per_image,
+                                           min_box_side=self.min_box_side)
 
     def detect(self, probs: Tensor, boxes: Tensor, counts: Tensor, image_sizes) -> Detections:
         """postprocess.select_detections with these heads' thresholds."""
         return select_detections(probs, boxes, counts, image_sizes, score_thresh=self.score_thresh,
-                                 nms_thresh=self.nms_thresh, detections_per_image=self.detections_per_image)
+                                 nms_thresh=self.nms_thresh, detections_per_image=self.detections_per_image,
+                                 min_box_side=self.min_box_side)
 
     @torch.no_grad()
     def refine_detections(self, predictor: RoIPredictor, dets: Detections, image_sizes) -> Detections:

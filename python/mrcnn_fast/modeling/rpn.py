@@ -89,9 +89,19 @@ class RPN(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
 
     @classmethod
-    def from_config(cls, cfg, in_channels: int) -> RPN:
+    def from_config(cls, cfg, in_channels: int, strides=None) -> RPN:
+        """strides: the nominal stride of each feature map (the backbone's); needed for anchors.grid_strides
+        "detectron2"."""
         m = cfg.model
-        ag = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios)
+        a = m.anchors
+        if a.grid_strides not in ("torchvision", "detectron2"):
+            raise ValueError(f"model.anchors.grid_strides must be 'torchvision' or 'detectron2', got "
+                             f"{a.grid_strides!r}")
+        if a.grid_strides == "detectron2" and strides is None:
+            raise ValueError("model.anchors.grid_strides 'detectron2' needs the feature strides (RPN.from_config("
+                             "cfg, in_channels, strides))")
+        ag = AnchorGenerator(a.sizes, a.aspect_ratios, rounded=a.rounded, order=a.order,
+                             strides=strides if a.grid_strides == "detectron2" else None)
         nums = set(ag.num_anchors_per_location())
         if len(nums) != 1:
             raise ValueError("every level must have the same number of anchors per location (shared RPN head)")

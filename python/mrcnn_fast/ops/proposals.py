@@ -114,7 +114,8 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
         post_nms_top_n (int): proposals kept per image.
         nms_thresh (float): IoU threshold of the per-level NMS.
         score_thresh (float): proposals with sigmoid(logit) < score_thresh are dropped.
-        min_size (float): proposals with a side < min_size are dropped.
+        min_size (float): proposals with a side < min_size are dropped (torchvision); 0: only empty ones, a
+            side <= 0 (detectron2's test-time nonempty()). Must be >= 0.
         weights, bbox_xform_clip: the BoxCoder parameters (RPN: (1, 1, 1, 1), log(1000/16)).
     All tensors share one dtype and device. On CPU, NaN/inf in objectness (or in a selected anchor)
     raise ValueError; CUDA does not inspect values.
@@ -126,9 +127,12 @@ def generate_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], a
     objectness, deltas, anchors, sizes = _check(objectness, deltas, anchors, image_sizes)
     pre = check_int(pre_nms_top_n, "pre_nms_top_n", minimum=0)
     post = check_int(post_nms_top_n, "post_nms_top_n", minimum=0)
+    min_size = real_number(min_size, "min_size")
+    if not min_size >= 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
     return _generate_proposals([o.detach() for o in objectness], [d.detach() for d in deltas],
                                [a.detach() for a in anchors], sizes, pre, post, real_number(nms_thresh, "nms_thresh"),
-                               real_number(score_thresh, "score_thresh"), real_number(min_size, "min_size"),
+                               real_number(score_thresh, "score_thresh"), min_size,
                                _weights(weights), real_number(bbox_xform_clip, "bbox_xform_clip"))
 
 

@@ -97,19 +97,20 @@ _roi_align.register_autograd(_roi_align_bwd, setup_context=_roi_align_setup)
 @torch.library.custom_op("mrcnn_fast::multilevel_roi_align", mutates_args=())
 def _multilevel_roi_align(features: list[Tensor], rois: Tensor, spatial_scales: list[float], k_min: int,
                           k_max: int, canonical_level: int, canonical_scale: float, pooled_height: int,
-                          pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool) -> Tensor:
+                          pooled_width: int, sampling_ratio: int, aligned: bool, max_mode: bool,
+                          detectron2_levels: bool = False) -> Tensor:
     features = _layouts(features)
     rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     out = _pooled(features[0], rois.shape[0], pooled_height, pooled_width)
     _C.multilevel_roi_align_forward([dl(f) for f in features], list(spatial_scales), dl(rois), k_min, k_max,
-                                    canonical_level, canonical_scale, pooled_height, pooled_width, sampling_ratio,
-                                    aligned, max_mode, dl(out), stream(features[0]))
+                                    canonical_level, canonical_scale, detectron2_levels, pooled_height,
+                                    pooled_width, sampling_ratio, aligned, max_mode, dl(out), stream(features[0]))
     return out
 
 
 @_multilevel_roi_align.register_fake
 def _(features, rois, spatial_scales, k_min, k_max, canonical_level, canonical_scale, pooled_height, pooled_width,
-      sampling_ratio, aligned, max_mode):
+      sampling_ratio, aligned, max_mode, detectron2_levels=False):
     return _pooled(_layouts(features)[0], rois.shape[0], pooled_height, pooled_width)
 
 
@@ -117,20 +118,20 @@ def _(features, rois, spatial_scales, k_min, k_max, canonical_level, canonical_s
 def _multilevel_roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor, spatial_scales: list[float],
                                    k_min: int, k_max: int, canonical_level: int, canonical_scale: float,
                                    pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
-                                   max_mode: bool) -> list[Tensor]:
+                                   max_mode: bool, detectron2_levels: bool = False) -> list[Tensor]:
     features = _layouts(features)
     rois = rois.to(roi_dtype(features[0].dtype)).contiguous()
     grads = [torch.empty_like(f, dtype=_grad_dtype(f)) for f in features]
     _C.multilevel_roi_align_backward(dl(grad), [dl(f) for f in features], [dl(g) for g in grads],
                                      list(spatial_scales), dl(rois), k_min, k_max, canonical_level, canonical_scale,
-                                     pooled_height, pooled_width, sampling_ratio, aligned, max_mode,
-                                     stream(features[0]))
+                                     detectron2_levels, pooled_height, pooled_width, sampling_ratio, aligned,
+                                     max_mode, stream(features[0]))
     return [g.to(f.dtype) for g, f in zip(grads, features)]
 
 
 @_multilevel_roi_align_backward.register_fake
 def _(grad, features, rois, spatial_scales, k_min, k_max, canonical_level, canonical_scale, pooled_height,
-      pooled_width, sampling_ratio, aligned, max_mode):
+      pooled_width, sampling_ratio, aligned, max_mode, detectron2_levels=False):
     return [torch.empty_like(f) for f in _layouts(features)]
 
 
@@ -145,22 +146,24 @@ def _multilevel_bwd(ctx, grad):
     grads = None
     if ctx.needs_input_grad[0]:
         grads = _multilevel_roi_align_backward(grad, features, rois, *ctx.params)
-    return (grads,) + (None,) * 11
+    return (grads,) + (None,) * 12
 
 
 _multilevel_roi_align.register_autograd(_multilevel_bwd, setup_context=_multilevel_setup)
 
 
 @torch.library.custom_op("mrcnn_fast::fpn_level_assign", mutates_args=())
-def _fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int, canonical_scale: float) -> Tensor:
+def _fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int, canonical_scale: float,
+                      detectron2_levels: bool = False) -> Tensor:
     boxes = boxes.to(roi_dtype(boxes.dtype)).contiguous()
     levels = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)
-    _C.fpn_level_assign(dl(boxes), k_min, k_max, canonical_level, canonical_scale, dl(levels), stream(boxes))
+    _C.fpn_level_assign(dl(boxes), k_min, k_max, canonical_level, canonical_scale, detectron2_levels, dl(levels),
+                        stream(boxes))
     return levels
 
 
 @_fpn_level_assign.register_fake
-def _(boxes, k_min, k_max, canonical_level, canonical_scale):
+def _(boxes, k_min, k_max, canonical_level, canonical_scale, detectron2_levels=False):
     return boxes.new_empty((boxes.shape[0],), dtype=torch.int64)
 
 
@@ -178,6 +181,16 @@ def _check_features(t, name: str) -> Tensor:
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got shape {list(t.shape)}")
     return t
+
+
+LEVEL_MAPPINGS = ("torchvision", "detectron2")
+
+
+def _check_level_mapping(v) -> bool:
+    """True for detectron2's formula."""
+    if v not in LEVEL_MAPPINGS:
+        raise ValueError(f"level_mapping must be one of {LEVEL_MAPPINGS}, got {v!r}")
+    return v == "detectron2"
 
 
 def _check_mode(mode) -> str:
@@ -268,12 +281,14 @@ def _check_level_list(features, spatial_scales) -> tuple[list[Tensor], list[floa
 
 def multilevel_roi_align(features: list[Tensor], boxes, output_size, spatial_scales: list[float],
                          sampling_ratio: int = -1, aligned: bool = False, *, canonical_level: int = 4,
-                         canonical_scale: float = 224, mode: str = "avg") -> Tensor:
+                         canonical_scale: float = 224, mode: str = "avg",
+                         level_mapping: str = "torchvision") -> Tensor:
     """FPN RoIAlign: each RoI pooled from one level, all levels in one kernel call.
 
     The level is torchvision's LevelMapper: k = floor(canonical_level + log2(sqrt(w * h) / canonical_scale)
     + 1e-6) clamped to [k_min, k_max], k_min = -log2(spatial_scales[0]), k_max = -log2(spatial_scales[-1]);
-    the RoI is pooled from features[k - k_min] (zeros if there is no such level).
+    the RoI is pooled from features[k - k_min] (zeros if there is no such level). level_mapping "detectron2":
+    k = floor(canonical_level + log2(sqrt(w * h) / canonical_scale + 1e-8)) instead (its assign_boxes_to_levels).
 
     Args:
         features (list of Tensor[N, C, H_l, W_l]): same N, C, dtype and device.
@@ -289,15 +304,17 @@ def multilevel_roi_align(features: list[Tensor], boxes, output_size, spatial_sca
     sr = _check_sampling_ratio(sampling_ratio)
     canonical_level = check_int(canonical_level, "canonical_level")
     canonical_scale = positive_float(canonical_scale, "canonical_scale")
+    d2 = _check_level_mapping(level_mapping)
     rois = _as_rois(boxes, features[0])
     k_min, k_max = _level_of_scale(scales[0]), _level_of_scale(scales[-1])
     return _multilevel_roi_align(features, rois, scales, k_min, k_max, canonical_level, canonical_scale, oh, ow, sr,
-                                 bool(aligned), mode == "max")
+                                 bool(aligned), mode == "max", d2)
 
 
 def fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int = 4,
-                     canonical_scale: float = 224) -> Tensor:
-    """FPN level index (0-based: level - k_min) of every box, torchvision's LevelMapper.
+                     canonical_scale: float = 224, *, level_mapping: str = "torchvision") -> Tensor:
+    """FPN level index (0-based: level - k_min) of every box, torchvision's LevelMapper (level_mapping
+    "detectron2": its assign_boxes_to_levels, see multilevel_roi_align).
 
     Args:
         boxes (Tensor[K, 4] or Tensor[K, 5]): (x1, y1, x2, y2), optionally after a batch-index column.
@@ -312,9 +329,10 @@ def fpn_level_assign(boxes: Tensor, k_min: int, k_max: int, canonical_level: int
         raise ValueError(f"k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
     canonical_level = check_int(canonical_level, "canonical_level")
     canonical_scale = positive_float(canonical_scale, "canonical_scale")
+    d2 = _check_level_mapping(level_mapping)
     if _eager() and boxes.numel() and not bool(torch.isfinite(boxes).all()):
         raise ValueError("boxes contains NaN or infinite values")
-    return _fpn_level_assign(boxes, k_min, k_max, canonical_level, canonical_scale)
+    return _fpn_level_assign(boxes, k_min, k_max, canonical_level, canonical_scale, d2)
 
 
 def _infer_scale(size: tuple[int, int], image_size: tuple[int, int]) -> float:

@@ -39,6 +39,7 @@ struct GraphPooler {
   bool aligned = true;
   int canonical_level = 4;
   double canonical_scale = 224;
+  bool detectron2_levels = false;   // detectron2's level formula (see FpnLevelMap)
 };
 
 enum class MaskLoss : int { Sigmoid = 0, Softmax = 1 };
@@ -51,14 +52,19 @@ struct GraphConfig {
   double score_thresh = 0.05;         // detections with probability > score_thresh are kept
   double nms_thresh = 0.5;            // class-aware NMS IoU threshold
   int64_t detections_per_image = 100;
-  double min_box_side = 1e-2;         // postprocess.MIN_BOX_SIDE
+  double min_box_side = 1e-2;         // roi_heads.test_min_box_side; <= 0: no size filter
   bool mask = false;                  // mask branch on
   GraphPooler mask_pooler;
   MaskLoss mask_loss = MaskLoss::Sigmoid;
   double mask_threshold = 0.5;        // bool / RLE masks: probability > threshold
+  bool mask_threshold_inclusive = false;  // probability >= threshold (detectron2) instead
   bool paste_aligned = true;          // true: detectron2's aligned paste; false: torchvision's
+  // Boxes rescaled to the input image are clipped to it (detectron2's detector_postprocess). The detections it
+  // would leave empty must already be gone (the Python graph drops them before stage 3).
+  bool clip_output = false;
   bool keypoint = false;              // keypoint branch on
   GraphPooler keypoint_pooler;
+  bool keypoint_score_prob = false;   // keypoint.score "prob" (detectron2) instead of "logit"
 };
 
 // ValueError naming the first bad field.
@@ -133,8 +139,9 @@ class InferenceGraph {
 
 // ---- building blocks (arguments already checked; exposed for the tests and for embedding) ---------------
 
-// postprocess.heatmaps_to_keypoints: maps [D, K, S, S], boxes [D, 4] (one dtype) -> xy [D, K, 3], scores [D, K].
+// postprocess.heatmaps_to_keypoints: maps [D, K, S, S], boxes [D, 4] (one dtype) -> xy [D, K, 3], scores [D, K]
+// (prob: score="prob", detectron2's peak probability; else the peak logit).
 void heatmaps_to_keypoints_cpu(const TensorView& maps, const TensorView& boxes, const TensorView& xy,
-                               const TensorView& scores);
+                               const TensorView& scores, bool prob = false);
 
 }  // namespace mrcnn

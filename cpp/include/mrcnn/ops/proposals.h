@@ -2,7 +2,8 @@
 // RPN proposal generation for a batch in one call, step for step torchvision's
 // RegionProposalNetwork.filter_proposals after BoxCoder.decode:
 //   per image and level: top pre_nms_top_n anchors by objectness logit -> decode those deltas ->
-//   clip to the image -> drop boxes with a side < min_size -> drop sigmoid(logit) < score_thresh ->
+//   clip to the image -> drop boxes with a side < min_size (min_size 0: an empty side, <= 0) ->
+//   drop sigmoid(logit) < score_thresh ->
 //   NMS per level -> the post_nms_top_n best over all levels, by descending score.
 // Ties: equal logits rank by anchor index; equal final scores rank by level, then by logit rank.
 // Outputs have fixed size (the CUDA path never waits for the device); rows past counts[n] are 0.
@@ -19,7 +20,7 @@ struct ProposalParams {
   int64_t post_nms_top_n = 1000;  // per image
   double nms_thresh = 0.7;
   double score_thresh = 0.0;  // on sigmoid(logit), kept when >=
-  double min_size = 1e-3;
+  double min_size = 1e-3;     // >= 0; 0: only empty boxes are dropped (detectron2's test-time nonempty())
   BoxCoderParams coder;  // RPN: weights (1, 1, 1, 1)
 };
 

@@ -21,10 +21,12 @@ struct RoiAlignOptions {
 
 // torchvision LevelMapper: level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)
 // clamped to [k_min, k_max]; the RoI is pooled from features[level - k_min] (zeros if there is none).
+// detectron2: floor(canonical_level + log2(sqrt(area) / canonical_scale + 1e-8)), clamped the same way.
 struct FpnLevelMap {
   int k_min = 2, k_max = 5;
   int canonical_level = 4;
   double canonical_scale = 224;
+  bool detectron2 = false;
 };
 
 constexpr int kMaxRoiLevels = 8;

@@ -66,5 +66,12 @@ template <class T> MRCNN_HD bool box_big_enough(const T* b, T min_size) {
   return (b[2] - b[0]) >= min_size && (b[3] - b[1]) >= min_size;
 }
 
+// The RPN's size test: both sides >= min_size (torchvision's remove_small_boxes); min_size 0: both sides > 0
+// (detectron2's nonempty(), the only filter it applies at test time).
+template <class T> MRCNN_HD bool proposal_big_enough(const T* b, T min_size) {
+  if (min_size > T(0)) return box_big_enough(b, min_size);
+  return (b[2] - b[0]) > T(0) && (b[3] - b[1]) > T(0);
+}
+
 }  // namespace detail
 }  // namespace mrcnn

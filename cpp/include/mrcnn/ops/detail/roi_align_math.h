@@ -142,16 +142,22 @@ template <class T> MRCNN_HD bool max_bin_takes_sample(bool found, T best, bool h
 }
 
 // FPN level (0-based, relative to k_min) of a box, as torchvision's LevelMapper:
-// floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to [k_min, k_max], area without +1, computed in T.
+// floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to [k_min, k_max], area without +1, computed in T;
+// detectron2 (assign_boxes_to_levels): floor(k0 + log2(sqrt(area) / s0 + 1e-8)), the eps inside the log.
 // Zero area goes to k_min (log2(0) = -inf); negative area (x2 < x1 xor y2 < y1), for which
-// torchvision's cast of NaN is undefined, also goes to k_min.
+// torchvision's cast of NaN is undefined (detectron2 pools nothing for it), also goes to k_min.
 template <class T>
-MRCNN_HD int fpn_level(T x1, T y1, T x2, T y2, int k_min, int k_max, int canonical_level, T canonical_scale) {
+MRCNN_HD int fpn_level(T x1, T y1, T x2, T y2, int k_min, int k_max, int canonical_level, T canonical_scale,
+                       bool detectron2 = false) {
   const T area = (x2 - x1) * (y2 - y1);
   T v = T(k_min);
   if (area > T(0)) {
-    v = T(canonical_level) + log2_t(sqrt_t(area) / canonical_scale);
-    v = floor_t(v + T(1e-6));
+    if (detectron2) {
+      v = floor_t(T(canonical_level) + log2_t(sqrt_t(area) / canonical_scale + T(1e-8)));
+    } else {
+      v = T(canonical_level) + log2_t(sqrt_t(area) / canonical_scale);
+      v = floor_t(v + T(1e-6));
+    }
   }
   v = v < T(k_min) ? T(k_min) : v;  // torch.clamp(min, max): max wins if min > max
   v = v > T(k_max) ? T(k_max) : v;
