@@ -433,7 +433,7 @@ def _detect(w: _Weights, path: Path) -> tuple[dict, dict]:
         m.update(fpn={"enabled": True, "out_channels": 256, "in_features": ["res2", "res3", "res4", "res5"],
                       "norm": "GN" if norm == "GN" else ""},
                  anchors={"sizes": D2_FPN_ANCHOR_SIZES, "aspect_ratios": D2_ASPECT_RATIOS, "rounded": False,
-                          "order": "size_ratio"},
+                          "order": "size_ratio", "grid_strides": "detectron2"},
                  roi_heads={"num_classes": 80, "box_pooler_resolution": 7, "box_head_fc_dim": 1024,
                             "box_head_num_conv": 0, "box_head_num_fc": 2},
                  mask={"enabled": True, "head": "fcn", "num_convs": 4, "conv_dim": 256, "pooler_resolution": 14,
@@ -462,7 +462,7 @@ def _detect(w: _Weights, path: Path) -> tuple[dict, dict]:
     if a != want:
         raise ValueError(f"{path}: the RPN predicts {a} anchors per location, detectron2's default anchors for this "
                          f"architecture are {want}: give model.anchors in the overrides")
-    m["anchors"].update(rounded=False, order="size_ratio")
+    m["anchors"].update(rounded=False, order="size_ratio", grid_strides="detectron2")
 
     # box branch
     cls_rows = _shape(t, "roi_heads.box_predictor.cls_score.weight", path)[0]
@@ -572,16 +572,16 @@ def _conventions(arch: dict, det: dict, w: _Weights) -> tuple[dict, list]:
                     bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5)
     sizes = m["anchors"]["sizes"]
     assumed.append(f"anchors: sizes {sizes}, aspect ratios {D2_ASPECT_RATIOS}, offset 0, unrounded, "
-                   f"size-major order")
+                   f"size-major order, spaced by the nominal strides")
     m["roi_heads"].update(pooler="roi_align", pooler_sampling_ratio=0, pooler_aligned=True,
                           pooler_level_mapping="detectron2", box_reg_weights=(10.0, 10.0, 5.0, 5.0),
                           score_thresh_test=0.05, nms_thresh_test=0.5, detections_per_image=100,
-                          test_min_box_side=0.0, fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512,
+                          test_min_box_side=0.0, test_output_clip=True, fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512,
                           positive_fraction=0.25)
     assumed.append("RoIAlign aligned, adaptive sampling, detectron2's level mapping; score 0.05, NMS 0.5, "
-                   "100 detections per image")
+                   "100 detections per image, no small-box filter; boxes clipped to the input image")
     if m["mask"]["enabled"]:
-        m["mask"]["paste"] = "aligned"
+        m["mask"].update(paste="aligned", threshold_inclusive=True)
         if fpn:
             assumed.append("mask pooler 14x14")
     if keypoint:
