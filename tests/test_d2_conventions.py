@@ -63,7 +63,10 @@ def d2_levels(boxes, min_level, max_level, canonical_box_size=224, canonical_lev
     return torch.clamp(lv, min=min_level, max=max_level).to(torch.int64) - min_level
 
 
-def d2_apply_deltas(deltas, boxes, weights=(1.0, 1.0, 1.0, 1.0), clamp=math.log(1000.0 / 16)):
+D2_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def d2_apply_deltas(deltas, boxes, weights=(1.0, 1.0, 1.0, 1.0), clamp=D2_SCALE_CLAMP):
     """Box2BoxTransform.apply_deltas."""
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
@@ -381,7 +384,8 @@ def test_min_box_side_zero_equals_detectron2_fast_rcnn_inference():
     assert empty > 0                                   # kept by detectron2, dropped by the default
     default = pp.select_detections(probs, boxes, torch.tensor([props.shape[0]]), [hw], score_thresh=0.05,
                                    nms_thresh=0.5, detections_per_image=30)
-    assert int(default.counts[0]) < k or (default.boxes[0, :, 2] > default.boxes[0, :, 0])[:int(default.counts[0])].all()
+    n = int(default.counts[0])
+    assert n < k or (default.boxes[0, :, 2] > default.boxes[0, :, 0])[:n].all()
 
 
 def test_min_box_side_from_config_graph_and_refiners():
@@ -498,7 +502,8 @@ D2_SWITCHES = {"anchors": {"rounded": False, "order": "size_ratio", "grid_stride
                "rpn": {"min_size": 0.0},
                "roi_heads": {"pooler_level_mapping": "detectron2", "pooler_sampling_ratio": 0,
                              "test_min_box_side": 0.0, "test_output_clip": True},
-               "keypoint": {"enabled": True, "score": "prob"}, "mask": {"paste": "aligned", "threshold_inclusive": True}}
+               "keypoint": {"enabled": True, "score": "prob"},
+               "mask": {"paste": "aligned", "threshold_inclusive": True}}
 
 
 def _assert_results_close(ref, out, fmt):

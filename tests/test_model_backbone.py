@@ -108,7 +108,7 @@ def test_freeze_at(freeze_at):
     with pytest.raises(ValueError, match="unknown backbone"):
         ResNet("resnet7")
     with pytest.raises(ValueError, match="norm"):
-        ResNet("resnet18", norm="GN")
+        ResNet("resnet18", norm="LN")
 
 
 def test_fpn_matches_torchvision_and_shapes():

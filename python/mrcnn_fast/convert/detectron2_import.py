@@ -576,7 +576,8 @@ def _conventions(arch: dict, det: dict, w: _Weights) -> tuple[dict, list]:
     m["roi_heads"].update(pooler="roi_align", pooler_sampling_ratio=0, pooler_aligned=True,
                           pooler_level_mapping="detectron2", box_reg_weights=(10.0, 10.0, 5.0, 5.0),
                           score_thresh_test=0.05, nms_thresh_test=0.5, detections_per_image=100,
-                          test_min_box_side=0.0, test_output_clip=True, fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512,
+                          test_min_box_side=0.0, test_output_clip=True,
+                          fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512,
                           positive_fraction=0.25)
     assumed.append("RoIAlign aligned, adaptive sampling, detectron2's level mapping; score 0.05, NMS 0.5, "
                    "100 detections per image, no small-box filter; boxes clipped to the input image")

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from ..ops._checks import check_int
 from .keypoints import flip_permutation
 
-__all__ = ["resize_shortest_edge", "hflip", "hflip_boxes", "batch_images"]
+__all__ = ["RESIZE_MODES", "resized_size", "resize_shortest_edge", "hflip", "hflip_boxes", "batch_images"]
+
+# how an image is resized to (min_size, max_size): see resize_shortest_edge
+RESIZE_MODES = ("mrcnn_fast", "torchvision", "detectron2")
 
 
 def _check_image(image, name: str = "image") -> None:
@@ -28,14 +31,74 @@ def _check_image(image, name: str = "image") -> None:
         raise ValueError(f"{name} must be Tensor[C, H, W], got shape {tuple(image.shape)}")
 
 
-def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int, max_size: int):
+def resized_size(h: int, w: int, min_size: int, max_size: int, mode: str = "mrcnn_fast") -> tuple[int, int]:
+    """(height, width) of an h x w image resized so that its shorter side is min_size unless that makes the longer
+    side exceed max_size, with the scale and the rounding of `mode`:
+
+    - "mrcnn_fast": scale min_size / short side, or max_size / long side where the long side would exceed it;
+      sides rounded to the nearest integer.
+    - "torchvision": scale min(min_size / short side, max_size / long side), sides floored (what
+      F.interpolate(scale_factor=..., recompute_scale_factor=True) makes of it in GeneralizedRCNNTransform).
+    - "detectron2": the short side set to min_size and the long side scaled, both scaled down together when the
+      long side exceeds max_size, then int(x + 0.5) (ResizeShortestEdge.get_output_shape).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if mode == "torchvision":
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        return max(1, math.floor(float(h) * scale)), max(1, math.floor(float(w) * scale))
+    if mode == "detectron2":
+        size = min_size * 1.0
+        scale = size / min(h, w)
+        nh, nw = (size, scale * w) if h < w else (scale * h, size)
+        if max(nh, nw) > max_size:
+            scale = max_size * 1.0 / max(nh, nw)
+            nh, nw = nh * scale, nw * scale
+        return max(1, int(nh + 0.5)), max(1, int(nw + 0.5))
+    scale = min_size / min(h, w)
+    if max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def quantize_image(image: torch.Tensor) -> torch.Tensor:
+    """A float image in [0, 1] -> uint8 round(x * 255) (exact for images that came from uint8); uint8 unchanged."""
+    if image.dtype == torch.uint8:
+        return image
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a float tensor in [0, 1] or uint8, got {image.dtype}")
+    return (image * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pil_resize(image: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """uint8 Tensor[C, H, W] resized with PIL's bilinear filter (detectron2's ResizeTransform on uint8 images)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = image.permute(1, 2, 0).cpu().numpy()
+    if arr.shape[2] == 1:
+        pil = Image.fromarray(arr[:, :, 0], mode="L")
+    else:
+        pil = Image.fromarray(np.ascontiguousarray(arr))
+    out = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return torch.from_numpy(out.copy()).permute(2, 0, 1).to(image.device)
+
+
+def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int, max_size: int, *,
+                         mode: str = "mrcnn_fast"):
     """Resizes so the shorter side is ``min_size`` unless that makes the longer side exceed ``max_size``.
 
     Args:
-        image (Tensor[C, H, W]): float image (bilinear interpolation, no antialiasing, like the paper's setup).
+        image (Tensor[C, H, W]): float image. "mrcnn_fast" and "torchvision" resize it with float bilinear
+            interpolation (no antialiasing, like the paper's setup); "detectron2" takes a float image in [0, 1]
+            (quantised to uint8: round(x * 255)) or a uint8 one, resizes it with PIL's bilinear filter and
+            returns a uint8 image (0..255).
         target (dict | None): boxes/keypoints are scaled by the actual per-axis ratios, masks use nearest.
         min_size (int): target length of the shorter side.
         max_size (int): cap on the longer side.
+        mode: "mrcnn_fast" | "torchvision" | "detectron2": the output size (see resized_size) and the resampling.
     Returns:
         (Tensor[C, h, w], dict | None)
     """
@@ -45,15 +108,17 @@ def resize_shortest_edge(image: torch.Tensor, target: dict | None, min_size: int
     h, w = image.shape[-2:]
     if h == 0 or w == 0:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
-    scale = min_size / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    nh, nw = resized_size(h, w, min_size, max_size, mode)
+    if mode == "detectron2":
+        image = quantize_image(image)
     if (nh, nw) == (h, w):
         return image, (dict(target) if target is not None else None)
-    if not image.is_floating_point():
-        raise TypeError(f"image must be a floating point tensor, got {image.dtype}")
-    out = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    if mode == "detectron2":
+        out = _pil_resize(image, nh, nw)
+    else:
+        if not image.is_floating_point():
+            raise TypeError(f"image must be a floating point tensor, got {image.dtype}")
+        out = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
     if target is None:
         return out, None
     sx, sy = nw / w, nh / h

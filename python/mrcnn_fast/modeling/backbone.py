@@ -73,12 +73,27 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def make_norm(norm: str, channels: int) -> nn.Module:
+NORMS = ("FrozenBN", "BN", "GN")
+GN_GROUPS = 32
+
+
+def make_norm(norm: str, channels: int, eps: float = 1e-5) -> nn.Module:
+    """The normalisation layer `norm` names over `channels` channels: "FrozenBN" (FrozenBatchNorm2d), "BN"
+    (nn.BatchNorm2d) or "GN" (nn.GroupNorm with 32 groups)."""
     if norm == "FrozenBN":
-        return FrozenBatchNorm2d(channels)
+        return FrozenBatchNorm2d(channels, eps)
     if norm == "BN":
-        return nn.BatchNorm2d(channels)
-    raise ValueError(f"norm must be 'FrozenBN' or 'BN', got {norm!r}")
+        return nn.BatchNorm2d(channels, eps=eps)
+    if norm == "GN":
+        if channels % GN_GROUPS:
+            raise ValueError(f"norm 'GN' needs channels divisible by {GN_GROUPS}, got {channels}")
+        return nn.GroupNorm(GN_GROUPS, channels, eps=eps)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def make_optional_norm(norm: str, channels: int, eps: float = 1e-5) -> nn.Module | None:
+    """make_norm, or None for norm "" (no normalisation: the layer before it keeps its bias)."""
+    return None if norm == "" else make_norm(norm, channels, eps)
 
 
 def _conv3x3(cin, cout, stride=1, groups=1):
@@ -93,14 +108,14 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, *, groups=1, base_width=64, norm="BN",
-                 stride_in_1x1=False):
+                 stride_in_1x1=False, norm_eps=1e-5):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
         self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = make_norm(norm, planes)
+        self.bn1 = make_norm(norm, planes, norm_eps)
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = make_norm(norm, planes)
+        self.bn2 = make_norm(norm, planes, norm_eps)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -115,16 +130,16 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, *, groups=1, base_width=64, norm="BN",
-                 stride_in_1x1=False):
+                 stride_in_1x1=False, norm_eps=1e-5):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = _conv1x1(inplanes, width, s1)
-        self.bn1 = make_norm(norm, width)
+        self.bn1 = make_norm(norm, width, norm_eps)
         self.conv2 = _conv3x3(width, width, s3, groups)
-        self.bn2 = make_norm(norm, width)
+        self.bn2 = make_norm(norm, width, norm_eps)
         self.conv3 = _conv1x1(width, planes * self.expansion)
-        self.bn3 = make_norm(norm, planes * self.expansion)
+        self.bn3 = make_norm(norm, planes * self.expansion, norm_eps)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -141,16 +156,17 @@ class ResNet(nn.Module):
 
     Args:
         depth_name: one of resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d.
-        norm: "FrozenBN" or "BN".
+        norm: "FrozenBN", "BN" or "GN" (32 groups); norm_eps: the eps of every norm.
         freeze_at: 0 trains everything; 1 freezes the stem; k freezes the stem and the first k-1 stages.
-            Frozen parts get FrozenBatchNorm2d and requires_grad=False.
+            Frozen parts get FrozenBatchNorm2d (GroupNorm stays) and requires_grad=False.
         width: stem width (64 for the standard nets); stage i has width * 2**i planes.
         out_features: which of res2..res5 forward returns.
         with_res5: False drops layer4 from the trunk (the C4 head owns it).
     """
 
     def __init__(self, name: str = "resnet50", *, norm: str = "FrozenBN", freeze_at: int = 2, width: int = 64,
-                 stride_in_1x1: bool = False, out_features=("res2", "res3", "res4", "res5"), with_res5: bool = True):
+                 stride_in_1x1: bool = False, out_features=("res2", "res3", "res4", "res5"), with_res5: bool = True,
+                 norm_eps: float = 1e-5):
         super().__init__()
         if name not in _ARCHS:
             raise ValueError(f"unknown backbone {name!r} (known: {', '.join(_ARCHS)})")
@@ -162,11 +178,12 @@ class ResNet(nn.Module):
         self.block = block
         self.norm = norm
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = make_norm(norm, width)
+        self.bn1 = make_norm(norm, width, norm_eps)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self._inplanes = width
-        self._opts = dict(groups=groups, base_width=base_width, norm=norm, stride_in_1x1=stride_in_1x1)
+        self._opts = dict(groups=groups, base_width=base_width, norm=norm, stride_in_1x1=stride_in_1x1,
+                          norm_eps=norm_eps)
         self.layer1 = self._make_layer(width, layers[0], 1)
         self.layer2 = self._make_layer(width * 2, layers[1], 2)
         self.layer3 = self._make_layer(width * 4, layers[2], 2)
@@ -187,7 +204,8 @@ class ResNet(nn.Module):
         downsample = None
         outp = planes * self.block.expansion
         if stride != 1 or self._inplanes != outp:
-            downsample = nn.Sequential(_conv1x1(self._inplanes, outp, stride), make_norm(self._opts["norm"], outp))
+            downsample = nn.Sequential(_conv1x1(self._inplanes, outp, stride),
+                                       make_norm(self._opts["norm"], outp, self._opts["norm_eps"]))
         mods = [self.block(self._inplanes, planes, stride, downsample, **self._opts)]
         self._inplanes = outp
         mods += [self.block(outp, planes, **self._opts) for _ in range(1, blocks)]
@@ -197,7 +215,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -273,19 +291,30 @@ class FeaturePyramidNetwork(nn.Module):
         in_channels_list: channels of C2..C5.
         out_channels: channels of every output level.
         extra_block: e.g. LastLevelMaxPool() for P6; None for none.
+        norm: "" (convolutions with bias) | "BN" | "FrozenBN" | "GN": a norm after every lateral and output
+            convolution, which then has no bias. The blocks are (conv[, norm]) sequences, torchvision's
+            Conv2dNormActivation layout (inner_blocks.i.0 the conv, inner_blocks.i.1 the norm).
     Returns (forward): list of Tensor[N, out_channels, Hi, Wi], finest first (P2..P5[, P6]).
     """
 
-    def __init__(self, in_channels_list, out_channels: int, extra_block: nn.Module | None = None):
+    def __init__(self, in_channels_list, out_channels: int, extra_block: nn.Module | None = None, *,
+                 norm: str = ""):
         super().__init__()
-        self.inner_blocks = nn.ModuleList(nn.Sequential(Conv1x1(c, out_channels)) for c in in_channels_list)
+        bias = norm == ""
+
+        def block(conv: nn.Conv2d) -> nn.Sequential:
+            n = make_optional_norm(norm, out_channels)
+            return nn.Sequential(conv) if n is None else nn.Sequential(conv, n)
+
+        self.inner_blocks = nn.ModuleList(block(Conv1x1(c, out_channels, bias=bias)) for c in in_channels_list)
         self.layer_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels_list)
+            block(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias)) for _ in in_channels_list)
         self.extra_block = extra_block
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         last = self.inner_blocks[-1](feats[-1])
@@ -325,12 +354,12 @@ class Backbone(nn.Module):
         b = m.backbone
         if m.fpn.enabled:
             body = ResNet(b.name, norm=b.norm, freeze_at=b.freeze_at, width=b.width, stride_in_1x1=b.stride_in_1x1,
-                          out_features=tuple(m.fpn.in_features))
+                          out_features=tuple(m.fpn.in_features), norm_eps=b.norm_eps)
             fpn = FeaturePyramidNetwork([body.out_channels[f] for f in body.out_features], m.fpn.out_channels,
-                                        LastLevelMaxPool())
+                                        LastLevelMaxPool(), norm=m.fpn.norm)
             return cls(body, fpn)
         body = ResNet(b.name, norm=b.norm, freeze_at=b.freeze_at, width=b.width, stride_in_1x1=b.stride_in_1x1,
-                      out_features=("res4",), with_res5=False)
+                      out_features=("res4",), with_res5=False, norm_eps=b.norm_eps)
         return cls(body, None)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -341,7 +370,8 @@ class Backbone(nn.Module):
 def build_res5_head(cfg) -> tuple[nn.Sequential, int]:
     """layer4 of the configured ResNet (for the C4 box head), with the backbone's norm and freezing rules."""
     b = cfg.model.backbone
-    r = ResNet(b.name, norm=b.norm, freeze_at=b.freeze_at, width=b.width, stride_in_1x1=b.stride_in_1x1)
+    r = ResNet(b.name, norm=b.norm, freeze_at=b.freeze_at, width=b.width, stride_in_1x1=b.stride_in_1x1,
+               norm_eps=b.norm_eps)
     return r.layer4, r.out_channels["res5"]
 
 

@@ -64,8 +64,9 @@ def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
     """Folds every frozen batch norm that directly follows a convolution into that convolution, in place.
 
     FrozenBatchNorm2d (and BatchNorm2d in eval mode, whose statistics are fixed too) after a Conv2d in the
-    ResNet blocks (convK -> bnK), the stem (conv1 -> bn1) and any nn.Sequential (conv, norm) pair becomes the
-    convolution's scaled weight and bias; the norm is replaced by nn.Identity. The stem's fused
+    ResNet blocks (convK -> bnK), the stem (conv1 -> bn1), the heads' convs.i -> norms.i and any nn.Sequential
+    (conv, norm) pair (the FPN's normed blocks) becomes the convolution's scaled weight and bias; the norm is
+    replaced by nn.Identity (GroupNorm, whose statistics are per input, stays). The stem's fused
     batch-norm/ReLU/max-pool then runs as max-pool + ReLU on the biased convolution (same values). The folded
     model is for inference: training it would train the folded weights without the norm. Outputs equal the
     unfolded model's up to float rounding (the scale is applied to the weights in float64, then rounded once).
@@ -83,10 +84,17 @@ def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
             names = list(parent._modules)
             for a, b in zip(names, names[1:]):
                 pairs.append((parent._modules[a], b, parent._modules[b]))
+        convs, norms = getattr(parent, "convs", None), getattr(parent, "norms", None)
+        if isinstance(convs, nn.ModuleList) and isinstance(norms, nn.ModuleList) and len(convs) == len(norms):
+            # the box / mask heads' convs.i -> norms.i
+            pairs += [(c, str(i), n) for i, (c, n) in enumerate(zip(convs, norms))]
+            owners = {id(n): norms for n in norms}
+        else:
+            owners = {}
         for conv, name, bn in pairs:
             if _is_plain_conv(conv) and _foldable_norm(bn) and bn.running_mean.shape[0] == conv.out_channels:
                 _fold(conv, bn)
-                setattr(parent, name, nn.Identity())
+                setattr(owners.get(id(bn), parent), name, nn.Identity())
     return model
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .backbone import make_optional_norm
 from .layers import Conv1x1
 
 # ---- box head ------------------------------------------------------------------------------------
@@ -39,6 +40,69 @@ class TwoMLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.fc7(F.relu(fc_over_map(x, self.fc6))))
+
+
+class ConvFCHead(nn.Module):
+    """FPN box head with convolutions: num_conv x (3x3 conv [+ norm] + ReLU), flatten, num_fc x (fc + ReLU)
+    (torchvision's v2 and detectron2's GN configs: 4 convs with a norm, 1 fc).
+
+    Names: convs.i (without bias when normed), norms.i, fcs.j.
+
+    Args:
+        in_channels, resolution: the pooled features, Tensor[K, in_channels, resolution, resolution].
+        conv_dim, num_conv: the convolutions; fc_dim, num_fc: the fully connected layers.
+        norm: "" | "BN" | "FrozenBN" | "GN" after each convolution.
+    forward: Tensor[K, C, S, S] -> Tensor[K, out_features] (fc_dim; the flattened map when num_fc is 0).
+    """
+
+    def __init__(self, in_channels: int, resolution: int, *, conv_dim: int = 256, num_conv: int = 4,
+                 fc_dim: int = 1024, num_fc: int = 1, norm: str = ""):
+        super().__init__()
+        if num_conv < 0 or num_fc < 0 or num_conv + num_fc == 0:
+            raise ValueError(f"the box head needs convs or fcs, got num_conv={num_conv}, num_fc={num_fc}")
+        convs, norms = [], []
+        c = in_channels
+        for _ in range(num_conv):
+            convs.append(nn.Conv2d(c, conv_dim, 3, padding=1, bias=norm == ""))
+            n = make_optional_norm(norm, conv_dim)
+            norms.append(n if n is not None else nn.Identity())
+            c = conv_dim
+        self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList(norms)
+        f = c * resolution * resolution
+        fcs = []
+        for _ in range(num_fc):
+            fcs.append(nn.Linear(f, fc_dim))
+            f = fc_dim
+        self.fcs = nn.ModuleList(fcs)
+        self.out_features = f
+        for m in self.convs:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for fc in self.fcs:
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)))
+        if not len(self.fcs):
+            return x.flatten(1)
+        x = F.relu(fc_over_map(x, self.fcs[0]))
+        for fc in self.fcs[1:]:
+            x = F.relu(fc(x))
+        return x
+
+
+def build_box_head(in_channels: int, resolution: int, *, conv_dim: int = 256, num_conv: int = 0,
+                   fc_dim: int = 1024, num_fc: int = 2, norm: str = "") -> nn.Module:
+    """The FPN box head: TwoMLPHead (fc6 / fc7, the paper's and torchvision v1's) for 0 convs and 2 fcs, else a
+    ConvFCHead."""
+    if num_conv == 0 and num_fc == 2:
+        return TwoMLPHead(in_channels * resolution ** 2, fc_dim)
+    return ConvFCHead(in_channels, resolution, conv_dim=conv_dim, num_conv=num_conv, fc_dim=fc_dim, num_fc=num_fc,
+                      norm=norm)
 
 
 class Res5Head(nn.Module):
@@ -93,28 +157,36 @@ def fast_rcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: Tensor,
 
 
 class MaskFCNHead(nn.Module):
-    """The paper's FCN mask head: num_convs x (3x3 conv + ReLU), 2x2 stride-2 deconv + ReLU, 1x1 conv to one
-    mask per output channel. Output Tensor[K, num_outputs, 2R, 2R] for input Tensor[K, C, R, R]."""
+    """The paper's FCN mask head: num_convs x (3x3 conv [+ norm] + ReLU), 2x2 stride-2 deconv + ReLU, 1x1 conv to
+    one mask per output channel. Output Tensor[K, num_outputs, 2R, 2R] for input Tensor[K, C, R, R].
 
-    def __init__(self, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_outputs: int = 81):
+    norm: "" | "BN" | "FrozenBN" | "GN" after each conv (torchvision's v2: BN), which then has no bias; the
+    norms are `norms.i` (no parameters, nothing in the state dict, without a norm)."""
+
+    def __init__(self, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_outputs: int = 81, *,
+                 norm: str = ""):
         super().__init__()
-        convs = []
+        convs, norms = [], []
         c = in_channels
         for _ in range(num_convs):
-            convs.append(nn.Conv2d(c, conv_dim, 3, padding=1))
+            convs.append(nn.Conv2d(c, conv_dim, 3, padding=1, bias=norm == ""))
+            n = make_optional_norm(norm, conv_dim)
+            norms.append(n if n is not None else nn.Identity())
             c = conv_dim
         self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList(norms)
         self.deconv = nn.ConvTranspose2d(c, conv_dim, 2, stride=2)
         self.predictor = Conv1x1(conv_dim, num_outputs)
         for m in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        for conv in self.convs:
-            x = F.relu(conv(x))
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)))
         return self.predictor(F.relu(self.deconv(x)))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..data.transforms import batch_images, resize_shortest_edge
+from ..data.transforms import RESIZE_MODES, batch_images, resize_shortest_edge
 from .backbone import Backbone, build_res5_head
 from .cascade import CascadeRefinement, CascadeRoIHeads
 from .postprocess import Detections, check_mask_format, detector_results, mask_probs, pack, rois_from_padded
@@ -14,6 +14,7 @@ from .rpn import RPN
 from .tta import FlipTTA
 
 MASK_PASTES = ("aligned", "torchvision")
+INPUT_FORMATS = ("RGB", "BGR")
 
 
 class MaskRCNN(nn.Module):
@@ -36,9 +37,15 @@ class MaskRCNN(nn.Module):
 
     Args:
         backbone, rpn, roi_heads: the parts.
-        pixel_mean, pixel_std: per-channel normalisation of the [0, 1] RGB input.
+        pixel_mean, pixel_std: per-channel normalisation (x - mean) / std of the network's input, in its channel
+            order and scale (input_format, pixel_scale).
+        input_format: the network's channel order, "RGB" or "BGR" (detectron2's models); the input images are RGB.
+        pixel_scale: the network sees the images on a [0, pixel_scale] scale (1; detectron2: 255).
         min_size_train (tuple): shortest side, one chosen at random per image in training.
         max_size_train, min_size_test, max_size_test: see resize_shortest_edge.
+        resize: "mrcnn_fast" (float bilinear, sides rounded, then normalised) | "torchvision" (normalised, then
+            float bilinear with sides floored: GeneralizedRCNNTransform) | "detectron2" (the image quantised to
+            uint8, resized with PIL's bilinear filter to int(x + 0.5) sides, then scaled and normalised).
         size_divisibility: the batch is zero-padded to a multiple of this.
         mask_paste: how the predicted masks are pasted into the image (also settable as an attribute):
             "aligned" (detectron2's convention: the mask covers its box exactly, as the RoIAlign(aligned=True)
@@ -56,8 +63,18 @@ class MaskRCNN(nn.Module):
                  pixel_std=(0.229, 0.224, 0.225), min_size_train=(800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
                  mask_paste: str = "aligned", channels_last: bool = False, clip_output: bool = False,
-                 mask_threshold_inclusive: bool = False):
+                 mask_threshold_inclusive: bool = False, input_format: str = "RGB", pixel_scale: float = 1.0,
+                 resize: str = "mrcnn_fast"):
         super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if not float(pixel_scale) > 0:
+            raise ValueError(f"pixel_scale must be positive, got {pixel_scale!r}")
+        self.input_format = input_format
+        self.pixel_scale = float(pixel_scale)
+        self.resize = resize
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
@@ -100,7 +117,8 @@ class MaskRCNN(nn.Module):
                    min_size_train=i.min_size_train, max_size_train=i.max_size_train, min_size_test=i.min_size_test,
                    max_size_test=i.max_size_test, size_divisibility=i.size_divisibility, mask_paste=paste,
                    channels_last=m.channels_last, clip_output=m.roi_heads.test_output_clip,
-                   mask_threshold_inclusive=m.mask.threshold_inclusive)
+                   mask_threshold_inclusive=m.mask.threshold_inclusive, input_format=m.input_format,
+                   pixel_scale=m.pixel_scale, resize=i.resize)
 
     @property
     def channels_last(self) -> bool:
@@ -175,9 +193,19 @@ class MaskRCNN(nn.Module):
                 if kp.dim() != 3 or kp.shape[0] != b.shape[0] or kp.shape[1:] != (k, 3):
                     raise ValueError(f"targets[{i}]['keypoints'] must be a Tensor[G, {k}, 3]")
 
+    def normalize(self, image: Tensor, input_scale: float = 1.0) -> Tensor:
+        """An RGB image Tensor[3, H, W] on a [0, input_scale] scale -> the network's channel order and scale
+        (input_format, pixel_scale), then (x - pixel_mean) / pixel_std."""
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        if self.pixel_scale != input_scale:
+            image = image * (self.pixel_scale / input_scale)
+        return (image - self.pixel_mean.to(image)) / self.pixel_std.to(image)
+
     def preprocess(self, images: list[Tensor], targets: list[dict] | None = None):
-        """Resize, normalise, pad. Returns (batch Tensor[N, 3, Hp, Wp], image sizes [(h, w)], targets in the
-        resized coordinates; masks stay at the input resolution with "mask_scale" (input / resized, x and y))."""
+        """Resize, normalise (in the order and with the resampling of self.resize), pad. Returns (batch
+        Tensor[N, 3, Hp, Wp], image sizes [(h, w)], targets in the resized coordinates; masks stay at the input
+        resolution with "mask_scale" (input / resized, x and y))."""
         sizes, out_t, processed = [], [], []
         for i, im in enumerate(images):
             if self.training:
@@ -197,7 +225,15 @@ class MaskRCNN(nn.Module):
                 if "keypoints" in t:
                     small["keypoints"] = t["keypoints"].to(im.device, torch.float32)[keep]
             h0, w0 = im.shape[-2:]
-            im, small = resize_shortest_edge(im, small, min_size, max_size)
+            dtype = im.dtype
+            if self.resize == "torchvision":    # torchvision normalises first, then resizes
+                im, small = resize_shortest_edge(self.normalize(im), small, min_size, max_size, mode="torchvision")
+            elif self.resize == "detectron2":   # uint8 out of PIL, 0..255
+                im, small = resize_shortest_edge(im, small, min_size, max_size, mode="detectron2")
+                im = self.normalize(im.to(dtype), 255.0)
+            else:
+                im, small = resize_shortest_edge(im, small, min_size, max_size)
+                im = self.normalize(im)
             h, w = im.shape[-2:]
             sizes.append((h0, w0))
             if targets is not None:
@@ -206,7 +242,7 @@ class MaskRCNN(nn.Module):
                     small["masks"] = t["masks"].to(im.device)[keep]
                     small["mask_scale"] = (w0 / w, h0 / h)
                 out_t.append(small)
-            processed.append((im - self.pixel_mean.to(im)) / self.pixel_std.to(im))
+            processed.append(im)
         batch, image_sizes = batch_images(processed, self.size_divisibility)
         return batch, image_sizes, (out_t if targets is not None else None), sizes
 

@@ -20,7 +20,7 @@ from .heads import (
     MaskFCNHead,
     MaskMLPHead,
     Res5Head,
-    TwoMLPHead,
+    build_box_head,
     fast_rcnn_loss,
     keypoint_loss,
     keypoint_targets,
@@ -115,7 +115,8 @@ class RoIHeads(nn.Module):
         self.keypoint_head = keypoint_head
         self.keypoint_loss_weight = keypoint_loss_weight
         if keypoint_score not in KEYPOINT_SCORES:
-            raise ValueError(f"keypoint_score (keypoint.score) must be one of {KEYPOINT_SCORES}, got {keypoint_score!r}")
+            raise ValueError(f"keypoint_score (keypoint.score) must be one of {KEYPOINT_SCORES}, got "
+                             f"{keypoint_score!r}")
         self.keypoint_score = keypoint_score
         self.num_classes = num_classes
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
@@ -165,7 +166,9 @@ class RoIHeads(nn.Module):
         if res5 is not None:
             box_head = Res5Head(*res5)
         else:
-            box_head = TwoMLPHead(in_channels * r.box_pooler_resolution ** 2, r.box_head_fc_dim)
+            box_head = build_box_head(in_channels, r.box_pooler_resolution, conv_dim=r.box_head_conv_dim,
+                                      num_conv=r.box_head_num_conv, fc_dim=r.box_head_fc_dim,
+                                      num_fc=r.box_head_num_fc, norm=r.box_head_norm)
         return dict(box_pooler=pooler(r.box_pooler_resolution), box_head=box_head,
                     box_predictor=FastRCNNPredictor(box_head.out_features, nc), num_classes=nc,
                     fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
@@ -196,7 +199,7 @@ class RoIHeads(nn.Module):
                 kw["mask_head"] = MaskFCNHead(res5[1], mk.conv_dim, 0, outs)
             elif mk.head == "fcn":
                 kw["mask_pooler"] = pooler(mk.pooler_resolution)
-                kw["mask_head"] = MaskFCNHead(in_channels, mk.conv_dim, mk.num_convs, outs)
+                kw["mask_head"] = MaskFCNHead(in_channels, mk.conv_dim, mk.num_convs, outs, norm=mk.norm)
             else:
                 kw["mask_pooler"] = pooler(mk.pooler_resolution)
                 kw["mask_head"] = MaskMLPHead(in_channels, mk.pooler_resolution, mk.mlp_dim, mk.resolution, outs)

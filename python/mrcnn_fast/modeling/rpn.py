@@ -15,14 +15,22 @@ RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 class RPNHead(nn.Module):
-    """Shared 3x3 conv + ReLU, then 1x1 objectness (A) and box deltas (4A) per level."""
+    """Shared 3x3 conv + ReLU (num_convs of them), then 1x1 objectness (A) and box deltas (4A) per level.
 
-    def __init__(self, in_channels: int, num_anchors: int):
+    The first conv is `conv` (the paper's head, one conv), the others `extra_convs.k` (torchvision's v2 models
+    have two).
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, num_convs: int = 1):
         super().__init__()
+        if num_convs < 1:
+            raise ValueError(f"the RPN head needs at least one conv, got num_convs={num_convs}")
         self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.extra_convs = nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1)
+                                         for _ in range(num_convs - 1))
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
-        for m in (self.conv, self.cls_logits, self.bbox_pred):
+        for m in (self.conv, *self.extra_convs, self.cls_logits, self.bbox_pred):
             nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
 
@@ -35,6 +43,8 @@ class RPNHead(nn.Module):
         bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         for f in feats:
             t = F.relu(self.conv(f))
+            for conv in self.extra_convs:
+                t = F.relu(conv(t))
             y = conv1x1(t, weight, bias)
             n, _, h, w = y.shape
             # -> [N, H, W, 5A]: objectness then deltas, each anchor-minor (index (y * W + x) * A + a)
@@ -106,7 +116,8 @@ class RPN(nn.Module):
         if len(nums) != 1:
             raise ValueError("every level must have the same number of anchors per location (shared RPN head)")
         r = m.rpn
-        return cls(ag, RPNHead(in_channels, nums.pop()), fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
+        head = RPNHead(in_channels, nums.pop(), r.head_convs)
+        return cls(ag, head, fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
                    batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
                    pre_nms_top_n={"train": r.pre_nms_topk_train, "test": r.pre_nms_topk_test},
                    post_nms_top_n={"train": r.post_nms_topk_train, "test": r.post_nms_topk_test},
