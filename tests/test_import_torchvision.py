@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from data_helpers import require_shared
+from mrcnn_fast import Predictor
 from mrcnn_fast.convert import load_torchvision
 from mrcnn_fast.modeling import build_model
 
@@ -88,6 +89,16 @@ def _spread(tv: nn.Module, images: list[torch.Tensor], seed: int) -> None:
 
     spread(head.cls_logits, seen["rpn"], 2.5)
     spread(tv.roi_heads.box_predictor.cls_score, seen["box"], 1.5)
+    predictor = getattr(tv.roi_heads, "mask_predictor", None)
+    if predictor is not None:
+        # mask logits far from 0: a random mask head's are all near 0, where float noise flips whole masks
+        seen.clear()
+        hook = predictor.relu.register_forward_hook(keep("mask"))
+        tv.transform.min_size, tv.transform.max_size = (160,), 267
+        tv(images[:1])
+        tv.transform.min_size, tv.transform.max_size = sizes
+        hook.remove()
+        spread(predictor.mask_fcn_logits, seen["mask"], 4.0)
 
 
 def _legacy(sd: dict) -> dict:
@@ -206,14 +217,17 @@ def test_parity_with_torchvision(case, tmp_path):
     assert builder in report
     assert cfg.model.backbone.norm_eps == (0.0 if spelling == "legacy" else 1e-5)
     assert ("eps 0" in report) == (spelling == "legacy")
-    ours = build_model(cfg)
-    ours.load_state_dict(state_dict)
-    ours.eval()
+    build_model(cfg).load_state_dict(state_dict)
     masks, keypoints = cfg.model.mask.enabled, cfg.model.keypoint.enabled
     assert masks == builder.startswith("mask") and keypoints == builder.startswith("keypoint")
+    # the user's path: the Predictor (BN folded, channels-last, the C++ graph between the networks), all images in
+    # one batch
+    predictor = Predictor(path, weights_format="auto", precision="fp32",
+                          config={"input": {"min_size_test": min_size, "max_size_test": max_size}})
+    assert predictor.weights_format == "torchvision" and predictor.graph is not None
     with torch.no_grad():
         ref = tv(images)
-        got = ours(images, mask_format="bool")
+    got = predictor(images, batch_size=len(images))
     _assert_parity(got, ref, masks=masks, keypoints=keypoints, classes=cfg.model.roi_heads.num_classes)
 
 
