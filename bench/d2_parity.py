@@ -38,6 +38,11 @@ except ImportError:  # run from a source checkout with the in-place build
 import mrcnn_fast  # noqa: E402
 
 TOL = {"box_px": 0.05, "score": 1e-3, "mask_iou": 0.99, "kp_px": 0.5}
+INPUT_MODES = {
+    "files": "the Predictor reads the photo files (the full door: its own resize and colour conversion)",
+    "detectron2": "detectron2's resized network input (uint8, BGR) fed to the Predictor's model and stages: "
+                  "everything but our resize and colour conversion",
+}
 CONFIG_ORDER = ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_3x", "keypoint_rcnn_R_50_FPN_3x",
                 "faster_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_FPN_3x_gn", "mask_rcnn_X_101_32x8d_FPN_3x"]
 
@@ -125,6 +130,27 @@ def compare(ref: dict, ours: dict) -> dict:
     return r
 
 
+def refs_sizes(rec: dict, files: list) -> list[dict]:
+    by_file = {im["file"]: im for im in rec["images"]}
+    return [by_file[f] for f in files]
+
+
+def run_on_d2_input(pred, images: list, input_sizes: list) -> list[dict]:
+    """The Predictor's networks and stages on detectron2's own network input (`images`: uint8 Tensor[3, h, w] as
+    detectron2 resized them, in its channel order), normalised with the model's pixel statistics and padded by our
+    batching: everything but our resize and colour conversion. input_sizes: (h0, w0) of the original photos."""
+    from mrcnn_fast.data.transforms import batch_images
+
+    if any(im is None for im in images):
+        raise SystemExit("--input detectron2: outputs.pt has no input_image (written by an older d2_reference.py)")
+    m = pred.model
+    with torch.inference_mode():
+        norm = [(im.float() - m.pixel_mean) / m.pixel_std for im in images]
+        batch, image_sizes = batch_images(norm, m.size_divisibility)
+        raw = m.inference(m.to_model_layout(batch), image_sizes, input_sizes, mask_format="bool", stages=pred.graph)
+    return [pred._result(o) for o in raw]
+
+
 def passes(r: dict) -> bool:
     ok = r["n_ref"] == r["n_ours"] and r["labels_equal"] and r["unmatched"] == [0, 0]
     ok &= r.get("box_px", 0.0) <= TOL["box_px"] and r.get("score", 0.0) <= TOL["score"]
@@ -159,9 +185,14 @@ def run(args) -> tuple[list, dict]:
             b = rec["batch"]
             cases.append(("batch: " + " + ".join(os.path.basename(f) for f in b["files"]), b["files"],
                           b["instances"]))
+            inputs = {im["file"]: im.get("input_image") for im in rec["images"]}
             for label, files, refs in cases:
                 t = time.perf_counter()
-                outs = pred(files, batch_size=len(files))
+                if args.input == "files":
+                    outs = pred(files, batch_size=len(files))
+                else:
+                    outs = run_on_d2_input(pred, [inputs[f] for f in files], [(r["height"], r["width"])
+                                                                              for r in refs_sizes(rec, files)])
                 dt = time.perf_counter() - t
                 for f, ref, ours in zip(files, refs, outs):
                     r = compare(ref, ours)
@@ -264,6 +295,8 @@ Commands:
 
 ## Results (worst over the images and the batch)
 
+Input: {INPUT_MODES[args.input]} (`--input {args.input}`).
+
 {table(summary)}
 
 "classes": the most distinct classes detectron2 detected in one image. "kp score": keypoint scores (detectron2's
@@ -286,6 +319,9 @@ def main(argv=None):
     p.add_argument("--formats", nargs="+", default=["pth", "pkl"], choices=["pth", "pkl"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "import_parity.md"), help="markdown report ('' : none)")
+    p.add_argument("--input", choices=["files", "detectron2"], default="files",
+                   help="files: the Predictor reads the photos (the full door); detectron2: detectron2's resized "
+                        "network input fed to the Predictor's model and stages (isolates the preprocessing)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the importer's full report")
     args = p.parse_args(argv)
     rows, info = run(args)

@@ -21,7 +21,8 @@ For each config this writes under ``OUT/<config>/``:
     model.pth      what detectron2's DetectionCheckpointer writes: torch.save({"model": state_dict, ...})
     model.pkl      a model-zoo pickle: {"model": {name: numpy array}, "__author__": ...}, protocol 2
     config.yaml    the full detectron2 config the outputs were made with (cfg.dump())
-    outputs.pt     detectron2's detections (see ``run_config``): DefaultPredictor per photo, one batched call
+    outputs.pt     detectron2's detections (see ``run_config``): DefaultPredictor per photo, one batched call;
+                   with each photo's network input as detectron2 resized it (uint8 CHW, BGR)
 
 The model is detectron2's own, built from its config with MODEL.WEIGHTS "" and seeded random weights, then made
 informative: the frozen BatchNorm statistics are calibrated on a photo (plain random init leaves them the identity
@@ -288,8 +289,12 @@ def run_config(d2, name, args):
         pred = predictor(img)
         times.append(time.perf_counter() - t)
         inst = instances_to_dict(pred["instances"])
+        # the network's input pixels as detectron2 resized them (uint8 values, its channel order), so that a
+        # comparison can feed them to another model and tell the preprocessing from the rest
+        resized = _predictor_input(cfg, img)["image"]
         images.append({"file": os.path.abspath(path), "height": img.shape[0], "width": img.shape[1],
-                       "input_size": tuple(_predictor_input(cfg, img)["image"].shape[1:]), **inst})
+                       "input_size": tuple(resized.shape[1:]), "input_image": resized.to(torch.uint8),
+                       "input_format": cfg.INPUT.FORMAT, **inst})
         print(f"  {os.path.basename(path)} {img.shape[1]}x{img.shape[0]} -> {len(inst['scores'])} detections, "
               f"classes {sorted(set(inst['pred_classes'].tolist()))[:12]}, "
               f"scores {inst['scores'].max().item() if len(inst['scores']) else 0:.3f}.."
