@@ -46,8 +46,9 @@ INPUT_MODES = {
     "detectron2": "detectron2's resized network input (uint8, BGR) fed to the Predictor's model and stages: "
                   "everything but our resize and colour conversion",
 }
-# detections whose scores differ by less than this are "tied": their order is float noise in either project
-TIE_SCORE = 1e-5
+# detections whose scores differ by less than the score tolerance are "tied": scores may differ that much, so
+# their order is not determined
+TIE_SCORE = TOL["score"]
 # masks of fewer pixels than this: one pixel flipped at the 0.5 threshold by float noise costs over 1 % IoU
 MASK_MIN_AREA = 100
 CONFIG_ORDER = ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_3x", "keypoint_rcnn_R_50_FPN_3x",
@@ -303,6 +304,7 @@ def write_markdown(path: Path, summary: list, rows: list, info: dict, args, argv
 Date: {datetime.date.today().isoformat()}. mrcnn_fast at `{git}` ({Path(mrcnn_fast.__file__).parent}), torch
 {torch.__version__}; detectron2 at `{any_rec['detectron2_commit'][:12]}` (its Python code, run on CPU without its
 C++ extension). CPU: {cpu_description()}, {args.threads} threads, shared with other jobs (timings are indicative).
+{args.note}
 
 ## Method
 
@@ -357,6 +359,7 @@ def main(argv=None):
     p.add_argument("--input", choices=["files", "detectron2"], default="files",
                    help="files: the Predictor reads the photos (the full door); detectron2: detectron2's resized "
                         "network input fed to the Predictor's model and stages (isolates the preprocessing)")
+    p.add_argument("--note", default="", help="a line for the report (e.g. which branches the mrcnn_fast tree holds)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the importer's full report")
     args = p.parse_args(argv)
     rows, info = run(args)
