@@ -53,10 +53,10 @@ def _spread(tv: nn.Module, images: list[torch.Tensor], seed: int) -> None:
     for name, m in tv.named_modules():
         if isinstance(m, nn.BatchNorm2d) and not name.startswith("backbone.body"):
             c = m.num_features
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.copy_(torch.rand(c, generator=g) * 0.4 + 0.8)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.05)
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.05)
+            m.running_var.copy_(torch.rand(c, generator=g) * 0.4 + 0.8)
     head = tv.rpn.head
     for m in head.conv.modules():
         if isinstance(m, nn.Conv2d):

@@ -493,13 +493,15 @@ def convert_weights(weights, *, weights_format: str = "auto", config=None, class
     """(ImportedWeights, Config, state dict) of a torchvision / detectron2 checkpoint in our format: the config
     with class names applied and the state dict checked by loading it into the model it describes (contiguous CPU
     tensors, ready for engine.checkpoint.save_weights)."""
-    from .convert.checkpoints import load_checkpoint
+    from .convert.checkpoints import detect_weights_format, load_checkpoint
     from .engine.checkpoint import model_state
     from .modeling import build_model
 
+    if weights_format in ("auto", "ours"):
+        fmt, why = detect_weights_format(weights) if weights_format == "auto" else ("ours", "requested")
+        if fmt == "ours":
+            raise ValueError(f"{weights} is already in our format ({why})")
     imported = load_checkpoint(weights, weights_format=weights_format, config=config)
-    if imported.weights_format == "ours":
-        raise ValueError(f"{weights} is already in our format (weights_format {imported.weights_format!r})")
     cfg = imported.cfg if class_names is None else with_class_names(imported.cfg, class_names)
     model = build_model(cfg)
     _load_imported(model, imported.state_dict, imported.path)
