@@ -339,8 +339,8 @@ Input: {INPUT_MODES[args.input]} (`--input {args.input}`).
 {table(summary)}
 
 "classes": the most distinct classes detectron2 detected in one image. "kp score": keypoint scores (detectron2's
-softmax probabilities) max difference relative to max(1, |score|). d2 s/img: detectron2's DefaultPredictor; ours: Predictor fp32 (both
-CPU, {args.threads} threads, same machine, not interleaved).
+softmax probabilities) max difference relative to max(1, |score|). d2 s/img: detectron2's DefaultPredictor; ours:
+Predictor fp32 (both CPU, {args.threads} threads, same machine, not interleaved).
 
 ## Per image
 
