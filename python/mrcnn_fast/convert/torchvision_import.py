@@ -25,18 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..modeling.backbone import _ARCHS
 from .torchvision_names import from_torchvision_state_dict
 
-# our backbone names -> (block kind, blocks per stage, groups, width per group), see modeling/backbone.py
-_TRUNKS = {
-    "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
-    "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
-    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
-    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
-    "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
-}
+# our backbone names -> (block kind, blocks per stage, groups, width per group)
+_TRUNKS = _ARCHS
 _LEGACY = (
     (re.compile(r"rpn\.head\.conv\.(weight|bias)"), r"rpn.head.conv.0.0.\1"),
     (re.compile(r"backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)"), r"backbone.fpn.\1.\2.0.\3"),
